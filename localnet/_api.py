@@ -1,0 +1,321 @@
+"""The names users write: decorators, discovery helpers and the default peer.
+
+Decorators only record intent in the process's catalog; nothing touches the
+network at import time.  The first operation that needs the network (a
+remote call, a trigger, ``peers()``) uses the most recently started live
+peer of this process, or starts a *default peer* configured from the
+``LOCALNET_*`` environment variables, which is closed at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Iterable, ParamSpec, TypeVar, overload
+
+from ._catalog import CATALOG
+from ._peer import Peer
+from ._remote import RemotePeer
+from .errors import ConfigurationError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
+
+_lock = threading.RLock()
+_live: list[Peer] = []
+_default: Peer | None = None
+
+
+def peer_started(peer: Peer) -> None:
+    with _lock:
+        _live.append(peer)
+
+
+def peer_stopped(peer: Peer) -> None:
+    with _lock:
+        if peer in _live:
+            _live.remove(peer)
+
+
+def current_peer() -> Peer:
+    """The peer this process's calls and events go through, started on demand."""
+    global _default
+    with _lock:
+        if _live:
+            return _live[-1]
+        if _default is None or _default.state.value == "CLOSED":
+            _default = Peer()
+        peer = _default
+    return peer.start()
+
+
+@atexit.register
+def _close_all() -> None:
+    with _lock:
+        peers = list(reversed(_live))
+    for peer in peers:
+        try:
+            peer.close()
+        except Exception:
+            pass
+
+
+class Connection(Generic[P, R]):
+    """A function other peers can call; made by :func:`connect`.
+
+    Called plainly it runs here.  With ``peer=`` (a name or a RemotePeer) it
+    runs in that peer and returns its result; ``.on(peer, timeout=...)``
+    returns a callable that does the same with a timeout.
+    """
+
+    def __init__(self, func: Callable[P, R], name: str) -> None:
+        functools.update_wrapper(self, func)
+        self.func = func
+        self.name = name
+
+    def __call__(self, *args: Any, peer: str | RemotePeer | None = None, **kwargs: Any) -> R:
+        if peer is None:
+            return self.func(*args, **kwargs)
+        result: R = current_peer().call(peer, self.name, args, kwargs, None)
+        return result
+
+    def on(self, peer: str | RemotePeer, timeout: float | None = None) -> Callable[P, R]:
+        """A callable that runs this connection in ``peer``.
+
+        Raises (when called): the remote exception, PeerNotFound,
+        UnknownConnection, Timeout, ConnectionLost, SerializationError.
+        """
+        name = self.name
+
+        def remote(*args: P.args, **kwargs: P.kwargs) -> R:
+            result: R = current_peer().call(peer, name, args, kwargs, timeout)
+            return result
+
+        functools.update_wrapper(remote, self.func)
+        return remote
+
+    def __repr__(self) -> str:
+        return f"<localnet.Connection {self.name!r} of {self.func.__qualname__}>"
+
+
+@overload
+def connect(tag: Callable[P, R]) -> Connection[P, R]: ...
+@overload
+def connect(tag: str | None = None) -> Callable[[Callable[P, R]], Connection[P, R]]: ...
+
+
+def connect(tag: Any = None) -> Any:
+    """Offer a function to other peers, under its name or under ``tag``.
+
+    Two peers whose functions differ in name but share a tag can call each
+    other's::
+
+        @localnet.connect()
+        def render(frame, quality=1): ...
+
+        render(7)                    # here
+        render(7, peer="farm-2")     # in peer farm-2
+    """
+    if callable(tag):
+        return connect()(tag)
+    if tag is not None and (not isinstance(tag, str) or not tag):
+        raise ConfigurationError("connect() takes an optional non-empty string tag")
+
+    def decorate(func: Callable[P, R]) -> Connection[P, R]:
+        name = tag or func.__name__
+        CATALOG.add_connection(name, func)
+        return Connection(func, name)
+
+    return decorate
+
+
+class Event(Generic[P]):
+    """An event trigger made by :func:`event`.
+
+    Calling it runs the decorated function, which returns ``(args, kwargs)``;
+    those are delivered to every matching subscriber, and returned.
+    """
+
+    def __init__(self, func: Callable[P, Any], name: str) -> None:
+        functools.update_wrapper(self, func)
+        self.func = func
+        self.name = name
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        out = self.func(*args, **kwargs)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], (tuple, list))
+                and isinstance(out[1], dict)):
+            raise TypeError(
+                f"event function {self.func.__qualname__!r} must return (args, kwargs), "
+                f"a tuple of a tuple and a dict; it returned {type(out).__name__}"
+            )
+        ev_args, ev_kwargs = tuple(out[0]), out[1]
+        current_peer().publish(self.name, ev_args, ev_kwargs)
+        return ev_args, ev_kwargs
+
+    def __repr__(self) -> str:
+        return f"<localnet.Event {self.name!r}>"
+
+
+def event(name: str) -> Callable[[Callable[P, Any]], Event[P]]:
+    """Make a function trigger event ``name`` when called.
+
+    The function returns ``(args, kwargs)`` (it may clean or convert them);
+    every subscriber's handler is called with ``*args, **kwargs``::
+
+        @localnet.event("frame_done")
+        def frame_done(*args, **kwargs):
+            return args, kwargs
+
+    Raises (when called): TypeError when the function returns anything
+    else, SerializationError when an argument does not pickle (then nothing
+    is sent to anyone).
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError("event() takes the event's name, a non-empty string")
+
+    def decorate(func: Callable[P, Any]) -> Event[P]:
+        CATALOG.add_event(name)
+        return Event(func, name)
+
+    return decorate
+
+
+def _names(peers: str | RemotePeer | Iterable[str | RemotePeer] | None) -> frozenset[str] | None:
+    if peers is None:
+        return None
+    if isinstance(peers, (str, RemotePeer)):
+        peers = [peers]
+    names = []
+    for p in peers:
+        if isinstance(p, RemotePeer):
+            names.append(p.name)
+        elif isinstance(p, str) and p:
+            names.append(p)
+        else:
+            raise ConfigurationError(f"subscribe(peers=...) takes names or RemotePeers, not {p!r}")
+    return frozenset(names)
+
+
+def subscribe(name: str, peers: str | RemotePeer | Iterable[str | RemotePeer] | None = None,
+              group: str | None = None, hubs_only: bool = False) -> Callable[[F], F]:
+    """Run the decorated function whenever a matching peer triggers event ``name``.
+
+    ``peers`` (a name, a RemotePeer or a list of them), ``group`` and
+    ``hubs_only`` select publishers; by default every peer's events match.
+    The function is returned unchanged.  A subscription covers publishers
+    running now and those that start later; when a peer of this process is
+    running, ``subscribe`` returns once every live publisher knows of it.
+    Handlers run in this process, in order per publisher, on a thread of
+    that publisher's channel; an exception in a handler is logged and
+    counted, never seen by the publisher.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError("subscribe() takes the event's name, a non-empty string")
+    if group is not None and not isinstance(group, str):
+        raise ConfigurationError("subscribe(group=...) takes one group name")
+    names = _names(peers)
+
+    def decorate(func: F) -> F:
+        if not callable(func):
+            raise ConfigurationError("subscribe() decorates a callable")
+        CATALOG.add_subscription(name, func, names, group, bool(hubs_only))
+        return func
+
+    return decorate
+
+
+def unsubscribe(handler: Callable[..., Any], name: str | None = None) -> int:
+    """Stop running ``handler`` for event ``name`` (for every event when None).
+
+    Returns how many subscriptions were removed; when a peer is running,
+    publishers know of it when this returns.
+    """
+    removed = CATALOG.remove_subscriptions(
+        lambda s: s.handler is handler and (name is None or s.event == name))
+    return len(removed)
+
+
+def peers(group: str | None = None, hubs_only: bool = False) -> list[RemotePeer]:
+    """The other live peers, as RemotePeer objects sorted by name."""
+    return current_peer().peers(group=group, hubs_only=hubs_only)
+
+
+def peer(name: str) -> RemotePeer:
+    """The live peer called ``name``.  Raises :class:`PeerNotFound` at once if none."""
+    return current_peer().peer(name)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What :func:`info` tells about a peer."""
+
+    name: str
+    pid: int
+    user: str | None
+    executable: str | None
+    group: str | None
+    hub: bool
+    connections: tuple[str, ...]
+    events: tuple[str, ...]
+    subscriptions: tuple[dict[str, Any], ...]
+    started: float
+    since: float
+    address: str
+    argv: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain types, ready for JSON."""
+        return {"name": self.name, "pid": self.pid, "user": self.user,
+                "executable": self.executable, "group": self.group, "hub": self.hub,
+                "connections": list(self.connections), "events": list(self.events),
+                "subscriptions": [dict(s) for s in self.subscriptions],
+                "started": self.started, "since": self.since, "address": self.address,
+                "argv": list(self.argv)}
+
+
+def info(peer: str | RemotePeer | Peer | None = None) -> PeerInfo:
+    """Describe a peer (this process's current peer when None).
+
+    Raises :class:`PeerNotFound` when no live peer has that name.
+    """
+    here = current_peer()
+    if peer is None or isinstance(peer, Peer):
+        name = (peer or here).name
+    else:
+        name = peer if isinstance(peer, str) else peer.name
+    raw = here.peer(name).describe() if name != here.name else \
+        here._lookup(here.name)  # noqa: SLF001 - the registry's view of ourselves
+    return PeerInfo(
+        name=raw["name"], pid=int(raw["pid"]), user=raw.get("user"),
+        executable=raw.get("executable"), group=raw.get("group"), hub=bool(raw.get("hub")),
+        connections=tuple(raw.get("connections", ())), events=tuple(raw.get("events", ())),
+        subscriptions=tuple(raw.get("subscriptions", ())), started=float(raw["started"]),
+        since=float(raw.get("since", raw["started"])), address=str(raw["address"]),
+        argv=tuple(raw.get("argv", ())),
+    )
+
+
+def serve_forever(peer: Peer | None = None) -> None:
+    """Start ``peer`` (the default peer when None) and serve until SIGINT or SIGTERM.
+
+    Must be called from the main thread (it installs the signal handlers);
+    the peer is closed before it returns.
+    """
+    target = peer if peer is not None else current_peer()
+    target.start()
+    stop = threading.Event()
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        target.close()

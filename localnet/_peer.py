@@ -1,0 +1,564 @@
+"""Peer: one participant, its life cycle, its routes and its statistics.
+
+A started peer owns:
+
+* a :class:`~localnet._server.Server` on ``p-<pid>-<n>.sock`` in the
+  runtime directory, which runs the process's connections for callers and
+  its subscription handlers for publishers;
+* a :class:`~localnet._registry_client.RegistryClient`, which keeps it
+  registered (name, pid, connections, subscriptions) across registry
+  restarts and receives, as pushes, the subscribers that match it;
+* one :class:`~localnet._remote.CallChannel` per peer it calls and one
+  :class:`~localnet._events.Outbox` per peer subscribed to it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Mapping
+
+from . import _liveness, _paths, _serial
+from ._catalog import CATALOG, Subscription
+from ._events import Outbox
+from ._registry_client import RegistryClient
+from ._remote import CallChannel, RemotePeer
+from ._server import Server
+from ._wire import DEFAULT_MAX_FRAME, Kind
+from .errors import (
+    ConfigurationError,
+    ConnectionLost,
+    LocalnetError,
+    PeerClosed,
+    PeerNotFound,
+    Timeout,
+    UnknownConnection,
+)
+
+logger = logging.getLogger("localnet.peer")
+
+_counter = itertools.count()
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class EventCounts:
+    """Delivery counts for one event or one subscriber, as seen by the publisher.
+
+    ``sent``: accepted for delivery; ``delivered``: acknowledged after the
+    subscriber's handlers ran; ``dropped``: refused because the subscriber's
+    queue was full; ``failed``: sent but never acknowledged (the subscriber
+    died or left first).  Events still on their way are the difference
+    ``sent - delivered - failed``.
+    """
+
+    sent: int = 0
+    delivered: int = 0
+    dropped: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True)
+class ReceivedCounts:
+    """What this peer's handlers did with one event: ``received``, ``handled``, ``failed``."""
+
+    received: int = 0
+    handled: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of a peer's counters (``peer.stats()``)."""
+
+    calls_made: int
+    calls_served: int
+    call_errors: int
+    published: Mapping[str, EventCounts] = field(default_factory=dict)
+    subscribers: Mapping[str, EventCounts] = field(default_factory=dict)
+    received: Mapping[str, ReceivedCounts] = field(default_factory=dict)
+    registry_recoveries: int = 0
+
+
+class State(Enum):
+    NEW = "NEW"
+    RUNNING = "RUNNING"
+    CLOSED = "CLOSED"
+
+
+def _env_bool(name: str) -> bool | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(f"{name}={raw!r} is not a boolean; use 1/true/yes or 0/false/no")
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a number") from None
+
+
+def default_name() -> str:
+    """``<program>-<pid>``, the name of a peer nobody named."""
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    program = os.path.splitext(program)[0] or "python"
+    return f"{program}-{os.getpid()}"
+
+
+class Peer:
+    """A participant in the runtime directory: it serves, calls and publishes.
+
+    Every keyword argument wins over its environment variable, read when the
+    peer is created: ``name`` (``LOCALNET_NAME``, default ``<program>-<pid>``),
+    ``group`` (``LOCALNET_GROUP``), ``hub`` (``LOCALNET_HUB``: 1/true/yes),
+    ``directory`` (``LOCALNET_DIR``).  Tuning: ``max_frame`` (bytes of inline
+    data in one message, ``LOCALNET_MAX_FRAME``, default 256 MiB),
+    ``event_queue`` (events queued or unacknowledged per subscriber before
+    triggers wait, default 10,000), ``event_block`` (seconds a trigger waits
+    for room before dropping, default 1.0), ``linger`` (seconds ``close()``
+    waits for queued events to be handled, default 2.0), ``max_workers``
+    (threads serving one caller's concurrent calls, default 32).
+
+    Use it as a context manager, or ``start()`` / ``close()``::
+
+        with localnet.Peer(name="farm-1", group="render") as peer:
+            render(7, peer="farm-2")
+
+    Raises (from ``start``): :class:`NameTaken`, :class:`ConfigurationError`,
+    :class:`RegistryUnavailable`.
+    """
+
+    def __init__(self, name: str | None = None, group: str | None = None,
+                 hub: bool | None = None, *, directory: str | os.PathLike[str] | None = None,
+                 max_frame: int | None = None, event_queue: int = 10_000,
+                 event_block: float = 1.0, linger: float = 2.0, max_workers: int = 32) -> None:
+        self.name: str = name if name is not None else os.environ.get("LOCALNET_NAME") \
+            or default_name()
+        if not isinstance(self.name, str) or not self.name or len(self.name) > 255 \
+                or any(c in self.name for c in "\0\n\r"):
+            raise ConfigurationError(f"invalid peer name {self.name!r}: use 1-255 printable "
+                                     "characters")
+        self.group: str | None = group if group is not None else \
+            os.environ.get("LOCALNET_GROUP") or None
+        env_hub = _env_bool("LOCALNET_HUB")
+        self.hub: bool = bool(hub) if hub is not None else bool(env_hub)
+        self._directory_arg = directory
+        self.directory = _paths.default_runtime_dir() if directory is None else directory
+        self.max_frame = int(max_frame if max_frame is not None else
+                             _env_number("LOCALNET_MAX_FRAME", DEFAULT_MAX_FRAME))
+        if self.max_frame < 1024:
+            raise ConfigurationError("max_frame must be at least 1024 bytes")
+        if event_queue < 1 or event_block < 0 or linger < 0 or max_workers < 1:
+            raise ConfigurationError("event_queue and max_workers must be positive; "
+                                     "event_block and linger must not be negative")
+        self.event_queue = event_queue
+        self.event_block = event_block
+        self.linger = linger
+        self.max_workers = max_workers
+        self.pid = os.getpid()
+        self.state = State.NEW
+        self.address = ""
+        self.since = 0.0
+        self._lock = threading.RLock()
+        self._started = threading.Event()
+        self._server: Server | None = None
+        self._registry: RegistryClient | None = None
+        self._channels: dict[str, CallChannel] = {}
+        self._outboxes: dict[str, Outbox] = {}
+        self._routes: dict[str, tuple[Outbox, ...]] = {}
+        self._wanted: dict[str, set[str]] = {}  # subscriber name -> events it wants from us
+        self._retired: list[Outbox] = []
+        self._received: dict[str, list[int]] = {}
+        self._counts = [0, 0, 0]  # calls made, calls served, call errors
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.name!r} pid={self.pid} [{self.state.value}]>"
+
+    def __enter__(self) -> Peer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- life cycle -----------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> Peer:
+        """Listen, register and go live; returns the peer.
+
+        Once it returns, the peer's subscriptions are known to every live
+        publisher.  Starting a running peer does nothing; a closed one
+        cannot be restarted (raises :class:`PeerClosed`).
+        """
+        from . import _api
+
+        with self._lock:
+            if self.state is State.RUNNING:
+                return self
+            if self.state is State.CLOSED:
+                raise PeerClosed(f"{self!r} was closed; create a new Peer")
+            directory = _paths.runtime_dir(self._directory_arg)
+            self.directory = directory
+            self.pid = os.getpid()
+            self.address = str(directory / f"p-{self.pid}-{next(_counter)}.sock")
+            self.since = time.time()
+            self._identity = {"name": self.name, "pid": self.pid,
+                              "started": _liveness.create_time(), "group": self.group,
+                              "hub": self.hub}
+            self._server = Server(self, self.address)
+            self._server.start()
+            CATALOG.add_listener(self)
+            self._registry = RegistryClient(directory, self._registration, self._apply_push)
+            try:
+                self._registry.start(timeout)
+            except BaseException:
+                CATALOG.remove_listener(self)
+                self._server.close()
+                self._server = None
+                self._registry = None
+                raise
+            self.state = State.RUNNING
+            self._started.set()
+            _api.peer_started(self)
+        logger.debug("%r started on %s", self, self.address)
+        return self
+
+    def close(self) -> None:
+        """Deliver what is queued (up to ``linger`` s), unregister and stop; idempotent."""
+        from . import _api
+
+        with self._lock:
+            if self.state is not State.RUNNING:
+                self.state = State.CLOSED
+                return
+            _api.peer_stopped(self)
+            CATALOG.remove_listener(self)
+        try:
+            self.flush(self.linger)
+        except Timeout:
+            logger.warning("%r closed with events still unacknowledged", self)
+        with self._lock:
+            self.state = State.CLOSED
+            registry, server = self._registry, self._server
+            channels, outboxes = list(self._channels.values()), list(self._outboxes.values())
+            self._channels.clear()
+            self._outboxes.clear()
+            self._routes = {}
+        if registry is not None:
+            registry.close()
+        if server is not None:
+            server.close()
+        for channel in channels:
+            channel.close()
+        for outbox in outboxes:
+            outbox.close()
+        self._started.set()
+        logger.debug("%r closed", self)
+
+    def _require_running(self) -> None:
+        if self.state is not State.RUNNING:
+            if self.state is State.CLOSED:
+                raise PeerClosed(f"{self!r} is closed")
+            self.start()
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """Name, pid, process start time, group and hub: how others filter this peer."""
+        return dict(self._identity)
+
+    def _registration(self) -> dict[str, Any]:
+        info = {
+            "name": self.name, "pid": self.pid, "started": self._identity["started"],
+            "since": self.since, "uid": os.getuid(), "user": _user(),
+            "executable": sys.executable, "argv": list(sys.argv), "group": self.group,
+            "hub": self.hub, "address": self.address,
+            "connections": sorted(CATALOG.connections), "events": sorted(CATALOG.events),
+        }
+        return {"info": info, "subs": [s.describe() for s in CATALOG.subscriptions()]}
+
+    # -- catalog changes after start ------------------------------------------
+    def catalog_changed(self, added: Subscription | None, removed: list[Subscription]) -> None:
+        """Tell the registry; returns once the change is confirmed."""
+        if not self._started.wait(30.0) or self.state is not State.RUNNING:
+            return
+        registry = self._registry
+        if registry is None:
+            return
+        try:
+            if added is not None:
+                registry.request("subscribe", sub=added.describe())
+            for sub in removed:
+                registry.request("unsubscribe", id=sub.id)
+            if added is None and not removed:
+                registry.request("update", connections=sorted(CATALOG.connections),
+                                 events=sorted(CATALOG.events))
+        except PeerClosed:
+            pass
+
+    # -- the registry's pushes: who subscribes to us --------------------------
+    def _apply_push(self, changes: list[Any]) -> None:
+        with self._lock:
+            for change in changes:
+                if not (isinstance(change, list) and len(change) == 3):
+                    continue
+                action, event, target = change
+                if action == "add" and isinstance(target, dict):
+                    self._add_route(str(event), target)
+                elif action == "remove":
+                    self._remove_route(str(event), str(target))
+            self._rebuild_routes()
+
+    def _add_route(self, event: str, entry: dict[str, Any]) -> None:
+        name = str(entry["name"])
+        outbox = self._outboxes.get(name)
+        key = (name, int(entry["pid"]), float(entry["started"]), str(entry["address"]))
+        if outbox is not None and (outbox.key != key or outbox.closed):
+            self._retire(outbox)
+            outbox = None
+        if outbox is None:
+            hello = {"role": "events", **self._identity}
+            outbox = Outbox(entry, hello, self.event_queue, self.event_block, self._outbox_died)
+            self._outboxes[name] = outbox
+        self._wanted.setdefault(name, set()).add(event)
+
+    def _remove_route(self, event: str, name: str) -> None:
+        events = self._wanted.get(name)
+        if events is None:
+            return
+        events.discard(event)
+        if not events:
+            del self._wanted[name]
+            outbox = self._outboxes.pop(name, None)
+            if outbox is not None:
+                self._retire(outbox)
+
+    def _retire(self, outbox: Outbox) -> None:
+        outbox.close()
+        self._retired.append(outbox)
+        if self._outboxes.get(outbox.name) is outbox:
+            del self._outboxes[outbox.name]
+
+    def _rebuild_routes(self) -> None:
+        routes: dict[str, list[Outbox]] = {}
+        for name, events in self._wanted.items():
+            outbox = self._outboxes.get(name)
+            if outbox is None:
+                continue
+            for event in events:
+                routes.setdefault(event, []).append(outbox)
+        self._routes = {event: tuple(boxes) for event, boxes in routes.items()}
+
+    def _outbox_died(self, outbox: Outbox, reason: str) -> None:
+        alive = _liveness.is_alive(outbox.pid, outbox.started)
+        if alive:
+            logger.warning("subscriber %r (pid %d) dropped its event channel: %s",
+                           outbox.name, outbox.pid, reason)
+        else:
+            logger.info("subscriber %r (pid %d) died; pruned", outbox.name, outbox.pid)
+        with self._lock:
+            if self._outboxes.get(outbox.name) is outbox:
+                del self._outboxes[outbox.name]
+                self._wanted.pop(outbox.name, None)
+                self._retired.append(outbox)
+                self._rebuild_routes()
+
+    # -- publishing -------------------------------------------------------------
+    def publish(self, event: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Send one event to every matching subscriber; never waits for them.
+
+        Raises :class:`SerializationError` (nothing is sent) when an argument
+        does not pickle.
+        """
+        self._require_running()
+        payload = _serial.dumps_call(event, args, kwargs, f"an argument of event {event!r}")
+        targets = self._routes.get(event)
+        if targets:
+            for outbox in targets:
+                outbox.put(event, payload)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every event triggered so far was handled by its subscribers.
+
+        Events to subscribers that died or left count as settled.
+
+        Raises:
+            Timeout: some subscriber had not acknowledged within ``timeout``.
+        """
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        with self._lock:
+            marks = [(outbox, outbox.seq) for outbox in self._outboxes.values()]
+        for outbox, seq in marks:
+            if not outbox.wait_delivered(seq, deadline):
+                raise Timeout(f"subscriber {outbox.name!r} had not handled every event "
+                              f"within {timeout:g} s")
+
+    # -- calling --------------------------------------------------------------
+    def call(self, target: str | RemotePeer, connection: str, args: tuple[Any, ...],
+             kwargs: dict[str, Any], timeout: float | None = None) -> Any:
+        """Run ``connection(*args, **kwargs)`` in peer ``target``; return its result.
+
+        Raises the remote exception, or PeerNotFound, ConnectionLost, Timeout,
+        SerializationError (before anything is sent).
+        """
+        if self.state is not State.RUNNING:
+            self._require_running()
+        name = target if isinstance(target, str) else target.name
+        channel = self._channels.get(name)
+        if channel is None or channel.broken is not None:
+            channel = self._open_channel(name, target)
+        payload = _serial.dumps_call(connection, args, kwargs,
+                                     f"an argument of {connection!r}")
+        self._counts[0] += 1
+        kind, body, _ = channel.request(payload, timeout)
+        if kind == Kind.REPLY:
+            return _serial.loads(body, f"the result of {connection!r}")
+        raise _serial.loads_exception(body)
+
+    def _open_channel(self, name: str, target: str | RemotePeer) -> CallChannel:
+        with self._lock:
+            channel = self._channels.get(name)
+            if channel is not None and channel.broken is None:
+                return channel
+            address = target.address if isinstance(target, RemotePeer) else None
+            for attempt in range(2):
+                if address is None:
+                    info = self._lookup(name)
+                    address = str(info["address"])
+                hello = {"role": "call", "name": self.name, "pid": self.pid}
+                try:
+                    channel = CallChannel(address, name, hello, self.max_frame)
+                    break
+                except ConnectionLost:
+                    if attempt:
+                        raise PeerNotFound(name) from None
+                    address = None  # the peer may have restarted: ask the registry again
+            self._channels[name] = channel
+            return channel
+
+    def _lookup(self, name: str) -> dict[str, Any]:
+        assert self._registry is not None
+        info = self._registry.request("lookup", name=name)
+        if not isinstance(info, dict):
+            names = [str(i["name"]) for i in self._registry.request("list")
+                     if i.get("name") != self.name]
+            raise PeerNotFound(name, names)
+        return info
+
+    # -- discovery --------------------------------------------------------------
+    def peers(self, group: str | None = None, hubs_only: bool = False) -> list[RemotePeer]:
+        """The other live peers, optionally only one group's or only hubs."""
+        self._require_running()
+        assert self._registry is not None
+        found = []
+        for info in self._registry.request("list"):
+            if info.get("name") == self.name and info.get("pid") == self.pid:
+                continue
+            if group is not None and info.get("group") != group:
+                continue
+            if hubs_only and not info.get("hub"):
+                continue
+            if not _liveness.is_alive(int(info["pid"]), float(info["started"])):
+                continue
+            found.append(RemotePeer(info, self))
+        return sorted(found, key=lambda p: p.name)
+
+    def peer(self, name: str) -> RemotePeer:
+        """The live peer called ``name``; raises :class:`PeerNotFound`."""
+        self._require_running()
+        info = self._lookup(name)
+        if not _liveness.is_alive(int(info["pid"]), float(info["started"])):
+            raise PeerNotFound(name)
+        return RemotePeer(info, self)
+
+    # -- serving (called by the Server's threads) -----------------------------
+    def run_call(self, body: bytes | bytearray, fds: list[int]) -> tuple[int, bytes, list[int]]:
+        """Run one incoming call; returns the reply's (kind, body, fds)."""
+        self._counts[1] += 1
+        try:
+            connection, args, kwargs = _serial.loads(body, "the call's arguments")
+            func = CATALOG.connections.get(connection)
+            if func is None:
+                raise UnknownConnection(connection, self.name, list(CATALOG.connections))
+            result = func(*args, **kwargs)
+            return Kind.REPLY, _serial.dumps(result, f"the result of {connection!r}"), []
+        except BaseException as exc:
+            self._counts[2] += 1
+            tb = exc.__traceback__
+            if tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next  # drop this frame: the remote user did not write it
+            text = "".join(traceback.format_exception(type(exc), exc, tb))
+            return Kind.ERROR, _serial.dumps_exception(exc, text), []
+
+    def receive_event(self, publisher: dict[str, Any], body: bytes | bytearray,
+                      fds: list[int]) -> None:
+        """Run this process's handlers for one incoming event, in order."""
+        try:
+            event, args, kwargs = _serial.loads(body, "an event")
+        except LocalnetError:
+            logger.exception("dropping an event from %r that cannot be rebuilt",
+                             publisher.get("name"))
+            return
+        counts = self._received.get(event)
+        if counts is None:
+            counts = self._received.setdefault(event, [0, 0, 0])
+        counts[0] += 1
+        subs = CATALOG.by_event.get(event, ())
+        name, group, hub = publisher.get("name", ""), publisher.get("group"), \
+            bool(publisher.get("hub"))
+        for sub in subs:
+            if sub.accepts(name, group, hub):
+                try:
+                    sub.handler(*args, **kwargs)
+                    counts[1] += 1
+                except Exception:
+                    counts[2] += 1
+                    logger.exception("handler %s for event %r from %r raised",
+                                     getattr(sub.handler, "__qualname__", sub.handler), event,
+                                     name)
+
+    # -- statistics -------------------------------------------------------------
+    def stats(self) -> Stats:
+        """A snapshot of this peer's counters; see :class:`Stats`."""
+        with self._lock:
+            outboxes = list(self._outboxes.values()) + self._retired
+        published: dict[str, list[int]] = {}
+        subscribers: dict[str, list[int]] = {}
+        for outbox in outboxes:
+            for event, counts in outbox.totals().items():
+                for table, key in ((published, event), (subscribers, outbox.name)):
+                    row = table.setdefault(key, [0, 0, 0, 0])
+                    for i, n in enumerate(counts):
+                        row[i] += n
+        registry = self._registry
+        return Stats(
+            calls_made=self._counts[0], calls_served=self._counts[1],
+            call_errors=self._counts[2],
+            published={k: EventCounts(*v) for k, v in published.items()},
+            subscribers={k: EventCounts(*v) for k, v in subscribers.items()},
+            received={k: ReceivedCounts(*v) for k, v in self._received.items()},
+            registry_recoveries=registry.recoveries if registry is not None else 0,
+        )
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return str(os.getuid())

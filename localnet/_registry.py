@@ -1,0 +1,515 @@
+"""The registry server: naming, discovery and the subscription table.
+
+One registry process serves one runtime directory, on ``registry.sock``.
+It holds an exclusive ``flock`` on ``registry.lock`` for its whole life (so
+two can never serve one directory; the kernel drops the lock when it dies)
+and writes its pid to ``registry.pid``.
+
+Peers keep one connection open to it.  Over that connection a peer sends
+``REQUEST`` frames (JSON ``[operation, arguments]``) and gets ``RESPONSE``
+frames (JSON ``{"ok": ..., "value" | "error": ...}``); the registry sends
+``PUSH`` frames (lists of subscription changes) that the peer acknowledges
+with ``PUSH_ACK``.  Operations:
+
+=============== ============================================ =======================
+operation       arguments                                    value
+=============== ============================================ =======================
+register        info (name, pid, started, ...), subs         null
+unregister      {}                                           null
+update          connections, events                          null
+subscribe       sub (id, event, peers, group, hubs_only)     null
+unsubscribe     id                                           null
+list            {}                                           [info, ...]
+lookup          name                                         info or null
+=============== ============================================ =======================
+
+The registry never relays calls or events: it tells each publisher which
+subscribers match it (``["add", event, subscriber]`` / ``["remove", event,
+name]``), and waits for every live publisher to acknowledge a change before
+answering the ``subscribe`` or ``register`` that caused it.  That is what
+lets a subscription reach publishers that exist now *and* ones that start
+later, with no window in between.
+
+A peer is forgotten when its connection closes or when psutil shows its
+process (pid + creation time) has gone; the publishers are told at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _liveness, _paths
+from ._wire import FrameReader, Kind, ProtocolError, decode_control, encode_control, send_frame
+
+logger = logging.getLogger("localnet.registry")
+
+PUSH_ACK_TIMEOUT = 2.0  # how long a subscribe waits for one publisher's acknowledgement
+SWEEP_INTERVAL = 0.5  # psutil liveness sweep
+SEND_TIMEOUT = 2.0  # a peer that does not drain its socket for this long is dropped
+DEFAULT_IDLE_EXIT = 30.0  # a spawned registry exits after this long with no peers
+
+
+class RequestError(Exception):
+    """An operation refused; ``code`` names the public exception the client raises."""
+
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details
+
+
+@dataclass
+class _Sub:
+    id: str
+    event: str
+    peers: list[str] | None
+    group: str | None
+    hubs_only: bool
+
+    def matches(self, publisher: dict[str, Any]) -> bool:
+        if self.peers is not None and publisher["name"] not in self.peers:
+            return False
+        if self.group is not None and publisher.get("group") != self.group:
+            return False
+        return not self.hubs_only or bool(publisher.get("hub"))
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "event": self.event, "peers": self.peers,
+                "group": self.group, "hubs_only": self.hubs_only}
+
+
+@dataclass
+class _Member:
+    conn: _Conn
+    info: dict[str, Any]
+    subs: dict[str, _Sub] = field(default_factory=dict)
+    told: set[tuple[str, str]] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return str(self.info["name"])
+
+    def subscriber_entry(self) -> dict[str, Any]:
+        keys = ("name", "pid", "started", "address", "group", "hub")
+        return {k: self.info.get(k) for k in keys}
+
+    def public_info(self) -> dict[str, Any]:
+        info = dict(self.info)
+        info["subscriptions"] = [s.describe() for s in self.subs.values()]
+        return info
+
+
+class _Conn:
+    """One peer's connection to the registry."""
+
+    def __init__(self, sock: socket.socket, max_frame: int) -> None:
+        self.sock = sock
+        self.reader = FrameReader(sock, max_frame=max_frame, with_fds=False)
+        self.send_lock = threading.Lock()
+        self.acks: dict[int, threading.Event] = {}
+        self.member: _Member | None = None
+        self.closed = False
+        self._next_push = 0
+
+    def send(self, kind: Kind, ident: int, obj: object) -> None:
+        body = encode_control(obj)
+        with self.send_lock:
+            send_frame(self.sock, kind, ident, body)
+
+    def push(self, changes: list[list[Any]]) -> threading.Event:
+        done = threading.Event()
+        with self.send_lock:
+            self._next_push += 1
+            ident = self._next_push
+            self.acks[ident] = done
+            try:
+                send_frame(self.sock, Kind.PUSH, ident, encode_control(changes))
+            except OSError:
+                self.acks.pop(ident, None)
+                done.set()
+                self.shutdown()
+        return done
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _opt_str(value: Any, what: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise RequestError("ProtocolError", f"{what} must be a string or null")
+
+
+def _parse_sub(raw: Any) -> _Sub:
+    if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) \
+            or not isinstance(raw.get("event"), str):
+        raise RequestError("ProtocolError", "a subscription needs string 'id' and 'event'")
+    peers = raw.get("peers")
+    if peers is not None and not (isinstance(peers, list) and all(isinstance(p, str) for p in peers)):
+        raise RequestError("ProtocolError", "subscription 'peers' must be a list of names")
+    return _Sub(raw["id"], raw["event"], peers, _opt_str(raw.get("group"), "group"),
+                bool(raw.get("hubs_only", False)))
+
+
+_INFO_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "pid": (int,), "started": (int, float), "address": (str,),
+}
+
+
+def _parse_info(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise RequestError("ProtocolError", "registration info must be an object")
+    for key, types in _INFO_TYPES.items():
+        if not isinstance(raw.get(key), types) or isinstance(raw.get(key), bool):
+            raise RequestError("ProtocolError", f"registration info needs {key!r}")
+    if not raw["name"] or len(raw["name"]) > 255:
+        raise RequestError("ProtocolError", "peer names are 1 to 255 characters")
+    _opt_str(raw.get("group"), "group")
+    for key in ("connections", "events"):
+        value = raw.setdefault(key, [])
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise RequestError("ProtocolError", f"{key!r} must be a list of strings")
+    return raw
+
+
+class Registry:
+    """The registry server for one runtime directory.
+
+    ``serve_forever()`` blocks until ``stop()`` (or SIGINT/SIGTERM when run
+    from the command line).  ``idle_exit`` (seconds) makes it stop once no
+    peer has been registered for that long; ``None`` serves forever.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None,
+                 idle_exit: float | None = None,
+                 max_frame: int = 1024 * 1024) -> None:
+        self.directory = _paths.runtime_dir(directory)
+        self.address = str(self.directory / _paths.REGISTRY_SOCKET)
+        self.idle_exit = idle_exit
+        self.max_frame = max_frame
+        self._lock = threading.Lock()
+        self._members: dict[str, _Member] = {}
+        self._conns: set[_Conn] = set()
+        self._stopping = threading.Event()
+        self._listener: socket.socket | None = None
+        self._lock_fd: int | None = None
+        self._idle_since: float | None = time.monotonic()
+
+    def __repr__(self) -> str:
+        state = "STOPPED" if self._stopping.is_set() else "SERVING"
+        return f"<Registry {self.address!r} peers={len(self._members)} [{state}]>"
+
+    # -- life cycle -----------------------------------------------------
+    def acquire(self) -> bool:
+        """Take the directory's registry lock and bind; False when another registry holds it."""
+        fd = os.open(self.directory / _paths.REGISTRY_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        try:
+            os.unlink(self.address)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.address)
+        os.chmod(self.address, 0o600)
+        listener.listen(256)
+        self._listener = listener
+        pid_file = self.directory / _paths.REGISTRY_PID
+        pid_file.write_text(f"{os.getpid()}\n")
+        return True
+
+    def serve_forever(self) -> None:
+        """Accept peers until :meth:`stop`; call :meth:`acquire` first."""
+        assert self._listener is not None, "acquire() first"
+        sweeper = threading.Thread(target=self._sweep_loop, name="localnet-registry-sweep",
+                                   daemon=True)
+        sweeper.start()
+        logger.info("registry serving %s (pid %d)", self.address, os.getpid())
+        try:
+            while not self._stopping.is_set():
+                try:
+                    sock, _ = self._listener.accept()
+                except OSError:
+                    if self._stopping.is_set():
+                        break
+                    raise
+                if not _liveness.same_user(sock):
+                    logger.warning("refused a registry connection from another user")
+                    sock.close()
+                    continue
+                threading.Thread(target=self._serve_conn, args=(sock,),
+                                 name="localnet-registry-conn", daemon=True).start()
+        finally:
+            self._cleanup()
+
+    def stop(self) -> None:
+        """Stop serving; idempotent and safe from any thread or signal handler."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _cleanup(self) -> None:
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.shutdown()
+        if self._listener is not None:
+            self._listener.close()
+        for name in (_paths.REGISTRY_SOCKET, _paths.REGISTRY_PID):
+            try:
+                os.unlink(self.directory / name)
+            except FileNotFoundError:
+                pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        logger.info("registry stopped")
+
+    # -- connections ----------------------------------------------------
+    def _serve_conn(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(SEND_TIMEOUT), 0))
+        conn = _Conn(sock, self.max_frame)
+        with self._lock:
+            self._conns.add(conn)
+        try:
+            while True:
+                kind, ident, body, _ = conn.reader.read()
+                if kind == Kind.REQUEST:
+                    self._answer(conn, ident, body)
+                elif kind == Kind.PUSH_ACK:
+                    done = conn.acks.pop(ident, None)
+                    if done is not None:
+                        done.set()
+                elif kind != Kind.HELLO:
+                    raise ProtocolError(f"unexpected {Kind(kind).name} frame at the registry")
+        except EOFError:
+            pass
+        except (ProtocolError, OSError) as exc:
+            logger.warning("closing a registry connection: %s", exc)
+        except Exception:
+            logger.exception("registry connection failed")
+        finally:
+            conn.closed = True
+            for done in list(conn.acks.values()):
+                done.set()
+            with self._lock:
+                self._conns.discard(conn)
+                member = conn.member
+                if member is not None and self._members.get(member.name) is member:
+                    self._forget(member, "disconnected")
+                    self._sync()  # removals need no acknowledgement
+            sock.close()
+            conn.reader.close()
+
+    def _answer(self, conn: _Conn, ident: int, body: bytes | bytearray) -> None:
+        waits: list[tuple[_Conn, threading.Event]] = []
+        try:
+            message = decode_control(body)
+            if not (isinstance(message, list) and len(message) == 2
+                    and isinstance(message[0], str) and isinstance(message[1], dict)):
+                raise RequestError("ProtocolError", "a request is [operation, {arguments}]")
+            op, args = message
+            handler = getattr(self, f"_op_{op}", None)
+            if handler is None:
+                raise RequestError("ProtocolError", f"unknown registry operation {op!r}")
+            with self._lock:
+                value, waits = handler(conn, args)
+            deadline = time.monotonic() + PUSH_ACK_TIMEOUT
+            for target, done in waits:
+                if target is conn:
+                    # The requester reads its own pushes before this answer, in
+                    # order; its acknowledgement is read by this very thread.
+                    continue
+                if not done.wait(max(0.0, deadline - time.monotonic())):
+                    logger.warning("a peer did not acknowledge a subscription change in time")
+            reply: dict[str, Any] = {"ok": True, "value": value}
+        except RequestError as exc:
+            reply = {"ok": False, "error": exc.code, "message": str(exc), "details": exc.details}
+        except ProtocolError as exc:
+            reply = {"ok": False, "error": "ProtocolError", "message": str(exc), "details": {}}
+        conn.send(Kind.RESPONSE, ident, reply)
+
+    # -- operations (called with self._lock held) ------------------------
+    def _member_of(self, conn: _Conn) -> _Member:
+        if conn.member is None or self._members.get(conn.member.name) is not conn.member:
+            raise RequestError("NotRegistered", "register first")
+        return conn.member
+
+    def _op_register(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+        info = _parse_info(args.get("info"))
+        subs = args.get("subs", [])
+        if not isinstance(subs, list):
+            raise RequestError("ProtocolError", "'subs' must be a list")
+        parsed = [_parse_sub(s) for s in subs]
+        if conn.member is not None:
+            raise RequestError("ProtocolError", "this connection already registered a peer")
+        name = info["name"]
+        holder = self._members.get(name)
+        if holder is not None:
+            if not holder.conn.closed and _liveness.is_alive(holder.info["pid"],
+                                                             holder.info["started"]):
+                raise RequestError("NameTaken", f"peer name {name!r} is taken",
+                                   name=name, pid=holder.info["pid"])
+            logger.info("reclaiming name %r from dead pid %s", name, holder.info["pid"])
+            self._forget(holder, "dead")
+        member = _Member(conn, info, {s.id: s for s in parsed})
+        self._members[name] = member
+        conn.member = member
+        self._idle_since = None
+        # The new peer's own table goes out as its first push, under the lock,
+        # so that it is ordered before every later change.
+        waits = self._sync()
+        logger.debug("registered %r (pid %s)", name, info["pid"])
+        return None, waits
+
+    def _op_unregister(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+        member = self._member_of(conn)
+        self._forget(member, "unregistered")
+        conn.member = None
+        return None, self._sync()
+
+    def _op_update(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+        member = self._member_of(conn)
+        for key in ("connections", "events"):
+            value = args.get(key)
+            if value is not None:
+                if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                    raise RequestError("ProtocolError", f"{key!r} must be a list of strings")
+                member.info[key] = value
+        return None, []
+
+    def _op_subscribe(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+        member = self._member_of(conn)
+        sub = _parse_sub(args.get("sub"))
+        member.subs[sub.id] = sub
+        return None, self._sync()
+
+    def _op_unsubscribe(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+        member = self._member_of(conn)
+        member.subs.pop(str(args.get("id")), None)
+        return None, self._sync()
+
+    def _op_list(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+        return [m.public_info() for m in self._members.values()], []
+
+    def _op_lookup(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+        member = self._members.get(str(args.get("name")))
+        return (member.public_info() if member is not None else None), []
+
+    # -- the subscription table -----------------------------------------
+    def _desired(self, publisher: _Member) -> dict[tuple[str, str], dict[str, Any]]:
+        """Every (event, subscriber) pair whose subscription matches ``publisher``."""
+        wanted: dict[tuple[str, str], dict[str, Any]] = {}
+        for subscriber in self._members.values():
+            for sub in subscriber.subs.values():
+                key = (sub.event, subscriber.name)
+                if key not in wanted and sub.matches(publisher.info):
+                    wanted[key] = subscriber.subscriber_entry()
+        return wanted
+
+    def _sync(self) -> list[tuple[_Conn, threading.Event]]:
+        """Push to every publisher the difference between what it knows and what matches."""
+        waits = []
+        for publisher in self._members.values():
+            if publisher.conn.closed:
+                continue
+            desired = self._desired(publisher)
+            changes: list[list[Any]] = [
+                ["remove", event, name] for (event, name) in publisher.told - desired.keys()
+            ]
+            changes += [["add", event, desired[(event, name)]]
+                        for (event, name) in desired.keys() - publisher.told]
+            if changes:
+                publisher.told = set(desired)
+                waits.append((publisher.conn, publisher.conn.push(changes)))
+        return waits
+
+    def _forget(self, member: _Member, why: str) -> None:
+        if self._members.get(member.name) is member:
+            del self._members[member.name]
+            logger.debug("forgot %r (%s)", member.name, why)
+        if not self._members:
+            self._idle_since = time.monotonic()
+
+    def _sweep_loop(self) -> None:
+        while not self._stopping.wait(SWEEP_INTERVAL):
+            with self._lock:
+                members = list(self._members.values())
+            dead = [m for m in members
+                    if not _liveness.is_alive(m.info["pid"], m.info["started"])]
+            if dead:
+                with self._lock:
+                    for member in dead:
+                        self._forget(member, "process gone")
+                    self._sync()
+                for member in dead:
+                    member.conn.shutdown()
+            with self._lock:
+                idle = self._idle_since
+                busy = bool(self._members) or bool(self._conns)
+            if (self.idle_exit is not None and idle is not None and not busy
+                    and time.monotonic() - idle > self.idle_exit):
+                logger.info("no peers for %.0f s; exiting", self.idle_exit)
+                self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a registry: ``python -m localnet._registry [--spawned] [--ready-fd N]``."""
+    parser = argparse.ArgumentParser(prog="localnet-registry")
+    parser.add_argument("--directory", default=None)
+    parser.add_argument("--ready-fd", type=int, default=None)
+    parser.add_argument("--idle-exit", type=float, default=None)
+    options = parser.parse_args(argv)
+    if os.environ.get("LOCALNET_DEBUG"):
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
+                            format="%(asctime)s registry[%(process)d] %(message)s")
+    ready = os.fdopen(options.ready_fd, "w") if options.ready_fd is not None else None
+    try:
+        registry = Registry(options.directory, idle_exit=options.idle_exit)
+        acquired = registry.acquire()
+    except Exception as exc:
+        if ready is not None:
+            ready.write(f"error {exc}\n")
+            ready.close()
+        raise
+    if not acquired:
+        if ready is not None:
+            ready.write("busy\n")
+            ready.close()
+        print(f"another registry already serves {registry.directory}", file=sys.stderr)
+        return 1
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: registry.stop())
+    if ready is not None:
+        ready.write("ready\n")
+        ready.close()
+    registry.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

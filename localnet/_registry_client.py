@@ -1,0 +1,382 @@
+"""A peer's side of the registry: find it or start it, and stay registered.
+
+:func:`connect_registry` connects to the directory's registry and, when none
+answers, starts one as a detached process.  A ``spawn.lock`` file lock makes
+the many peers that may start at once spawn one registry between them (and
+the registry's own lock makes a second one give up at once should two ever
+start).  The new registry says ``ready`` on a pipe once it listens, so
+nobody polls the socket.
+
+:class:`RegistryClient` keeps the peer registered: a background thread reads
+the registry's answers and subscription pushes, and when the registry dies
+it starts a new one and registers again, subscriptions included.  Requests
+made meanwhile wait for the new registry (bounded by their timeout) instead
+of failing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import _paths
+from ._registry import DEFAULT_IDLE_EXIT
+from ._wire import FrameReader, Kind, ProtocolError, decode_control, encode_control, send_frame
+from .errors import (
+    ConnectionLost,
+    LocalnetError,
+    NameTaken,
+    PeerClosed,
+    RegistryUnavailable,
+    Timeout,
+)
+
+logger = logging.getLogger("localnet.registry")
+
+_spawned: list[subprocess.Popen[bytes]] = []
+_RETRY = object()
+
+
+def _python() -> str:
+    """The interpreter that runs a spawned registry.
+
+    ``LOCALNET_PYTHON`` wins; an embedding application (whose
+    ``sys.executable`` is not a Python) falls back to ``python3`` on PATH.
+    """
+    explicit = os.environ.get("LOCALNET_PYTHON")
+    if explicit:
+        return explicit
+    if os.path.basename(sys.executable).startswith("python"):
+        return sys.executable
+    return shutil.which("python3") or sys.executable
+
+
+def _try_connect(address: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(address)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _lock(path: Path, deadline: float) -> int:
+    """Take an exclusive flock on ``path`` before ``deadline``; returns the fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise RegistryUnavailable(f"timed out waiting for {path}") from None
+            time.sleep(delay)  # flock has no timed wait; back off while another peer spawns
+            delay = min(delay * 2, 0.02)
+
+
+def _spawn(directory: Path, deadline: float) -> None:
+    for old in list(_spawned):
+        if old.poll() is not None:
+            _spawned.remove(old)
+    read_end, write_end = os.pipe()
+    debug = bool(os.environ.get("LOCALNET_DEBUG"))
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    idle = os.environ.get("LOCALNET_REGISTRY_IDLE_EXIT", str(DEFAULT_IDLE_EXIT))
+    try:
+        proc = subprocess.Popen(
+            [_python(), "-m", "localnet._registry", "--directory", str(directory),
+             "--ready-fd", str(write_end), "--idle-exit", idle],
+            pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=None if debug else subprocess.DEVNULL, start_new_session=True, env=env,
+        )
+    except OSError as exc:
+        os.close(read_end)
+        raise RegistryUnavailable(f"cannot start the registry: {exc}") from exc
+    finally:
+        os.close(write_end)
+    _spawned.append(proc)
+    try:
+        answer = b""
+        poller = select.poll()
+        poller.register(read_end, select.POLLIN)
+        while not answer.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                raise RegistryUnavailable("the registry did not start in time")
+            chunk = os.read(read_end, 512)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        os.close(read_end)
+    text = answer.decode(errors="replace").strip()
+    if text not in ("ready", "busy"):
+        raise RegistryUnavailable(
+            f"the registry failed to start ({text or 'it exited'}); "
+            "run 'localnet registry' in a terminal to see why"
+        )
+
+
+def connect_registry(directory: Path, timeout: float = 5.0) -> socket.socket:
+    """Connect to the directory's registry, starting one when none answers.
+
+    Raises:
+        RegistryUnavailable: no registry could be reached or started in time.
+    """
+    address = str(directory / _paths.REGISTRY_SOCKET)
+    deadline = time.monotonic() + timeout
+    sock = _try_connect(address)
+    if sock is not None:
+        return sock
+    fd = _lock(directory / _paths.SPAWN_LOCK, deadline)
+    try:
+        sock = _try_connect(address)
+        if sock is None:
+            _spawn(directory, deadline)
+            sock = _try_connect(address)
+    finally:
+        os.close(fd)
+    if sock is None:
+        raise RegistryUnavailable(f"no registry answers on {address}")
+    return sock
+
+
+class _Waiter:
+    __slots__ = ("event", "value")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.value: Any = None
+
+
+def _raise_for(reply: dict[str, Any]) -> None:
+    code, message = reply.get("error"), str(reply.get("message"))
+    details = reply.get("details") or {}
+    if code == "NameTaken":
+        raise NameTaken(details.get("name", "?"), details.get("pid"))
+    raise LocalnetError(f"the registry refused the request: {message}")
+
+
+class RegistryClient:
+    """A peer's registration, kept alive across registry restarts.
+
+    ``registration()`` returns ``{"info": ..., "subs": [...]}`` and is called
+    at every (re)registration; ``on_push(changes)`` applies subscription
+    changes, in order, on the client's thread.
+    """
+
+    def __init__(self, directory: Path, registration: Callable[[], dict[str, Any]],
+                 on_push: Callable[[list[Any]], None]) -> None:
+        self.directory = directory
+        self._registration = registration
+        self._on_push = on_push
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Waiter] = {}
+        self._next_id = 0
+        self._sock: socket.socket | None = None
+        self._connected = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.recoveries = 0
+
+    def __repr__(self) -> str:
+        state = "CLOSED" if self._closing else "CONNECTED" if self._connected.is_set() \
+            else "RECONNECTING"
+        return f"<RegistryClient {str(self.directory)!r} [{state}]>"
+
+    def start(self, timeout: float) -> None:
+        """Connect (spawning the registry if needed) and register.
+
+        Raises NameTaken, RegistryUnavailable or Timeout.
+        """
+        deadline = time.monotonic() + timeout
+        sock = connect_registry(self.directory, timeout)
+        try:
+            reader = self._handshake(sock, deadline)
+        except BaseException:
+            sock.close()
+            raise
+        self._thread = threading.Thread(target=self._run, args=(sock, reader),
+                                        name="localnet-registry-client", daemon=True)
+        self._thread.start()
+
+    def _handshake(self, sock: socket.socket, deadline: float) -> FrameReader:
+        """Register on a fresh connection; pushes that arrive first are applied."""
+        reader = FrameReader(sock, with_fds=False)
+        send_frame(sock, Kind.HELLO, 0, encode_control({"role": "registry-client"}))
+        send_frame(sock, Kind.REQUEST, 0, encode_control(["register", self._registration()]))
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout("the registry did not answer the registration in time")
+            try:
+                kind, ident, body, _ = reader.read(remaining)
+            except socket.timeout:
+                continue
+            except EOFError as exc:
+                raise RegistryUnavailable("the registry closed the connection") from exc
+            if kind == Kind.PUSH:
+                self._apply_push(sock, ident, body)
+            elif kind == Kind.RESPONSE and ident == 0:
+                reply = decode_control(body)
+                if not isinstance(reply, dict):
+                    raise ProtocolError("malformed registry reply")
+                if not reply.get("ok"):
+                    _raise_for(reply)
+                with self._lock:
+                    self._sock = sock
+                    self._connected.set()
+                return reader
+
+    def _apply_push(self, sock: socket.socket, ident: int, body: bytes | bytearray) -> None:
+        changes = decode_control(body)
+        if isinstance(changes, list):
+            try:
+                self._on_push(changes)
+            except Exception:
+                logger.exception("applying subscription changes failed")
+        with self._lock:
+            send_frame(sock, Kind.PUSH_ACK, ident)
+
+    def _run(self, sock: socket.socket, reader: FrameReader) -> None:
+        while True:
+            try:
+                while True:
+                    kind, ident, body, _ = reader.read()
+                    if kind == Kind.PUSH:
+                        self._apply_push(sock, ident, body)
+                    elif kind == Kind.RESPONSE:
+                        with self._lock:
+                            waiter = self._pending.pop(ident, None)
+                        if waiter is not None:
+                            waiter.value = decode_control(body)
+                            waiter.event.set()
+            except (EOFError, OSError, ConnectionLost) as exc:
+                if self._closing:
+                    return
+                logger.info("lost the registry (%s); restarting it", exc or type(exc).__name__)
+            self._disconnect(sock)
+            sock.close()
+            reconnected = self._reconnect()
+            if reconnected is None:
+                return
+            sock, reader = reconnected
+            self.recoveries += 1
+
+    def _disconnect(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._connected.clear()
+            self._sock = None
+            waiters = list(self._pending.values())
+            self._pending.clear()
+        for waiter in waiters:
+            waiter.value = _RETRY
+            waiter.event.set()
+
+    def _reconnect(self) -> tuple[socket.socket, FrameReader] | None:
+        delay = 0.0
+        while not self._closing:
+            try:
+                sock = connect_registry(self.directory, 5.0)
+            except LocalnetError as exc:
+                logger.warning("cannot restart the registry yet: %s", exc)
+            else:
+                try:
+                    return sock, self._handshake(sock, time.monotonic() + 5.0)
+                except (LocalnetError, OSError) as exc:
+                    sock.close()
+                    logger.warning("cannot register again yet: %s", exc)
+            delay = min(max(delay * 2, 0.05), 1.0)
+            time.sleep(delay)  # bounded back-off between attempts to restore the registry
+        return None
+
+    def request(self, op: str, timeout: float = 10.0, **args: Any) -> Any:
+        """Send one request and return its value.
+
+        Waits (up to ``timeout``) through a registry restart.
+
+        Raises:
+            NameTaken, LocalnetError: the registry refused the request.
+            RegistryUnavailable: no registry answered in time.
+            PeerClosed: this client was closed.
+        """
+        deadline = time.monotonic() + timeout
+        body = encode_control([op, args])
+        while True:
+            if self._closing:
+                raise PeerClosed("this peer is closed")
+            if not self._connected.wait(max(0.0, deadline - time.monotonic())):
+                raise RegistryUnavailable(
+                    f"the registry in {self.directory} did not answer within {timeout:g} s"
+                )
+            waiter = _Waiter()
+            with self._lock:
+                sock = self._sock
+                if sock is None:
+                    continue
+                self._next_id += 1
+                ident = self._next_id
+                self._pending[ident] = waiter
+                try:
+                    send_frame(sock, Kind.REQUEST, ident, body)
+                except OSError:
+                    self._pending.pop(ident, None)
+                    waiter.value = _RETRY
+                    waiter.event.set()
+            if not waiter.event.wait(max(0.0, deadline - time.monotonic())):
+                with self._lock:
+                    self._pending.pop(ident, None)
+                raise RegistryUnavailable(
+                    f"the registry did not answer {op!r} within {timeout:g} s"
+                )
+            reply = waiter.value
+            if reply is _RETRY:
+                if self._closing:
+                    raise PeerClosed("this peer is closed")
+                if time.monotonic() >= deadline:
+                    raise RegistryUnavailable(f"the registry was lost during {op!r}")
+                continue
+            if not isinstance(reply, dict):
+                raise LocalnetError("malformed registry reply")
+            if not reply.get("ok"):
+                _raise_for(reply)
+            return reply.get("value")
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Unregister and disconnect; idempotent."""
+        if self._closing:
+            return
+        if self._connected.is_set():
+            try:
+                self.request("unregister", timeout=timeout)
+            except LocalnetError as exc:
+                logger.debug("unregister failed: %s", exc)
+        self._closing = True
+        with self._lock:
+            sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._connected.set()  # wake requests waiting for a reconnection; they see _closing
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)

@@ -1,0 +1,298 @@
+"""The calling side: one channel per remote peer, and the RemotePeer proxy.
+
+A :class:`CallChannel` is one Unix-socket connection from this peer to
+another, shared by every thread of this process that calls that peer;
+requests carry an id and replies may come back in any order.
+
+Why no reader thread: a background thread that reads replies and hands them
+to the waiting callers costs a thread switch per call, as much as the whole
+socket round trip on a small machine.  Instead the channel uses
+leader/followers: a calling thread that finds nobody reading becomes the
+reader ("leader") and reads until its own reply arrives, handing any other
+reply to the thread that waits for it; when it leaves, it wakes one waiting
+caller to take over.  A lone caller therefore sends and reads its reply on
+its own thread, and concurrent callers still share one connection.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any, Protocol
+
+from . import _liveness
+from ._wire import DEFAULT_MAX_FRAME, FrameReader, Kind, ProtocolError, encode_control, send_frame
+from .errors import ConnectionLost, Timeout, UnknownConnection
+
+_allocate_lock = threading.Lock
+
+
+class _Call:
+    __slots__ = ("wake", "signaled", "done", "kind", "body", "fds", "error")
+
+    def __init__(self) -> None:
+        self.wake = _allocate_lock()
+        self.wake.acquire()
+        self.signaled = False
+        self.done = False
+        self.kind = 0
+        self.body: bytes | bytearray = b""
+        self.fds: list[int] = []
+        self.error: BaseException | None = None
+
+
+class CallChannel:
+    """A connection to one remote peer for calls; thread-safe."""
+
+    def __init__(self, address: str, target: str, hello: dict[str, Any],
+                 max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(address)
+            if not _liveness.same_user(sock):
+                raise ConnectionLost(f"peer {target!r} runs as another user; refusing it")
+            send_frame(sock, Kind.HELLO, 0, encode_control(hello))
+        except OSError as exc:
+            sock.close()
+            raise ConnectionLost(f"cannot connect to peer {target!r}: {exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        self.target = target
+        self.address = address
+        self._sock = sock
+        self._reader = FrameReader(sock, max_frame)
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, _Call] = {}
+        self._reading = False
+        self._next_id = 0
+        self.broken: BaseException | None = None
+
+    def __repr__(self) -> str:
+        state = "BROKEN" if self.broken else "OPEN"
+        return f"<CallChannel to {self.target!r} pending={len(self._pending)} [{state}]>"
+
+    def request(self, payload: bytes, timeout: float | None,
+                fds: list[int] | tuple[int, ...] = ()) -> tuple[int, bytes | bytearray, list[int]]:
+        """Send one CALL and return the ``(kind, body, fds)`` of its answer.
+
+        Raises:
+            ConnectionLost: the connection broke or the peer went away.
+            Timeout: no answer within ``timeout`` seconds.
+        """
+        call = _Call()
+        with self._lock:
+            if self.broken is not None:
+                raise ConnectionLost(f"the connection to peer {self.target!r} is closed")
+            self._next_id += 1
+            ident = self._next_id
+            self._pending[ident] = call
+        try:
+            with self._send_lock:
+                send_frame(self._sock, Kind.CALL, ident, payload, fds)
+        except OSError as exc:
+            self._break(ConnectionLost(f"peer {self.target!r} went away: {exc}"))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if call.done:
+                    break
+                lead = not self._reading
+                if lead:
+                    self._reading = True
+            if lead:
+                self._lead(call, deadline)
+                continue
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                self._give_up(ident, call)
+                continue
+            got = call.wake.acquire(True, -1 if remaining is None else remaining)
+            with self._lock:
+                if got or call.signaled:
+                    if not got:
+                        call.wake.acquire()
+                    call.signaled = False
+        if call.error is not None:
+            raise call.error
+        return call.kind, call.body, call.fds
+
+    def _give_up(self, ident: int, call: _Call) -> None:
+        with self._lock:
+            if call.done:
+                return
+            self._pending.pop(ident, None)
+            call.done = True
+            call.error = Timeout(f"peer {self.target!r} did not answer within the timeout")
+
+    def _signal(self, call: _Call) -> None:
+        # called with self._lock held
+        if not call.signaled:
+            call.signaled = True
+            call.wake.release()
+
+    def _lead(self, call: _Call, deadline: float | None) -> None:
+        """Read answers until ``call`` has its own, then pass the reading role on."""
+        try:
+            while not call.done:
+                if deadline is None:
+                    kind, ident, body, fds = self._reader.read()
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._give_up_lead(call)
+                        break
+                    try:
+                        kind, ident, body, fds = self._reader.read(remaining)
+                    except socket.timeout:
+                        continue
+                if kind not in (Kind.REPLY, Kind.ERROR):
+                    raise ProtocolError(f"unexpected {Kind(kind).name} frame on a call channel")
+                with self._lock:
+                    target = self._pending.pop(ident, None)
+                    if target is None:
+                        _close_fds(fds)  # the answer to a call that timed out
+                        continue
+                    target.kind, target.body, target.fds = kind, body, fds
+                    target.done = True
+                    if target is not call:
+                        self._signal(target)
+        except EOFError:
+            self._break(ConnectionLost(f"peer {self.target!r} closed the connection"))
+        except (OSError, ProtocolError) as exc:
+            self._break(ConnectionLost(f"peer {self.target!r} went away: {exc}"))
+        finally:
+            with self._lock:
+                self._reading = False
+                for other in self._pending.values():
+                    if not other.done:
+                        self._signal(other)
+                        break
+
+    def _give_up_lead(self, call: _Call) -> None:
+        with self._lock:
+            for ident, pending in list(self._pending.items()):
+                if pending is call:
+                    del self._pending[ident]
+            call.done = True
+            call.error = Timeout(f"peer {self.target!r} did not answer within the timeout")
+
+    def _break(self, error: BaseException) -> None:
+        with self._lock:
+            if self.broken is None:
+                self.broken = error
+            calls = list(self._pending.values())
+            self._pending.clear()
+            for pending in calls:
+                if not pending.done:
+                    pending.done = True
+                    pending.error = ConnectionLost(str(error))
+                    self._signal(pending)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Fail pending calls and close the socket; idempotent."""
+        self._break(ConnectionLost(f"the connection to peer {self.target!r} was closed"))
+        with self._lock:
+            reading = self._reading
+        if not reading:
+            self._reader.close()
+            self._sock.close()
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Caller(Protocol):
+    """What a RemotePeer needs from the local peer that made it."""
+
+    def call(self, target: Any, connection: str, args: tuple[Any, ...],
+             kwargs: dict[str, Any], timeout: float | None = None) -> Any:
+        ...
+
+
+class RemotePeer:
+    """Another live peer, as the registry described it.
+
+    Attribute access reaches its connections: ``remote.render(7)`` calls
+    ``render`` in that peer and returns the result.  ``remote.call(name,
+    *args, timeout=None, **kwargs)`` does the same with an explicit timeout.
+
+    Attributes: ``name``, ``pid``, ``group``, ``hub``, ``connections``,
+    ``events``, ``subscriptions``, ``started`` (when its process began, epoch
+    seconds), ``since`` (when the peer went live), ``user``, ``executable``.
+
+    Raises (on attribute access): :class:`UnknownConnection` when the peer
+    does not offer that connection.
+    """
+
+    def __init__(self, info: dict[str, Any], via: Caller) -> None:
+        self._info = info
+        self._via = via
+
+    name = property(lambda self: str(self._info["name"]))
+    pid = property(lambda self: int(self._info["pid"]))
+    group = property(lambda self: self._info.get("group"))
+    hub = property(lambda self: bool(self._info.get("hub")))
+    connections = property(lambda self: list(self._info.get("connections", [])))
+    events = property(lambda self: list(self._info.get("events", [])))
+    subscriptions = property(lambda self: [s["event"] for s in self._info.get("subscriptions", [])])
+    started = property(lambda self: float(self._info["started"]))
+    since = property(lambda self: float(self._info.get("since", self._info["started"])))
+    user = property(lambda self: self._info.get("user"))
+    executable = property(lambda self: self._info.get("executable"))
+    address = property(lambda self: str(self._info["address"]))
+
+    def describe(self) -> dict[str, Any]:
+        """A copy of everything the registry knows about this peer."""
+        return dict(self._info)
+
+    def call(self, connection: str, *args: Any, timeout: float | None = None,
+             **kwargs: Any) -> Any:
+        """Call ``connection`` in this peer and return its result."""
+        return self._via.call(self, connection, args, kwargs, timeout)
+
+    def __getattr__(self, connection: str) -> Any:
+        if connection.startswith("__"):
+            raise AttributeError(connection)
+        if connection not in self._info.get("connections", []):
+            raise UnknownConnection(connection, self.name, self.connections)
+        via, target = self._via, self
+
+        def remote(*args: Any, **kwargs: Any) -> Any:
+            return via.call(target, connection, args, kwargs, None)
+
+        remote.__name__ = connection
+        remote.__qualname__ = f"{self.name}.{connection}"
+        return remote
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self.connections))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RemotePeer):
+            return NotImplemented
+        return (self.name, self.pid, self.started) == (other.name, other.pid, other.started)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.pid))
+
+    def __repr__(self) -> str:
+        extra = f" group={self.group!r}" if self.group else ""
+        extra += " hub" if self.hub else ""
+        return f"<RemotePeer {self.name!r} pid={self.pid}{extra}>"
+
+    def __reduce__(self) -> Any:
+        # A RemotePeer sent to another process arrives as its name.
+        return (str, (self.name,))

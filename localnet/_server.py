@@ -1,0 +1,241 @@
+"""The serving side: a peer's listening socket and its incoming connections.
+
+Each accepted connection is checked with SO_PEERCRED (another user's
+process is dropped before a byte is read), then announces its role in a
+``HELLO`` frame:
+
+* ``call``: a caller's channel.  Served by leader/followers: the thread
+  holding the reading role reads a request, passes the role to an idle
+  thread of the connection (starting one if none is idle, up to
+  ``max_workers``), runs the handler and writes the reply itself.  A slow
+  handler therefore never stalls the callers behind it, and the common path
+  has no hand-off between reading a request and running it.
+* ``events``: a publisher's channel.  One thread reads events, runs the
+  handlers in order and acknowledges the last one handled whenever it has
+  nothing more buffered, so acknowledgements are batched under load and
+  immediate otherwise.
+
+A malformed or oversized frame, or a protocol violation, closes that one
+connection (and is logged); everyone else is served on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any, Protocol
+
+from . import _liveness
+from ._wire import FrameReader, Kind, ProtocolError, decode_control, send_frame
+
+logger = logging.getLogger("localnet.server")
+
+_HELLO_TIMEOUT = 10.0
+
+
+class Host(Protocol):
+    """What the server needs from its peer."""
+
+    name: str
+    max_frame: int
+    max_workers: int
+
+    def run_call(self, body: bytes | bytearray, fds: list[int]) -> tuple[int, bytes, list[int]]:
+        ...
+
+    def receive_event(self, publisher: dict[str, Any], body: bytes | bytearray,
+                      fds: list[int]) -> None:
+        ...
+
+
+class Server:
+    """Listens on ``address`` and serves connections for ``host``."""
+
+    def __init__(self, host: Host, address: str) -> None:
+        self.host = host
+        self.address = address
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.unlink(address)
+        except FileNotFoundError:
+            pass
+        try:
+            self._listener.bind(address)
+            os.chmod(address, 0o600)
+            self._listener.listen(256)
+        except BaseException:
+            self._listener.close()
+            raise
+        self._lock = threading.Lock()
+        self._socks: set[socket.socket] = set()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="localnet-accept",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                if self._closed:
+                    return
+                logger.exception("accept failed")
+                continue
+            if not _liveness.same_user(sock):
+                logger.warning("refused a connection from another user's process")
+                sock.close()
+                continue
+            with self._lock:
+                if self._closed:
+                    sock.close()
+                    return
+                self._socks.add(sock)
+            threading.Thread(target=self._serve, args=(sock,), name="localnet-conn",
+                             daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        reader = FrameReader(sock, self.host.max_frame)
+        handed_over = False
+        try:
+            kind, _, body, fds = reader.read(_HELLO_TIMEOUT)
+            if kind != Kind.HELLO or fds:
+                raise ProtocolError("a connection must start with HELLO")
+            hello = decode_control(body)
+            if not isinstance(hello, dict) or not isinstance(hello.get("name"), str):
+                raise ProtocolError("malformed HELLO")
+            role = hello.get("role")
+            if role == "call":
+                handed_over = True
+                _CallConnection(self, sock, reader).run()
+            elif role == "events":
+                self._receive_events(sock, reader, hello)
+            else:
+                raise ProtocolError(f"unknown role {role!r}")
+        except EOFError:
+            pass
+        except (ProtocolError, OSError, socket.timeout) as exc:
+            logger.warning("closing a connection to %s: %s", self.host.name, exc)
+        except Exception:
+            logger.exception("a connection to %s failed", self.host.name)
+        finally:
+            if not handed_over:
+                self.drop(sock, reader)
+
+    def drop(self, sock: socket.socket, reader: FrameReader) -> None:
+        with self._lock:
+            self._socks.discard(sock)
+        reader.close()
+        sock.close()
+
+    def _receive_events(self, sock: socket.socket, reader: FrameReader,
+                        publisher: dict[str, Any]) -> None:
+        receive = self.host.receive_event
+        while True:
+            kind, seq, body, fds = reader.read()
+            if kind != Kind.EVENT:
+                raise ProtocolError(f"unexpected {Kind(kind).name} frame on an event channel")
+            receive(publisher, body, fds)
+            if not reader.has_frame():
+                send_frame(sock, Kind.ACK, seq)
+
+    def close(self) -> None:
+        """Stop accepting, close every connection and remove the socket file."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            socks = list(self._socks)
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.address)
+        except FileNotFoundError:
+            pass
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(2.0)
+
+
+class _CallConnection:
+    """Leader/followers over one caller's connection (see the module docstring)."""
+
+    def __init__(self, server: Server, sock: socket.socket, reader: FrameReader) -> None:
+        self.server = server
+        self.sock = sock
+        self.reader = reader
+        self.lock = threading.Lock()
+        self.send_lock = threading.Lock()
+        self.idle: list[Any] = []
+        self.threads = 1
+        self.reading = True
+        self.closed = False
+
+    def run(self) -> None:
+        """The body of every thread of this connection."""
+        host = self.server.host
+        try:
+            while True:
+                kind, ident, body, fds = self.reader.read()
+                if kind != Kind.CALL:
+                    raise ProtocolError(f"unexpected {Kind(kind).name} frame on a call channel")
+                self._pass_reading_role()
+                reply_kind, payload, reply_fds = host.run_call(body, fds)
+                with self.send_lock:
+                    send_frame(self.sock, reply_kind, ident, payload, reply_fds)
+                if not self._take_reading_role():
+                    return
+        except EOFError:
+            pass
+        except (ProtocolError, OSError) as exc:
+            if not self.closed:
+                logger.warning("closing a call connection to %s: %s", host.name, exc)
+        except Exception:
+            logger.exception("a call connection to %s failed", host.name)
+        self._close()
+
+    def _pass_reading_role(self) -> None:
+        with self.lock:
+            if self.idle:
+                self.idle.pop().release()
+                return
+            if self.threads >= self.server.host.max_workers:
+                self.reading = False  # nobody reads until a handler finishes
+                return
+            self.threads += 1
+        threading.Thread(target=self.run, name="localnet-call", daemon=True).start()
+
+    def _take_reading_role(self) -> bool:
+        """After a call: read on if nobody reads, else wait to be woken."""
+        with self.lock:
+            if self.closed:
+                return False
+            if not self.reading:
+                self.reading = True
+                return True
+            wake = threading.Lock()
+            wake.acquire()
+            self.idle.append(wake)
+        wake.acquire()
+        return not self.closed
+
+    def _close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            idle, self.idle = self.idle, []
+        for wake in idle:
+            wake.release()
+        self.server.drop(self.sock, self.reader)

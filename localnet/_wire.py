@@ -1,0 +1,297 @@
+"""Framing: how every localnet socket carries messages.
+
+Every message on every localnet socket (peer to peer, peer to registry) is
+one frame: a fixed 16-byte header followed by ``length`` bytes of body.
+File descriptors (shared-memory segments) ride along with the first bytes of
+their frame as SCM_RIGHTS ancillary data.
+
+====== ====== ===========================================================
+offset  size   field
+====== ====== ===========================================================
+0       1      protocol version (``VERSION``); any other value closes the
+               connection
+1       1      message kind (:class:`Kind`)
+2       2      number of file descriptors sent with this frame
+4       4      body length in bytes, at most the reader's ``max_frame``
+8       8      id: call id, event sequence number or request id
+====== ====== ===========================================================
+
+All integers are little-endian and unsigned.  A connection starts with one
+``HELLO`` frame from the connecting side (its identity and the channel's
+role); after that the kinds allowed depend on the role:
+
+================ ========================= ======================================
+kind             direction                 body
+================ ========================= ======================================
+HELLO            connecting side → server  pickled dict: role, name, pid, ...
+CALL             caller → callee           payload of (connection, args, kwargs)
+REPLY            callee → caller           payload of the result
+ERROR            callee → caller           payload of (exception, traceback text)
+EVENT            publisher → subscriber    payload of (event, args, kwargs)
+ACK              subscriber → publisher    empty; id = last sequence handled
+REQUEST          peer → registry           pickled (operation, arguments)
+RESPONSE         registry → peer           pickled (ok, value)
+PUSH             registry → peer           pickled list of changes
+PUSH_ACK         peer → registry           empty; id = the PUSH's id
+================ ========================= ======================================
+
+A "payload" is what :mod:`localnet._serial` produces.  The reader checks the
+version, the kind and the declared length before allocating anything, grows
+its buffer only as bytes actually arrive, and tells a clean end of stream
+(:class:`EOFError` between frames) from a broken one (:class:`ProtocolError`).
+"""
+
+from __future__ import annotations
+
+import array
+import json as _json
+import os
+import select
+import socket
+import struct
+from collections import deque
+from enum import IntEnum
+from typing import Sequence, Union
+
+from .errors import ConnectionLost
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+VERSION = 1
+HEADER = struct.Struct("<BBHIQ")
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_FRAME = 256 * 1024 * 1024
+MAX_FDS = 64  # per frame; more buffers than this travel in several segments' stead inline
+
+_READ_CHUNK = 256 * 1024
+_SMALL_SEND = 64 * 1024
+_GROW_STEP = 16 * 1024 * 1024
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+# plain ints: the IntFlag/IntEnum versions cost a Python-level call per use
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+
+
+class Kind(IntEnum):
+    """Message kinds; see the module docstring for their bodies."""
+
+    HELLO = 1
+    CALL = 2
+    REPLY = 3
+    ERROR = 4
+    EVENT = 5
+    ACK = 6
+    REQUEST = 7
+    RESPONSE = 8
+    PUSH = 9
+    PUSH_ACK = 10
+
+
+_KINDS = frozenset(int(k) for k in Kind)
+
+
+class ProtocolError(ConnectionLost):
+    """The other side sent something that is not a valid frame."""
+
+
+def pack_header(kind: int, ident: int, length: int, nfds: int = 0) -> bytes:
+    """Return the 16-byte header of a frame."""
+    return HEADER.pack(VERSION, kind, nfds, length, ident)
+
+
+def send_frame(
+    sock: socket.socket,
+    kind: int,
+    ident: int,
+    body: Buffer = b"",
+    fds: Sequence[int] = (),
+) -> None:
+    """Send one frame; the caller holds the socket's send lock.
+
+    Raises OSError when the socket is broken; callers translate it.
+    """
+    length = len(body) if not isinstance(body, memoryview) else body.nbytes
+    header = HEADER.pack(VERSION, kind, len(fds), length, ident)
+    if fds:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        sent = sock.sendmsg([header, body], ancillary)
+        _send_rest(sock, header, body, sent)
+    elif length <= _SMALL_SEND:
+        sock.sendall(header + bytes(body) if not isinstance(body, bytes) else header + body)
+    else:
+        sent = sock.sendmsg([header, body])
+        _send_rest(sock, header, body, sent)
+
+
+def send_raw(sock: socket.socket, data: Buffer) -> None:
+    """Send bytes that already hold complete frames (batched events)."""
+    sock.sendall(data)
+
+
+def _send_rest(sock: socket.socket, header: bytes, body: Buffer, sent: int) -> None:
+    total = HEADER_SIZE + len(memoryview(body).cast("B"))
+    if sent >= total:
+        return
+    if sent < HEADER_SIZE:
+        sock.sendall(header[sent:])
+        sent = HEADER_SIZE
+    sock.sendall(memoryview(body).cast("B")[sent - HEADER_SIZE :])
+
+
+class FrameReader:
+    """Reads frames from one socket, through one buffer, by one thread at a time.
+
+    ``read()`` returns ``(kind, ident, body, fds)``; ``body`` is a ``bytes``
+    copy for small frames and a dedicated ``bytearray`` for large ones, so it
+    stays valid after the next read.  Descriptors that arrive are owned by
+    the caller of the ``read()`` that returns them; descriptors still queued
+    when the reader is closed are closed.
+    """
+
+    __slots__ = ("_sock", "_buf", "_view", "_start", "_end", "_fds", "max_frame", "_poll",
+                 "_with_fds")
+
+    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME,
+                 with_fds: bool = True) -> None:
+        self._sock = sock
+        self._buf = bytearray(_READ_CHUNK)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._fds: deque[int] = deque()
+        self.max_frame = max_frame
+        self._poll: select.poll | None = None
+        self._with_fds = with_fds
+
+    def buffered(self) -> int:
+        """Bytes already read from the socket and not yet returned."""
+        return self._end - self._start
+
+    def has_frame(self) -> bool:
+        """True when a whole frame is already buffered (the next read will not block)."""
+        avail = self._end - self._start
+        if avail < HEADER_SIZE:
+            return False
+        return avail >= HEADER_SIZE + HEADER.unpack_from(self._buf, self._start)[3]
+
+    def read(self, timeout: float | None = None) -> tuple[int, int, bytes | bytearray, list[int]]:
+        """Read the next frame.
+
+        Raises:
+            EOFError: the other side closed the connection between frames.
+            ProtocolError: a malformed or oversized frame, or EOF inside one.
+            socket.timeout: nothing complete arrived within ``timeout``
+                (the partial frame stays buffered).
+            OSError: the socket failed.
+        """
+        if self._end - self._start < HEADER_SIZE:
+            self._fill(HEADER_SIZE, timeout)
+        version, kind, nfds, length, ident = HEADER.unpack_from(self._buf, self._start)
+        if version != VERSION:
+            raise ProtocolError(f"unsupported protocol version {version} (expected {VERSION})")
+        if kind not in _KINDS:
+            raise ProtocolError(f"unknown message kind {kind}")
+        if length > self.max_frame:
+            raise ProtocolError(
+                f"frame of {length} bytes exceeds the {self.max_frame}-byte limit"
+            )
+        if nfds > MAX_FDS:
+            raise ProtocolError(f"frame declares {nfds} descriptors (at most {MAX_FDS})")
+        total = HEADER_SIZE + length
+        if self._end - self._start < total:
+            if total <= len(self._buf):
+                self._fill(total, timeout)
+            else:
+                body_big = self._read_large(length, timeout)
+                return kind, ident, body_big, self._take_fds(nfds)
+        start = self._start + HEADER_SIZE
+        body = bytes(self._view[start : start + length])
+        self._start += total
+        if self._start == self._end:
+            self._start = self._end = 0
+        return kind, ident, body, self._take_fds(nfds)
+
+    def _take_fds(self, nfds: int) -> list[int]:
+        if not nfds:
+            return []
+        if len(self._fds) < nfds:
+            raise ProtocolError(f"frame declares {nfds} descriptors but {len(self._fds)} arrived")
+        return [self._fds.popleft() for _ in range(nfds)]
+
+    def _fill(self, need: int, timeout: float | None) -> None:
+        """Read until at least ``need`` bytes are buffered past ``_start``."""
+        if self._start and len(self._buf) - self._start < need:
+            pending = self._end - self._start
+            self._buf[:pending] = self._view[self._start : self._end]
+            self._start, self._end = 0, pending
+        while self._end - self._start < need:
+            n = self._recv_into(self._view[self._end :], timeout)
+            if n == 0:
+                if self._end == self._start:
+                    raise EOFError("connection closed")
+                raise ProtocolError("connection closed in the middle of a frame")
+            self._end += n
+
+    def _read_large(self, length: int, timeout: float | None) -> bytearray:
+        """Read a body larger than the buffer, growing only as bytes arrive."""
+        have = self._end - self._start - HEADER_SIZE
+        body = bytearray(min(length, max(have, _GROW_STEP)))
+        body[:have] = self._view[self._start + HEADER_SIZE : self._end]
+        self._start = self._end = 0
+        got = have
+        while got < length:
+            if got == len(body):
+                body.extend(bytes(min(length - got, len(body))))
+            with memoryview(body) as view:
+                n = self._recv_into(view[got:], timeout)
+            if n == 0:
+                raise ProtocolError("connection closed in the middle of a frame")
+            got += n
+        return body
+
+    def _recv_into(self, view: memoryview, timeout: float | None) -> int:
+        if timeout is not None:
+            self._wait_readable(timeout)
+        if not self._with_fds:
+            return self._sock.recv_into(view)
+        n, ancdata, flags, _ = self._sock.recvmsg_into([view], _CMSG_SPACE)
+        for level, ctype, data in ancdata:
+            if level == _SOL_SOCKET and ctype == _SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+                self._fds.extend(fds)
+        if flags & _MSG_CTRUNC:
+            raise ProtocolError("too many descriptors in one message")
+        return n
+
+    def _wait_readable(self, timeout: float) -> None:
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self._sock.fileno(), select.POLLIN)
+        if not self._poll.poll(max(0.0, timeout) * 1000.0):
+            raise socket.timeout("timed out waiting for a frame")
+
+    def close(self) -> None:
+        """Close descriptors received but never handed out."""
+        while self._fds:
+            try:
+                os.close(self._fds.popleft())
+            except OSError:
+                pass
+
+
+def encode_control(obj: object) -> bytes:
+    """Encode a control message (HELLO, registry traffic) as compact JSON.
+
+    Control messages never need pickle, so the registry never unpickles.
+    """
+    return _json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_control(body: Buffer) -> object:
+    """Decode a control message; raises ProtocolError when it is not JSON."""
+    try:
+        return _json.loads(bytes(body))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed control message: {exc}") from exc

@@ -1,0 +1,134 @@
+"""The exceptions localnet raises.
+
+Every error localnet raises derives from :class:`LocalnetError`, so one
+``except localnet.LocalnetError`` catches them all::
+
+    LocalnetError
+    ├── ConfigurationError        bad keyword or environment value, unsafe runtime directory
+    ├── NameTaken                 a live peer already holds that name
+    ├── PeerNotFound              no live peer has that name
+    ├── UnknownConnection         the peer offers no connection of that name (also an AttributeError)
+    ├── SerializationError        an argument or result could not be pickled or unpickled
+    ├── RemoteError               a remote exception that could not be rebuilt locally
+    ├── ConnectionLost            the other side went away (peer died, closed, or sent garbage)
+    ├── RegistryUnavailable       the registry could not be reached or started in time
+    ├── PeerClosed                you closed this peer and then used it
+    └── Timeout                   an operation took longer than its timeout (also a TimeoutError)
+
+A remote call re-raises the remote exception as its own type when it can be
+rebuilt in the caller (so ``except ValueError`` works); the remote traceback
+text is attached as ``exc.remote_traceback`` and as a note on the exception.
+
+All of these pickle cleanly: they cross process boundaries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectionLost",
+    "LocalnetError",
+    "NameTaken",
+    "PeerClosed",
+    "PeerNotFound",
+    "RegistryUnavailable",
+    "RemoteError",
+    "SerializationError",
+    "Timeout",
+    "UnknownConnection",
+]
+
+
+class LocalnetError(Exception):
+    """Base class of every error localnet raises."""
+
+
+class ConfigurationError(LocalnetError, ValueError):
+    """A keyword argument, environment variable or runtime directory is unusable."""
+
+
+class NameTaken(LocalnetError):
+    """A live peer already holds this name in this runtime directory.
+
+    Choose another ``name=`` (or ``LOCALNET_NAME``), or stop the other peer.
+    """
+
+    def __init__(self, name: str, pid: int | None = None) -> None:
+        self.name = name
+        self.pid = pid
+        holder = f" (held by pid {pid})" if pid else ""
+        super().__init__(f"peer name {name!r} is taken by a live peer{holder}; choose another name")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.pid))
+
+
+class PeerNotFound(LocalnetError, LookupError):
+    """No live peer of that name is registered."""
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        self.name = name
+        self.known = list(known or [])
+        hint = f"; live peers: {', '.join(sorted(self.known))}" if self.known else ""
+        super().__init__(f"no live peer named {name!r}{hint}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.known))
+
+
+class UnknownConnection(LocalnetError, AttributeError):
+    """The peer offers no connection of that name.
+
+    ``offered`` lists the connections the peer does offer.
+    """
+
+    def __init__(self, connection: str, peer: str, offered: list[str] | None = None) -> None:
+        self.connection = connection
+        self.peer = peer
+        self.offered = sorted(offered or [])
+        listing = ", ".join(self.offered) if self.offered else "none"
+        super().__init__(
+            f"peer {peer!r} offers no connection {connection!r}; it offers: {listing}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.connection, self.peer, self.offered))
+
+
+class SerializationError(LocalnetError):
+    """A value could not be pickled (raised where it was sent) or unpickled."""
+
+
+class RemoteError(LocalnetError):
+    """An exception raised in another peer that could not be rebuilt here.
+
+    ``type_name`` is the remote exception's qualified type name and
+    ``remote_traceback`` the remote traceback text.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{type_name}: {message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.type_name, self.message, self.remote_traceback))
+
+
+class ConnectionLost(LocalnetError, ConnectionError):
+    """The other side went away: the peer died, closed, or broke the protocol."""
+
+
+class RegistryUnavailable(LocalnetError):
+    """The registry could not be reached or started in time."""
+
+
+class PeerClosed(LocalnetError):
+    """This peer was closed; start a new one."""
+
+
+class Timeout(LocalnetError, TimeoutError):
+    """An operation did not finish within its timeout."""
