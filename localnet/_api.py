@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import signal
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterable, ParamSpec, TypeVar, overload
@@ -19,6 +18,7 @@ from typing import Any, Callable, Generic, Iterable, ParamSpec, TypeVar, overloa
 from ._catalog import CATALOG
 from ._peer import Peer
 from ._remote import RemotePeer
+from ._signals import Stopper, wait_for_stop
 from .errors import ConfigurationError
 
 P = ParamSpec("P")
@@ -308,14 +308,9 @@ def serve_forever(peer: Peer | None = None) -> None:
     """
     target = peer if peer is not None else current_peer()
     target.start()
-    stop = threading.Event()
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    stopper = Stopper()
     try:
-        while not stop.wait(1.0):
-            pass
+        wait_for_stop(stopper)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        stopper.close()
         target.close()

@@ -40,7 +40,6 @@ import argparse
 import fcntl
 import logging
 import os
-import signal
 import socket
 import struct
 import sys
@@ -49,7 +48,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from . import _liveness, _paths
+from ._signals import Stopper, wait_for_stop
 from ._wire import FrameReader, Kind, ProtocolError, decode_control, encode_control, send_frame
 
 logger = logging.getLogger("localnet.registry")
@@ -205,9 +207,11 @@ class Registry:
         self._members: dict[str, _Member] = {}
         self._conns: set[_Conn] = set()
         self._stopping = threading.Event()
+        self._stopper = Stopper()
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
         self._idle_since: float | None = time.monotonic()
+        self._departed: list[tuple[float, dict[str, Any]]] = []
 
     def __repr__(self) -> str:
         state = "STOPPED" if self._stopping.is_set() else "SERVING"
@@ -234,15 +238,43 @@ class Registry:
         self._listener = listener
         pid_file = self.directory / _paths.REGISTRY_PID
         pid_file.write_text(f"{os.getpid()}\n")
+        self._remove_stale_sockets()
         return True
 
+    def _remove_stale_sockets(self) -> None:
+        """Remove socket files left by peers whose process no longer exists."""
+        for path in self.directory.glob("p-*.sock"):
+            try:
+                pid = int(path.name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if not psutil.pid_exists(pid):
+                self._remove_socket(str(path))
+
     def serve_forever(self) -> None:
-        """Accept peers until :meth:`stop`; call :meth:`acquire` first."""
+        """Accept peers until :meth:`stop` or SIGINT/SIGTERM; call :meth:`acquire` first.
+
+        Run from the main thread, it handles the signals itself.
+        """
         assert self._listener is not None, "acquire() first"
         sweeper = threading.Thread(target=self._sweep_loop, name="localnet-registry-sweep",
                                    daemon=True)
         sweeper.start()
         logger.info("registry serving %s (pid %d)", self.address, os.getpid())
+        if threading.current_thread() is not threading.main_thread():
+            self._accept_loop()
+            return
+        acceptor = threading.Thread(target=self._accept_loop, name="localnet-registry-accept",
+                                    daemon=True)
+        acceptor.start()
+        try:
+            wait_for_stop(self._stopper)
+        finally:
+            self.stop()
+            acceptor.join(5.0)
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
         try:
             while not self._stopping.is_set():
                 try:
@@ -265,6 +297,7 @@ class Registry:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self._stopper.stop()
         if self._listener is not None:
             try:
                 self._listener.shutdown(socket.SHUT_RDWR)
@@ -272,6 +305,7 @@ class Registry:
                 pass
 
     def _cleanup(self) -> None:
+        self._bury()
         with self._lock:
             conns = list(self._conns)
         for conn in conns:
@@ -452,8 +486,36 @@ class Registry:
         if self._members.get(member.name) is member:
             del self._members[member.name]
             logger.debug("forgot %r (%s)", member.name, why)
+        if why != "unregistered":
+            # A peer that died leaves its socket file; remove it once psutil
+            # confirms the death (a dying process may still look alive briefly).
+            self._departed.append((time.monotonic() + 10.0, member.info))
         if not self._members:
             self._idle_since = time.monotonic()
+
+    def _remove_socket(self, address: str) -> None:
+        """Remove a dead peer's socket file (only a peer socket in this directory)."""
+        path = os.path.abspath(address)
+        name = os.path.basename(path)
+        if os.path.dirname(path) == str(self.directory) and name.startswith("p-") \
+                and name.endswith(".sock"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _bury(self) -> None:
+        with self._lock:
+            departed, self._departed = self._departed, []
+        keep = []
+        now = time.monotonic()
+        for until, info in departed:
+            if not _liveness.is_alive(info["pid"], info["started"]):
+                self._remove_socket(str(info["address"]))
+            elif now < until:
+                keep.append((until, info))
+        with self._lock:
+            self._departed.extend(keep)
 
     def _sweep_loop(self) -> None:
         while not self._stopping.wait(SWEEP_INTERVAL):
@@ -468,6 +530,7 @@ class Registry:
                     self._sync()
                 for member in dead:
                     member.conn.shutdown()
+            self._bury()
             with self._lock:
                 idle = self._idle_since
                 busy = bool(self._members) or bool(self._conns)
@@ -502,8 +565,6 @@ def main(argv: list[str] | None = None) -> int:
             ready.close()
         print(f"another registry already serves {registry.directory}", file=sys.stderr)
         return 1
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: registry.stop())
     if ready is not None:
         ready.write("ready\n")
         ready.close()

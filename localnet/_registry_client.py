@@ -44,6 +44,9 @@ from .errors import (
 logger = logging.getLogger("localnet.registry")
 
 _spawned: list[subprocess.Popen[bytes]] = []
+# Not "-m localnet._registry": the package imports that module first, and
+# runpy would warn about running a second copy of it.
+_REGISTRY_MAIN = "import sys; from localnet._registry import main; sys.exit(main())"
 _RETRY = object()
 
 
@@ -102,7 +105,7 @@ def _spawn(directory: Path, deadline: float) -> None:
     idle = os.environ.get("LOCALNET_REGISTRY_IDLE_EXIT", str(DEFAULT_IDLE_EXIT))
     try:
         proc = subprocess.Popen(
-            [_python(), "-m", "localnet._registry", "--directory", str(directory),
+            [_python(), "-c", _REGISTRY_MAIN, "--directory", str(directory),
              "--ready-fd", str(write_end), "--idle-exit", idle],
             pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=None if debug else subprocess.DEVNULL, start_new_session=True, env=env,
@@ -271,6 +274,8 @@ class RegistryClient:
                             waiter.event.set()
             except (EOFError, OSError, ConnectionLost) as exc:
                 if self._closing:
+                    self._disconnect(sock)
+                    sock.close()
                     return
                 logger.info("lost the registry (%s); restarting it", exc or type(exc).__name__)
             self._disconnect(sock)

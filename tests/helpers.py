@@ -1,0 +1,175 @@
+"""Test helpers: peer processes with a readiness handshake, bounded waits."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+DEFAULT_TIMEOUT = 15.0
+
+# Prepended to every child script: imports, and a helper to report lines.
+PRELUDE = """\
+import os, sys, time, threading, json
+import localnet
+
+def say(*parts):
+    print(*parts, flush=True)
+"""
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT,
+               what: str = "condition", interval: float = 0.005) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``.
+
+    For conditions nothing can notify us about (another process's state);
+    each poll re-checks the condition, so this is not a blind sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+        interval = min(interval * 1.5, 0.05)
+
+
+class PeerProcess:
+    """A Python child running a script; its stdout lines arrive on a queue."""
+
+    def __init__(self, script: str, env: dict[str, str], args: list[str] | None = None,
+                 cwd: str | None = None) -> None:
+        code = PRELUDE + textwrap.dedent(script)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-c", code, *(args or [])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env, cwd=cwd, text=True,
+        )
+        self.pid = self.proc.pid
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stderr: list[str] = []
+        self._out = threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put),
+                                     daemon=True)
+        self._err = threading.Thread(target=self._pump, args=(self.proc.stderr,
+                                                              self.stderr.append), daemon=True)
+        self._out.start()
+        self._err.start()
+
+    @staticmethod
+    def _pump(stream: Any, sink: Callable[[str], None]) -> None:
+        for line in stream:
+            sink(line.rstrip("\n"))
+
+    def expect(self, prefix: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """Wait for the next stdout line that starts with ``prefix``; return it."""
+        deadline = time.monotonic() + timeout
+        seen = []
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(0.0, min(remaining, 0.2)))
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    self._out.join(1.0)
+                    if self.lines.empty():
+                        raise AssertionError(
+                            f"process {self.pid} exited ({self.proc.returncode}) before "
+                            f"printing {prefix!r}; stdout: {seen}; stderr:\n"
+                            + "\n".join(self.stderr[-30:])) from None
+                if remaining <= 0:
+                    raise AssertionError(
+                        f"process {self.pid} did not print {prefix!r} within {timeout:g} s; "
+                        f"stdout: {seen}; stderr:\n" + "\n".join(self.stderr[-30:])) from None
+                continue
+            seen.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def kill9(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait(DEFAULT_TIMEOUT)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """End the process by its pid: SIGTERM, then SIGKILL; returns its exit code."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        return self.proc.returncode
+
+    def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        return self.proc.wait(timeout)
+
+
+def registry_pid(directory: Path) -> int | None:
+    """The pid of the directory's registry, if one is running."""
+    try:
+        pid = int((directory / "registry.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return None if gone(pid) else pid
+
+
+def gone(pid: int) -> bool:
+    """True when ``pid`` has exited (a zombie waiting for its parent counts)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def end_pid(pid: int, timeout: float = 10.0) -> None:
+    """End one process by pid (SIGTERM, then SIGKILL) and wait for it to exit."""
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+    except psutil.NoSuchProcess:
+        return
+    try:
+        wait_until(lambda: gone(pid), timeout, what=f"process {pid} to exit")
+    except AssertionError:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            return
+        wait_until(lambda: gone(pid), timeout, what=f"process {pid} to die")
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE and proc.ppid() == os.getpid():
+            os.waitpid(pid, 0)
+    except (psutil.NoSuchProcess, ChildProcessError):
+        pass
