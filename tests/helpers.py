@@ -96,6 +96,25 @@ class PeerProcess:
             if line.startswith(prefix):
                 return line
 
+    def collect(self, until: str, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+        """Every stdout line before the one equal to ``until``."""
+        collected: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(0.0, min(remaining, 0.2)))
+            except queue.Empty:
+                if remaining <= 0 or (self.proc.poll() is not None and self.lines.empty()):
+                    raise AssertionError(
+                        f"process {self.pid} did not print {until!r} within {timeout:g} s; "
+                        f"stdout: {collected}; stderr:\n" + "\n".join(self.stderr[-30:])
+                    ) from None
+                continue
+            if line == until:
+                return collected
+            collected.append(line)
+
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(line + "\n")
