@@ -37,8 +37,9 @@ _SCRUBBED_ENV = ("LOCALNET_NAME", "LOCALNET_GROUP", "LOCALNET_HUB", "LOCALNET_DE
 _QUIT_GRACE = 3.0
 _SIGNAL_GRACE = 3.0
 
-Groups = Mapping[str, Mapping[str, float]]
-Measure = Callable[[str, "Workspace"], Groups]
+# Metrics per table group, or the error text of a group that failed in this round.
+Groups = Mapping[str, Mapping[str, float] | str]
+Measure = Callable[[str, str, "Workspace"], Groups]
 
 
 class ChildFailed(RuntimeError):
@@ -337,11 +338,13 @@ def run_rounds(
     systems: Iterable[str],
     requires: Mapping[str, Sequence[str]],
     measure: Measure,
+    variants: Sequence[str] = ("",),
 ) -> Table:
-    """Measure each system once per round (systems interleaved, so drift hits all alike).
+    """Measure each system once per round and variant (systems interleaved within a round,
+    so that the machine's drift hits all of them alike), each in a fresh workspace.
 
-    ``measure(system, workspace)`` returns metrics per table group. A system found not
-    installed or not available is skipped from then on; other failures are recorded for
+    ``measure(system, variant, workspace)`` returns metrics per table group. A system found
+    not installed or not available is skipped from then on; other failures are recorded for
     that round and the run goes on.
     """
     systems = list(systems)
@@ -354,21 +357,31 @@ def run_rounds(
                 break
     for round_no in range(1, cfg.rounds + 1):
         for system in systems:
-            if table.status(system) is not None:
-                continue
-            log(f"{table.name}: {system} (round {round_no}/{cfg.rounds})")
-            started = time.monotonic()
-            try:
-                with Workspace(verbose=cfg.verbose) as ws:
-                    groups = measure(system, ws)
-            except Unavailable as exc:
-                table.set_status(system, str(exc))
-            except Exception as exc:  # one failed system must not stop the run
-                log(f"  {system} failed: {type(exc).__name__}: {exc}")
-                table.add_error(system, f"{type(exc).__name__}: {exc}")
-            else:
-                for group, metrics in groups.items():
-                    table.add(group, system, metrics)
-                if cfg.verbose:
-                    log(f"  {time.monotonic() - started:.1f} s")
+            for variant in variants:
+                if table.status(system) is not None:
+                    break
+                label = f" {variant}" if variant else ""
+                log(f"{table.name}: {system}{label} (round {round_no}/{cfg.rounds})")
+                _measure_once(cfg, table, system, variant, measure)
     return table
+
+
+def _measure_once(cfg: Config, table: Table, system: str, variant: str, measure: Measure) -> None:
+    started = time.monotonic()
+    try:
+        with Workspace(verbose=cfg.verbose) as ws:
+            groups = measure(system, variant, ws)
+    except Unavailable as exc:
+        table.set_status(system, str(exc))
+    except Exception as exc:  # one failed system must not stop the run
+        log(f"  {system} failed: {type(exc).__name__}: {exc}")
+        table.add_error(system, f"{type(exc).__name__}: {exc}")
+    else:
+        for group, metrics in groups.items():
+            if isinstance(metrics, str):
+                log(f"  {system} {group} failed: {metrics}")
+                table.add_error(system, metrics, group)
+            else:
+                table.add(group, system, metrics)
+        if cfg.verbose:
+            log(f"  {time.monotonic() - started:.1f} s")

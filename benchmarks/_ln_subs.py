@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import localnet
-
 from benchmarks._ln_app import ARRAY_EVENT, TICK_EVENT
 
 

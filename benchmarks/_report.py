@@ -58,7 +58,7 @@ class Table:
         self._systems: list[str] = []
         self._samples: dict[tuple[str, str], dict[str, list[float]]] = {}
         self._status: dict[str, str] = {}
-        self._errors: dict[str, list[str]] = {}
+        self._errors: dict[tuple[str | None, str], list[str]] = {}
 
     def ensure(self, system: str) -> None:
         """Give ``system`` a row (in first-seen order) even if it never produces data."""
@@ -73,9 +73,14 @@ class Table:
     def status(self, system: str) -> str | None:
         return self._status.get(system)
 
-    def add_error(self, system: str, error: str) -> None:
+    def add_error(self, system: str, error: str, group: str | None = None) -> None:
+        """Record a failed round: of the whole system (``group`` None) or of one group."""
         self.ensure(system)
-        self._errors.setdefault(system, []).append(error)
+        self._errors.setdefault((group, system), []).append(error)
+
+    def errors(self, group: str, system: str) -> list[str]:
+        """Failures that concern this cell: its group's, then the whole system's."""
+        return [*self._errors.get((group, system), []), *self._errors.get((None, system), [])]
 
     def add(self, group: str, system: str, metrics: Mapping[str, float]) -> None:
         """Record one round's metrics for ``system`` in ``group``."""
@@ -154,7 +159,7 @@ class Table:
                         "group": group,
                         "system": system,
                         "status": self._status.get(system),
-                        "errors": self._errors.get(system, []),
+                        "errors": self.errors(group, system),
                         "samples": samples,
                         "aggregate": {c.key: self.value(group, system, c) for c in self.columns},
                         "ratio_to_floor": self.ratio_value(group, system),
@@ -173,8 +178,8 @@ class Table:
         if (group, system) not in self._samples:
             if system in self._status:
                 return _clip(self._status[system])
-            errors = self._errors.get(system)
-            return _clip("error: " + errors[-1]) if errors else "no data"
+            errors = self.errors(group, system)
+            return _clip("error: " + errors[0]) if errors else "no data"
         cells = []
         for column in self.columns:
             value = self.value(group, system, column)
@@ -182,15 +187,17 @@ class Table:
         if self.ratio is not None:
             ratio = self.ratio_value(group, system)
             cells.append("-" if ratio is None else f"{ratio:.2f}")
-        if system in self._errors:
+        if self.errors(group, system):
             cells[-1] += " *"
         return cells
 
     def _footnotes(self) -> list[str]:
         lines = []
-        for system, errors in self._errors.items():
-            if any((g, system) in self._samples for g in self.groups):
-                lines.append(f"  * {system}: failed in {len(errors)} round(s): {_clip(errors[-1])}")
+        for (group, system), errors in self._errors.items():
+            cells = [group] if group is not None else self.groups
+            if any((g, system) in self._samples for g in cells):
+                where = f"{system} {group}" if group else system
+                lines.append(f"  * {where}: failed in {len(errors)} round(s): {_clip(errors[0])}")
         return lines
 
 

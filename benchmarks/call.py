@@ -31,7 +31,7 @@ from benchmarks._child import (
     run_child,
     wait_for_quit,
 )
-from benchmarks._harness import Config, Groups, Workspace, run_rounds
+from benchmarks._harness import Config, Groups, Measure, Workspace, run_rounds
 from benchmarks._report import Column, Ratio, Table
 from benchmarks._stats import latency_summary
 
@@ -182,7 +182,7 @@ def server(system: str, params: Params) -> None:
 
 @contextlib.contextmanager
 def _socket_callers(params: Params) -> Iterator[CallerFactory]:
-    opened: list[socket.socket] = []
+    opened: list[Any] = []
     frame = HEADER.pack(len(MESSAGE)) + MESSAGE.encode()
 
     def make() -> Caller:
@@ -190,6 +190,7 @@ def _socket_callers(params: Params) -> Iterator[CallerFactory]:
         opened.append(sock)
         sock.connect(params["path"])
         reader = sock.makefile("rb")
+        opened.append(reader)  # the socket stays open until its reader is closed too
 
         def call() -> str:
             sock.sendall(frame)
@@ -200,8 +201,8 @@ def _socket_callers(params: Params) -> Iterator[CallerFactory]:
     try:
         yield make
     finally:
-        for sock in opened:
-            sock.close()
+        for resource in reversed(opened):
+            resource.close()
 
 
 @contextlib.contextmanager
@@ -388,10 +389,10 @@ def _sizes(cfg: Config) -> tuple[int, int]:
     return (2_000, 200) if cfg.quick else (20_000, 1_000)
 
 
-def _measure(cfg: Config, threads: int) -> Callable[[str, Workspace], Groups]:
+def _measure(cfg: Config, threads: int) -> Measure:
     calls, warmup = _sizes(cfg)
 
-    def measure(system: str, ws: Workspace) -> Groups:
+    def measure(system: str, variant: str, ws: Workspace) -> Groups:
         path = ws.path("echo.sock")
         server_proc = ws.spawn("call", "server", system, {"path": path}, name="server")
         server_proc.expect("ready", timeout=60)
@@ -416,7 +417,11 @@ def run_call(cfg: Config) -> Table:
     table = Table(
         "call",
         'tiny remote call round trip ("hello" echo), one client thread',
-        [Column("p50_us", "p50 µs"), Column("p99_us", "p99 µs"), Column("calls_per_s", "calls/s", 0)],
+        [
+            Column("p50_us", "p50 µs"),
+            Column("p99_us", "p99 µs"),
+            Column("calls_per_s", "calls/s", 0),
+        ],
         details=[f"{calls:,} calls after {warmup:,} warm-up, median of {cfg.rounds} round(s)"],
         notes=[
             "× floor = p50 ÷ socket p50; socket = raw AF_UNIX, 4-byte length prefix, "
@@ -433,7 +438,7 @@ def run_call4(cfg: Config) -> Table:
     calls, warmup = _sizes(cfg)
     table = Table(
         "call4",
-        'the same echo from 4 threads of one client process at once',
+        "the same echo from 4 threads of one client process at once",
         [
             Column("calls_per_s", "calls/s", 0),
             Column("p50_us", "p50 µs"),

@@ -16,6 +16,12 @@ def _cmd_registry(options: argparse.Namespace) -> int:
     return _registry.main(argv)
 
 
+def _cmd_demo(options: argparse.Namespace) -> int:
+    from . import _demo
+
+    return _demo.main(pause=options.pause)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localnet", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -25,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_argument("--directory", help="runtime directory (default: $LOCALNET_DIR, ...)")
     registry.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     registry.set_defaults(run=_cmd_registry)
+    demo = commands.add_parser("demo", help="watch a small scene of peers",
+                               description="Start a hub and two workers in subprocesses, "
+                               "call them, publish events, kill a worker, and clean up.")
+    demo.add_argument("--pause", type=float, default=0.4,
+                      help="seconds between scenes (default 0.4)")
+    demo.set_defaults(run=_cmd_demo)
     return parser
 
 
