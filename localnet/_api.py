@@ -300,17 +300,18 @@ def info(peer: str | RemotePeer | Peer | None = None) -> PeerInfo:
     )
 
 
-def serve_forever(peer: Peer | None = None) -> None:
+def serve_forever(peer: Peer | None = None, *, ready: Callable[[], Any] | None = None) -> None:
     """Start ``peer`` (the default peer when None) and serve until SIGINT or SIGTERM.
 
-    Must be called from the main thread (it installs the signal handlers);
-    the peer is closed before it returns.
+    ``ready`` is called once the peer is live and the signals are handled
+    (to tell a supervisor or a test that it may proceed).  Must be called
+    from the main thread; the peer is closed before it returns.
     """
     target = peer if peer is not None else current_peer()
     target.start()
     stopper = Stopper()
     try:
-        wait_for_stop(stopper)
+        wait_for_stop(stopper, ready=ready)
     finally:
         stopper.close()
         target.close()

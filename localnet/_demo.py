@@ -38,8 +38,7 @@ def on_frame_done(frame, path=None):
     print(f"received frame_done(frame={frame}, path={path!r})", flush=True)
 
 peer = localnet.Peer(name=NAME, group="render").start()
-print("READY", flush=True)
-localnet.serve_forever(peer)
+localnet.serve_forever(peer, ready=lambda: print("READY", flush=True))
 """
 
 HUB = """
@@ -60,8 +59,7 @@ def deliveries():
     return {name: (c.sent, c.delivered, c.failed) for name, c in peer.stats().subscribers.items()}
 
 peer = localnet.Peer(name="hub", hub=True).start()
-print("READY", flush=True)
-localnet.serve_forever(peer)
+localnet.serve_forever(peer, ready=lambda: print("READY", flush=True))
 """
 
 

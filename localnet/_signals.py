@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 from types import FrameType
+from typing import Callable
 
 
 class Stopper:
@@ -42,8 +43,12 @@ class Stopper:
 
 
 def wait_for_stop(stopper: Stopper,
-                  signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
-    """Block the main thread until a signal in ``signals`` arrives or ``stopper.stop()``."""
+                  signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+                  ready: Callable[[], object] | None = None) -> None:
+    """Block the main thread until a signal in ``signals`` arrives or ``stopper.stop()``.
+
+    ``ready`` is called once the handlers are in place.
+    """
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("wait_for_stop() must run in the main thread")
 
@@ -53,6 +58,8 @@ def wait_for_stop(stopper: Stopper,
     previous = {signum: signal.signal(signum, handler) for signum in signals}
     previous_fd = signal.set_wakeup_fd(stopper._write.fileno(), warn_on_full_buffer=False)
     try:
+        if ready is not None:
+            ready()
         while not stopper.is_set():
             select.select([stopper._read], [], [])
             try:

@@ -57,8 +57,7 @@ def apply(func, *args):
     return func(*args)
 
 peer = localnet.Peer(name="server").start()
-say("READY")
-localnet.serve_forever(peer)
+localnet.serve_forever(peer, ready=lambda: say("READY"))
 """
 
 

@@ -17,8 +17,7 @@ from helpers import registry_pid, wait_until
 SERVE = """
 peer = localnet.Peer({kwargs})
 peer.start()
-say("READY", peer.name)
-localnet.serve_forever(peer)
+localnet.serve_forever(peer, ready=lambda: say("READY", peer.name))
 """
 
 
@@ -92,8 +91,7 @@ def test_info_describes_a_peer(spawn) -> None:
         def on_tick(): pass
 
         peer = localnet.Peer(name="farm", group="render", hub=True).start()
-        say("READY")
-        localnet.serve_forever(peer)
+        localnet.serve_forever(peer, ready=lambda: say("READY"))
     """)
     with localnet.Peer(name="asker"):
         info = localnet.info("farm")
@@ -150,8 +148,7 @@ def test_registry_prunes_a_dead_process_whose_socket_lives_on(spawn, runtime_dir
             os.setsid()
             time.sleep(60)
             os._exit(0)
-        say("READY", pid)
-        localnet.serve_forever(peer)
+        localnet.serve_forever(peer, ready=lambda: say("READY", pid))
     """, ready=None)
     child_pid = int(parent.expect("READY").split()[1])
     try:
@@ -172,8 +169,7 @@ def test_registry_is_spawned_once_by_peers_starting_together(spawn, runtime_dir:
         import sys
         sys.stdin.readline()          # start all at the same moment
         peer = localnet.Peer().start()
-        say("READY", peer.name)
-        localnet.serve_forever(peer)
+        localnet.serve_forever(peer, ready=lambda: say("READY", peer.name))
     """
     children = [spawn(script, ready=None) for _ in range(8)]
     for child in children:
@@ -195,13 +191,11 @@ def test_default_name_and_environment_configuration(spawn) -> None:
         @localnet.connect()
         def hello(): return "hi"
         localnet.peers()              # the first network use starts the default peer
-        say("READY")
-        localnet.serve_forever()
+        localnet.serve_forever(ready=lambda: say("READY"))
     """, LOCALNET_NAME="envpeer", LOCALNET_GROUP="envgroup", LOCALNET_HUB="yes")
     anonymous = spawn("""
         localnet.peers()
-        say("READY")
-        localnet.serve_forever()
+        localnet.serve_forever(ready=lambda: say("READY"))
     """)
     with localnet.Peer(name="me"):
         env = localnet.peer("envpeer")

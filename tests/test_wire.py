@@ -21,8 +21,7 @@ def echo(x):
     return x
 
 peer = localnet.Peer(name="server").start()
-say("READY", peer.address)
-localnet.serve_forever(peer)
+localnet.serve_forever(peer, ready=lambda: say("READY", peer.address))
 """
 
 
