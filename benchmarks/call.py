@@ -50,6 +50,7 @@ HEADER = struct.Struct("!I")
 
 Caller = Callable[[], Any]
 CallerFactory = Callable[[], Caller]
+Outcome = tuple[int, int, list[int]]  # start ns, end ns, per-call latencies ns
 THREAD_NOTES = (
     "socket, mp.connection, rpyc: one connection per thread; the server runs one thread "
     "per connection",
@@ -284,8 +285,9 @@ def _pyro_callers(params: Params) -> Iterator[CallerFactory]:
         yield make
     finally:
         for proxy in opened:
-            proxy._pyroClaimOwnership()
-            proxy._pyroRelease()
+            with contextlib.suppress(Exception):  # the measurement is done; never mask it
+                proxy._pyroClaimOwnership()
+                proxy._pyroRelease()
 
 
 @contextlib.contextmanager
@@ -315,7 +317,7 @@ CLIENTS: dict[str, Callable[[Params], contextlib.AbstractContextManager[CallerFa
 }
 
 
-def _timed_loop(make: CallerFactory, warmup: int, calls: int, start: threading.Barrier) -> Any:
+def _timed_loop(make: CallerFactory, warmup: int, calls: int, start: threading.Barrier) -> Outcome:
     call = make()
     reply = None
     for _ in range(warmup):
@@ -354,8 +356,8 @@ def client(system: str, params: Params) -> None:
 
 def _run_threads(
     make: CallerFactory, warmup: int, calls: int, barrier: threading.Barrier, deadline: float
-) -> list[Any]:
-    outcomes: list[Any] = []
+) -> list[Outcome]:
+    outcomes: list[Outcome] = []
     errors: list[BaseException] = []
 
     def work() -> None:

@@ -58,6 +58,7 @@ logger = logging.getLogger("localnet.registry")
 
 PUSH_ACK_TIMEOUT = 2.0  # how long a subscribe waits for one publisher's acknowledgement
 SWEEP_INTERVAL = 0.5  # psutil liveness sweep
+RECOVERY_GRACE = 2.0  # after replacing a dead registry, lookups wait this long for a name
 SEND_TIMEOUT = 2.0  # a peer that does not drain its socket for this long is dropped
 DEFAULT_IDLE_EXIT = 30.0  # a spawned registry exits after this long with no peers
 
@@ -204,6 +205,8 @@ class Registry:
         self.idle_exit = idle_exit
         self.max_frame = max_frame
         self._lock = threading.Lock()
+        self._registered = threading.Condition(self._lock)
+        self._recovering_until = 0.0
         self._members: dict[str, _Member] = {}
         self._conns: set[_Conn] = set()
         self._stopping = threading.Event()
@@ -237,6 +240,12 @@ class Registry:
         listener.listen(256)
         self._listener = listener
         pid_file = self.directory / _paths.REGISTRY_PID
+        if pid_file.exists():
+            # The previous registry died without cleaning up: its peers are
+            # about to register again.  Lookups of names not back yet wait a
+            # moment instead of answering "not found".
+            self._recovering_until = time.monotonic() + RECOVERY_GRACE
+            logger.info("replacing a registry that died; peers are expected back")
         pid_file.write_text(f"{os.getpid()}\n")
         self._remove_stale_sockets()
         return True
@@ -412,6 +421,7 @@ class Registry:
             self._forget(holder, "dead")
         member = _Member(conn, info, {s.id: s for s in parsed})
         self._members[name] = member
+        self._registered.notify_all()
         conn.member = member
         self._idle_since = None
         # The new peer's own table goes out as its first push, under the lock,
@@ -451,7 +461,11 @@ class Registry:
         return [m.public_info() for m in self._members.values()], []
 
     def _op_lookup(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
-        member = self._members.get(str(args.get("name")))
+        name = str(args.get("name"))
+        member = self._members.get(name)
+        while member is None and time.monotonic() < self._recovering_until:
+            self._registered.wait(self._recovering_until - time.monotonic())
+            member = self._members.get(name)
         return (member.public_info() if member is not None else None), []
 
     # -- the subscription table -----------------------------------------

@@ -1,0 +1,436 @@
+"""Events and subscriptions: contract, filters, no missed peers, delivery, isolation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+
+import pytest
+
+import localnet
+from helpers import wait_until
+
+PUBLISHER = """
+import sys
+NAME = sys.argv[1]
+GROUP = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "-" else None
+HUB = len(sys.argv) > 3 and sys.argv[3] == "hub"
+
+@localnet.event("tick")
+def tick(*args, **kwargs):
+    return args, kwargs
+
+@localnet.connect()
+def fire(count, start=0, flush=True):
+    for i in range(start, start + count):
+        tick(i, source=NAME)
+    if flush:
+        peer.flush(20)
+    return True
+
+@localnet.connect()
+def stats():
+    import dataclasses
+    return dataclasses.asdict(peer.stats())
+
+@localnet.connect()
+def outboxes():
+    return sorted(peer._outboxes)
+
+peer = localnet.Peer(name=NAME, group=GROUP, hub=HUB, event_queue=int(os.environ.get("QUEUE", "10000")),
+                     event_block=float(os.environ.get("BLOCK", "1.0")))
+peer.start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+SUBSCRIBER = """
+import sys, threading
+NAME = sys.argv[1]
+FILTER = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+got = []
+lock = threading.Lock()
+
+@localnet.subscribe("tick", **FILTER)
+def on_tick(i, source=None):
+    with lock:
+        got.append((source, i))
+    if os.environ.get("ECHO"):
+        say("TICK", source, i)
+    if os.environ.get("FAIL_ON") and i == int(os.environ["FAIL_ON"]):
+        raise RuntimeError(f"handler refuses {i}")
+
+@localnet.connect()
+def received():
+    with lock:
+        return list(got)
+
+@localnet.connect()
+def stats():
+    import dataclasses
+    return dataclasses.asdict(peer.stats())
+
+peer = localnet.Peer(name=NAME)
+peer.start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def publisher(spawn, name: str = "pub", group: str | None = None, hub: bool = False, **env):
+    return spawn(PUBLISHER, args=[name, group or "-", "hub" if hub else "no"], **env)
+
+
+def subscriber(spawn, name: str, **filters):
+    return spawn(SUBSCRIBER, args=[name, json.dumps(filters)])
+
+
+def received(name: str) -> list[tuple[str, int]]:
+    return [tuple(x) for x in localnet.peer(name).received()]
+
+
+# -- the @event contract ---------------------------------------------------------
+
+def test_event_returns_its_args_and_kwargs() -> None:
+    @localnet.event("cleaned")
+    def cleaned(frame, path=None):
+        return (int(frame),), {"path": str(path)}
+
+    with localnet.Peer(name="solo"):
+        assert cleaned("7", path=3) == ((7,), {"path": "3"})
+
+
+def test_event_with_a_bad_return_value_is_a_type_error() -> None:
+    @localnet.event("broken")
+    def broken_event(x):
+        return x
+
+    with localnet.Peer(name="solo"):
+        with pytest.raises(TypeError, match="'test_event_with_a_bad_return_value_is_a_type_error"
+                                            ".<locals>.broken_event' must return"):
+            broken_event(1)
+
+
+def test_unpicklable_event_argument_fails_at_the_trigger_and_sends_nothing(spawn) -> None:
+    subscriber(spawn, "sub")
+
+    @localnet.event("tick")
+    def tick(*args, **kwargs):
+        return args, kwargs
+
+    with localnet.Peer(name="pub") as me:
+        with pytest.raises(localnet.SerializationError, match="event 'tick'"):
+            tick(1, source=threading.Lock())
+        tick(2, source="ok")
+        me.flush(10)
+        assert received("sub") == [("ok", 2)]
+        assert me.stats().published["tick"].sent == 1
+
+
+# -- no missed peers ---------------------------------------------------------------
+
+def test_subscriber_before_publisher_gets_the_first_event(spawn) -> None:
+    subscriber(spawn, "early")
+    # the publisher triggers right after its start returns
+    pub = spawn("""
+        @localnet.event("tick")
+        def tick(*a, **k): return a, k
+        with localnet.Peer(name="late-pub") as peer:
+            tick(0, source="late-pub")
+            peer.flush(10)
+            say("READY")
+            sys.stdin.readline()
+    """)
+    with localnet.Peer(name="observer"):
+        assert received("early") == [("late-pub", 0)]
+    pub.send("bye")
+
+
+def test_subscribe_returns_only_when_publishers_know(spawn) -> None:
+    for name in ("pub-a", "pub-b", "pub-c"):
+        publisher(spawn, name)
+    child = spawn("""
+        peer = localnet.Peer(name="late-sub").start()
+        for round in range(20):
+            got = []
+
+            def on_tick(i, source=None, got=got):
+                got.append((source, i))
+
+            localnet.subscribe("tick")(on_tick)
+            # no pause: each publisher must already route to us
+            for name in ("pub-a", "pub-b", "pub-c"):
+                localnet.peer(name).fire(1, start=round)
+            localnet.unsubscribe(on_tick)
+            say("GOT", json.dumps(sorted(got)))
+        say("READY")
+        localnet.serve_forever(peer)
+    """, ready=None)
+    for round in range(20):
+        assert json.loads(child.expect("GOT")[4:]) == [
+            ["pub-a", round], ["pub-b", round], ["pub-c", round]]
+
+
+# -- filters -----------------------------------------------------------------------
+
+def test_filters_select_publishers_by_name_group_and_hub(spawn) -> None:
+    publisher(spawn, "p-plain")
+    publisher(spawn, "p-render", group="render")
+    publisher(spawn, "p-hub", hub=True)
+    subscriber(spawn, "all")
+    subscriber(spawn, "by-name", peers=["p-plain", "p-hub"])
+    subscriber(spawn, "by-group", group="render")
+    subscriber(spawn, "hubs", hubs_only=True)
+    with localnet.Peer(name="driver"):
+        for name in ("p-plain", "p-render", "p-hub"):
+            localnet.peer(name).fire(1)
+        sources = {name: sorted(s for s, _ in received(name))
+                   for name in ("all", "by-name", "by-group", "hubs")}
+    assert sources == {
+        "all": ["p-hub", "p-plain", "p-render"],
+        "by-name": ["p-hub", "p-plain"],
+        "by-group": ["p-render"],
+        "hubs": ["p-hub"],
+    }
+
+
+def test_subscribe_accepts_remote_peers_and_validates_filters(spawn) -> None:
+    publisher(spawn, "pub")
+    got: list[int] = []
+    with localnet.Peer(name="me") as me:
+        pub = localnet.peer("pub")
+
+        @localnet.subscribe("tick", peers=pub)
+        def on_tick(i, source=None):
+            got.append(i)
+
+        try:
+            pub.fire(2)
+            assert got == [0, 1]
+            assert me.stats().received["tick"].handled == 2
+        finally:
+            assert localnet.unsubscribe(on_tick) == 1
+        with pytest.raises(localnet.ConfigurationError):
+            localnet.subscribe("tick", peers=[3])
+        with pytest.raises(localnet.ConfigurationError):
+            localnet.subscribe("", group="g")
+
+
+def test_unsubscribe_stops_delivery(spawn) -> None:
+    publisher(spawn, "pub")
+    got: list[int] = []
+    with localnet.Peer(name="me"):
+
+        @localnet.subscribe("tick")
+        def on_tick(i, source=None):
+            got.append(i)
+
+        localnet.peer("pub").fire(2)
+        assert localnet.unsubscribe(on_tick, "tick") == 1
+        assert localnet.unsubscribe(on_tick) == 0
+        localnet.peer("pub").fire(2, start=10)
+        assert got == [0, 1]
+        assert localnet.peer("pub").outboxes() == []  # the publisher was told
+
+
+# -- delivery ----------------------------------------------------------------------
+
+def test_events_arrive_in_order_and_flush_waits_for_handlers(spawn) -> None:
+    publisher(spawn, "pub")
+    for name in ("s1", "s2", "s3"):
+        subscriber(spawn, name)
+    with localnet.Peer(name="driver"):
+        localnet.peer("pub").fire(2000)  # flushes before returning
+        for name in ("s1", "s2", "s3"):
+            assert received(name) == [("pub", i) for i in range(2000)]
+        stats = localnet.peer("pub").stats()
+        assert stats["published"]["tick"] == {"sent": 6000, "delivered": 6000, "dropped": 0,
+                                              "failed": 0}
+        assert stats["subscribers"]["s2"]["delivered"] == 2000
+
+
+def test_trigger_does_not_wait_for_the_subscriber(spawn) -> None:
+    slow = spawn(SUBSCRIBER.replace("    with lock:\n        got.append",
+                                    "    release.wait(30)\n    with lock:\n        got.append")
+                 .replace("got = []", "got = []\nrelease = threading.Event()")
+                 .replace("@localnet.connect()\ndef received",
+                          "@localnet.connect()\ndef go():\n    release.set()\n\n"
+                          "@localnet.connect()\ndef received"), args=["slow"])
+    del slow
+
+    @localnet.event("tick")
+    def tick(*args, **kwargs):
+        return args, kwargs
+
+    with localnet.Peer(name="pub") as me:
+        for i in range(5):
+            tick(i, source="pub")  # returns although no handler has finished
+        assert me.stats().published["tick"].delivered == 0
+        with pytest.raises(localnet.Timeout):
+            me.flush(0.2)
+        localnet.peer("slow").go()
+        me.flush(10)
+        assert received("slow") == [("pub", i) for i in range(5)]
+
+
+def test_a_failing_handler_is_counted_and_isolated(spawn) -> None:
+    publisher(spawn, "pub")
+    spawn(SUBSCRIBER, args=["fragile", "{}"], FAIL_ON="3")
+    subscriber(spawn, "sturdy")
+    with localnet.Peer(name="driver"):
+        localnet.peer("pub").fire(6)
+        assert received("sturdy") == [("pub", i) for i in range(6)]
+        assert received("fragile") == [("pub", i) for i in range(6)]  # appended before raising
+        mine = localnet.peer("fragile").stats()["received"]["tick"]
+        assert mine == {"received": 6, "handled": 5, "failed": 1}
+        pub = localnet.peer("pub").stats()["published"]["tick"]
+        assert pub["delivered"] == 12 and pub["failed"] == 0
+
+
+def test_stopped_subscriber_costs_a_bounded_wait_then_drops(spawn) -> None:
+    publisher(spawn, "pub", QUEUE="20", BLOCK="0.2")
+    stopped = subscriber(spawn, "stopped")
+    subscriber(spawn, "healthy")
+    with localnet.Peer(name="driver"):
+        pub = localnet.peer("pub")
+        pub.fire(5)
+        stopped.signal(signal.SIGSTOP)
+        try:
+            pub.call("fire", 200, start=5, flush=False, timeout=30)
+            stats = pub.stats()["subscribers"]["stopped"]
+            assert stats["dropped"] > 0
+            assert stats["sent"] + stats["dropped"] == 205
+        finally:
+            stopped.signal(signal.SIGCONT)
+        pub.call("fire", 0, timeout=30)  # flush: everything accepted is handled
+        stats = pub.stats()["subscribers"]["stopped"]
+        got = received("stopped")
+        # exactly what was not dropped arrived, in order, without duplicates
+        assert len(got) == stats["sent"] == stats["delivered"] == 205 - stats["dropped"]
+        assert [i for _, i in got] == sorted({i for _, i in got})
+        assert received("healthy") == [("pub", i) for i in range(205)]
+
+
+# -- liveness ----------------------------------------------------------------------
+
+def test_killed_subscriber_is_pruned_by_the_publisher(spawn) -> None:
+    publisher(spawn, "pub")
+    victim = subscriber(spawn, "victim")
+    subscriber(spawn, "survivor")
+    with localnet.Peer(name="driver"):
+        pub = localnet.peer("pub")
+        pub.fire(3)
+        assert pub.outboxes() == ["survivor", "victim"]
+        victim.kill9()
+        wait_until(lambda: pub.outboxes() == ["survivor"], timeout=5,
+                   what="the publisher to prune the dead subscriber")
+        pub.fire(3, start=3)
+        assert received("survivor") == [("pub", i) for i in range(6)]
+        assert "victim" not in [p.name for p in localnet.peers()]
+
+
+def test_killed_publisher_leaves_subscribers_working(spawn) -> None:
+    doomed = publisher(spawn, "doomed")
+    publisher(spawn, "steady")
+    subscriber(spawn, "sub")
+    with localnet.Peer(name="driver"):
+        localnet.peer("doomed").fire(2)
+        doomed.kill9()
+        localnet.peer("steady").fire(2)
+        assert sorted(received("sub")) == [("doomed", 0), ("doomed", 1),
+                                           ("steady", 0), ("steady", 1)]
+        assert [p.name for p in localnet.peers()] == ["steady", "sub"]
+
+
+def test_liveness_uses_the_process_start_time() -> None:
+    from localnet import _liveness
+
+    me = _liveness.create_time()
+    assert _liveness.is_alive(os.getpid(), me)
+    assert not _liveness.is_alive(os.getpid(), me - 100)  # a reused pid is another process
+
+
+def test_local_subscription_receives_own_events() -> None:
+    got: list[int] = []
+
+    @localnet.subscribe("self-tick")
+    def on_self(i):
+        got.append(i)
+
+    @localnet.event("self-tick")
+    def self_tick(i):
+        return (i,), {}
+
+    try:
+        with localnet.Peer(name="narcissus") as me:
+            for i in range(3):
+                self_tick(i)
+            me.flush(10)
+            assert got == [0, 1, 2]
+            assert dataclasses.asdict(me.stats())["received"]["self-tick"]["handled"] == 3
+    finally:
+        localnet.unsubscribe(on_self)
+
+
+def test_flush_with_no_subscribers_returns() -> None:
+    with localnet.Peer(name="lonely") as me:
+        me.flush(1)  # nothing to wait for: no Timeout
+
+
+STREAMER = PUBLISHER.replace('''peer = localnet.Peer(''', '''streaming = threading.Event()
+count = [0]
+
+def _stream():
+    while streaming.is_set():
+        tick(count[0], source=NAME)
+        count[0] += 1
+
+threads = []
+
+@localnet.connect()
+def start_stream():
+    streaming.set()
+    threads.append(threading.Thread(target=_stream, daemon=True))
+    threads[-1].start()
+
+@localnet.connect()
+def stop_stream():
+    streaming.clear()
+    threads[-1].join(10)
+    return count[0]
+
+peer = localnet.Peer(''').replace("import sys\n", "import sys, threading\n", 1)
+
+
+def test_registry_killed_while_events_flow(spawn, runtime_dir) -> None:
+    from helpers import registry_pid
+
+    pub = spawn(STREAMER, args=["pub", "-", "no"])
+    subs = [subscriber(spawn, name) for name in ("s1", "s2")]
+    with localnet.Peer(name="driver") as me:
+        remote = localnet.peer("pub")
+        remote.start_stream()
+        wait_until(lambda: len(received("s1")) > 100, what="the stream to flow")
+        old = registry_pid(runtime_dir)
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        # events keep flowing while there is no registry
+        before = len(received("s2"))
+        wait_until(lambda: len(received("s2")) > before + 100, what="events without a registry")
+        # the peers bring a new registry up and register again, subscriptions included
+        wait_until(lambda: registry_pid(runtime_dir) not in (None, old), timeout=5,
+                   what="a new registry")
+        wait_until(lambda: sorted(p.name for p in localnet.peers()) == ["pub", "s1", "s2"],
+                   timeout=5, what="every peer to register again")
+        late = subscriber(spawn, "s3")  # a subscription made after the recovery
+        wait_until(lambda: len(received("s3")) > 10, what="the new subscriber to get events")
+        total = remote.stop_stream()
+        remote.fire(0)  # flush
+        for name in ("s1", "s2"):
+            assert received(name) == [("pub", i) for i in range(total)]
+        got = [i for _, i in received("s3")]
+        assert got == list(range(got[0], total))
+        assert me.stats().registry_recoveries == 1
+    for child in [pub, late, *subs]:
+        assert not [line for line in child.stderr if "Traceback" in line]
