@@ -130,7 +130,7 @@ class Table:
                 else:
                     rows.append([*lead, system, *cells])
         widths = [len(h) for h in headers]
-        for row in rows:
+        for row in [*rows, *(lead for lead, _ in spans)]:
             for i, cell in enumerate(row):
                 widths[i] = max(widths[i], len(cell))
         lead_count = 2 if self.group_header else 1

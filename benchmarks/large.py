@@ -339,12 +339,13 @@ def _collect(
         done = sender.expect("size_done", timeout)
         error = done.get("failed")
         if subscriber is not None:
-            expected = handled + done.get("transfers", 0)
+            transfers = done.get("transfers", 0)
+            expected = handled + transfers
             subscriber.send("report")
             handled = subscriber.expect("count", 30)["count"]
             if error is None and handled != expected:
                 missing = expected - handled
-                error = f"flush() returned, but {missing} of {expected} events were not handled"
+                error = f"flush() returned, but {missing} of {transfers} events were not handled"
         if error is not None:
             groups[_label(mib)] = error
         else:

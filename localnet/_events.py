@@ -32,6 +32,7 @@ from collections import deque
 from typing import Any, Callable
 
 from . import _liveness
+from ._signals import spawn_thread
 from ._wire import FrameReader, Kind, ProtocolError, encode_control, pack_header, send_frame
 
 logger = logging.getLogger("localnet.events")
@@ -67,9 +68,7 @@ class Outbox:
         self.closed = False
         self.counts: dict[str, list[int]] = {}
         self._sock: socket.socket | None = None
-        self._writer = threading.Thread(target=self._write_loop, name="localnet-outbox",
-                                        daemon=True)
-        self._writer.start()
+        self._writer = spawn_thread(self._write_loop, name="localnet-outbox")
 
     def __repr__(self) -> str:
         state = "CLOSED" if self.closed else "CONGESTED" if self._congested else "OPEN"
@@ -148,8 +147,7 @@ class Outbox:
                 sock.close()
                 return
             self._sock = sock
-        threading.Thread(target=self._ack_loop, args=(sock,), name="localnet-acks",
-                         daemon=True).start()
+        spawn_thread(self._ack_loop, sock, name="localnet-acks")
         try:
             while True:
                 with self._lock:

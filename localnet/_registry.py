@@ -51,7 +51,7 @@ from typing import Any
 import psutil
 
 from . import _liveness, _paths
-from ._signals import Stopper, wait_for_stop
+from ._signals import Stopper, spawn_thread, wait_for_stop
 from ._wire import FrameReader, Kind, ProtocolError, decode_control, encode_control, send_frame
 
 logger = logging.getLogger("localnet.registry")
@@ -266,16 +266,12 @@ class Registry:
         Run from the main thread, it handles the signals itself.
         """
         assert self._listener is not None, "acquire() first"
-        sweeper = threading.Thread(target=self._sweep_loop, name="localnet-registry-sweep",
-                                   daemon=True)
-        sweeper.start()
+        spawn_thread(self._sweep_loop, name="localnet-registry-sweep")
         logger.info("registry serving %s (pid %d)", self.address, os.getpid())
         if threading.current_thread() is not threading.main_thread():
             self._accept_loop()
             return
-        acceptor = threading.Thread(target=self._accept_loop, name="localnet-registry-accept",
-                                    daemon=True)
-        acceptor.start()
+        acceptor = spawn_thread(self._accept_loop, name="localnet-registry-accept")
         try:
             wait_for_stop(self._stopper)
         finally:
@@ -296,8 +292,7 @@ class Registry:
                     logger.warning("refused a registry connection from another user")
                     sock.close()
                     continue
-                threading.Thread(target=self._serve_conn, args=(sock,),
-                                 name="localnet-registry-conn", daemon=True).start()
+                spawn_thread(self._serve_conn, sock, name="localnet-registry-conn")
         finally:
             self._cleanup()
 

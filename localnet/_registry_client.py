@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from . import _paths
 from ._registry import DEFAULT_IDLE_EXIT
+from ._signals import spawn_thread
 from ._wire import FrameReader, Kind, ProtocolError, decode_control, encode_control, send_frame
 from .errors import (
     ConnectionLost,
@@ -217,9 +218,7 @@ class RegistryClient:
         except BaseException:
             sock.close()
             raise
-        self._thread = threading.Thread(target=self._run, args=(sock, reader),
-                                        name="localnet-registry-client", daemon=True)
-        self._thread.start()
+        self._thread = spawn_thread(self._run, sock, reader, name="localnet-registry-client")
 
     def _handshake(self, sock: socket.socket, deadline: float) -> FrameReader:
         """Register on a fresh connection; pushes that arrive first are applied."""

@@ -28,6 +28,7 @@ import threading
 from typing import Any, Protocol
 
 from . import _liveness
+from ._signals import spawn_thread
 from ._wire import FrameReader, Kind, ProtocolError, decode_control, send_frame
 
 logger = logging.getLogger("localnet.server")
@@ -71,11 +72,10 @@ class Server:
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
         self._closed = False
-        self._thread = threading.Thread(target=self._accept_loop, name="localnet-accept",
-                                        daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._thread = spawn_thread(self._accept_loop, name="localnet-accept")
 
     def _accept_loop(self) -> None:
         while True:
@@ -95,8 +95,7 @@ class Server:
                     sock.close()
                     return
                 self._socks.add(sock)
-            threading.Thread(target=self._serve, args=(sock,), name="localnet-conn",
-                             daemon=True).start()
+            spawn_thread(self._serve, sock, name="localnet-conn")
 
     def _serve(self, sock: socket.socket) -> None:
         reader = FrameReader(sock, self.host.max_frame)
@@ -164,7 +163,7 @@ class Server:
             os.unlink(self.address)
         except FileNotFoundError:
             pass
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2.0)
 
 
@@ -214,7 +213,7 @@ class _CallConnection:
                 self.reading = False  # nobody reads until a handler finishes
                 return
             self.threads += 1
-        threading.Thread(target=self.run, name="localnet-call", daemon=True).start()
+        spawn_thread(self.run, name="localnet-call")
 
     def _take_reading_role(self) -> bool:
         """After a call: read on if nobody reads, else wait to be woken."""

@@ -71,3 +71,24 @@ def wait_for_stop(stopper: Stopper,
         signal.set_wakeup_fd(previous_fd)
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+# Asynchronous signals that Python handles in the main thread.  localnet's
+# own threads block them, so the kernel delivers them to a thread that can
+# act: the main thread, whose blocking call is interrupted at once.
+_ASYNC_SIGNALS = {getattr(signal, name) for name in (
+    "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD",
+    "SIGWINCH") if hasattr(signal, name)}
+
+
+def _run_masked(target: Callable[..., object], args: tuple[object, ...]) -> None:
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+    target(*args)
+
+
+def spawn_thread(target: Callable[..., object], *args: object, name: str) -> threading.Thread:
+    """Start a daemon thread that leaves asynchronous signals to the main thread."""
+    thread = threading.Thread(target=_run_masked, args=(target, args), name=name, daemon=True)
+    thread.start()
+    return thread

@@ -17,13 +17,17 @@ import psutil
 
 DEFAULT_TIMEOUT = 15.0
 
-# Prepended to every child script: imports, and a helper to report lines.
+# Prepended to every child script: imports, a helper to report lines, SIGTERM.
 PRELUDE = """\
-import os, sys, time, threading, json
+import os, signal, sys, time, threading, json
 import localnet
 
 def say(*parts):
     print(*parts, flush=True)
+
+# SIGTERM ends the script like an exception would: with-blocks and atexit
+# close its peers (serve_forever() installs its own handler meanwhile).
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 """
 
 

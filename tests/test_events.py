@@ -145,6 +145,7 @@ def test_subscriber_before_publisher_gets_the_first_event(spawn) -> None:
     with localnet.Peer(name="observer"):
         assert received("early") == [("late-pub", 0)]
     pub.send("bye")
+    assert pub.wait_exit() == 0
 
 
 def test_subscribe_returns_only_when_publishers_know(spawn) -> None:
