@@ -24,7 +24,7 @@ from ._api import (
     subscribe,
     unsubscribe,
 )
-from ._peer import EventCounts, Peer, ReceivedCounts, Stats
+from ._peer import EventContext, EventCounts, Peer, ReceivedCounts, Stats, current_event
 from ._remote import RemotePeer
 from .errors import (
     ConfigurationError,
@@ -47,6 +47,7 @@ __all__ = [
     "Connection",
     "ConnectionLost",
     "Event",
+    "EventContext",
     "EventCounts",
     "LocalnetError",
     "NameTaken",
@@ -63,6 +64,7 @@ __all__ = [
     "Timeout",
     "UnknownConnection",
     "connect",
+    "current_event",
     "event",
     "info",
     "peer",

@@ -89,6 +89,33 @@ class Stats:
     registry_recoveries: int = 0
 
 
+@dataclass(frozen=True)
+class EventContext:
+    """The event a handler is running for: see :func:`localnet.current_event`."""
+
+    event: str
+    publisher: str
+    pid: int
+    group: str | None
+    hub: bool
+
+
+_handling = threading.local()
+
+
+def current_event() -> EventContext | None:
+    """Inside a subscription handler: which event, from which publisher.
+
+    ``None`` outside handlers.  Handy when one handler serves several
+    publishers::
+
+        @localnet.subscribe("frame_done")
+        def on_done(frame):
+            print(frame, "from", localnet.current_event().publisher)
+    """
+    return getattr(_handling, "context", None)
+
+
 class State(Enum):
     NEW = "NEW"
     RUNNING = "RUNNING"
@@ -522,16 +549,20 @@ class Peer:
         subs = CATALOG.by_event.get(event, ())
         name, group, hub = publisher.get("name", ""), publisher.get("group"), \
             bool(publisher.get("hub"))
-        for sub in subs:
-            if sub.accepts(name, group, hub):
-                try:
-                    sub.handler(*args, **kwargs)
-                    counts[1] += 1
-                except Exception:
-                    counts[2] += 1
-                    logger.exception("handler %s for event %r from %r raised",
-                                     getattr(sub.handler, "__qualname__", sub.handler), event,
-                                     name)
+        _handling.context = EventContext(event, name, int(publisher.get("pid", 0)), group, hub)
+        try:
+            for sub in subs:
+                if sub.accepts(name, group, hub):
+                    try:
+                        sub.handler(*args, **kwargs)
+                        counts[1] += 1
+                    except Exception:
+                        counts[2] += 1
+                        logger.exception("handler %s for event %r from %r raised",
+                                         getattr(sub.handler, "__qualname__", sub.handler),
+                                         event, name)
+        finally:
+            _handling.context = None
 
     # -- statistics -------------------------------------------------------------
     def stats(self) -> Stats:

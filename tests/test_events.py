@@ -435,3 +435,22 @@ def test_registry_killed_while_events_flow(spawn, runtime_dir) -> None:
         assert me.stats().registry_recoveries == 1
     for child in [pub, late, *subs]:
         assert not [line for line in child.stderr if "Traceback" in line]
+
+
+def test_handlers_know_which_publisher_sent_the_event(spawn) -> None:
+    publisher(spawn, "pub", group="render", hub=True)
+    seen: list[localnet.EventContext | None] = []
+    with localnet.Peer(name="me"):
+
+        @localnet.subscribe("tick")
+        def on_tick(i, source=None):
+            seen.append(localnet.current_event())
+
+        try:
+            localnet.peer("pub").fire(1)
+        finally:
+            localnet.unsubscribe(on_tick)
+    assert len(seen) == 1 and seen[0] is not None
+    assert (seen[0].event, seen[0].publisher, seen[0].group, seen[0].hub) == \
+        ("tick", "pub", "render", True)
+    assert localnet.current_event() is None
