@@ -11,10 +11,12 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 from benchmarks import call, fanout, large, peers, startup
 from benchmarks._harness import Config, log
@@ -83,8 +85,14 @@ def _shm_entries() -> set[str]:
         return set()
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Raise, so that every workspace's finally block ends its processes.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cfg = Config(
         quick=args.quick,
         rounds=args.rounds or (1 if args.quick else 3),

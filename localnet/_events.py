@@ -24,7 +24,6 @@ never acknowledged: the subscriber died or left first).
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -32,6 +31,7 @@ from collections import deque
 from typing import Any, Callable
 
 from . import _liveness
+from ._serial import Payload
 from ._signals import spawn_thread
 from ._wire import FrameReader, Kind, ProtocolError, encode_control, pack_header, send_frame
 
@@ -59,8 +59,8 @@ class Outbox:
         self._has_work = threading.Condition(lock)
         self._has_room = threading.Condition(lock)
         self._lock = lock
-        self._queue: deque[tuple[int, str, bytes, list[int]]] = deque()
-        self._inflight: deque[tuple[int, str]] = deque()
+        self._queue: deque[tuple[int, str, bytes | Payload]] = deque()
+        self._inflight: deque[tuple[int, str, bytes | Payload]] = deque()
         self.seq = 0
         self.acked = 0
         self._congested = False
@@ -76,20 +76,24 @@ class Outbox:
                 f"queued={len(self._queue)} [{state}]>")
 
     # -- the trigger side ---------------------------------------------------
-    def put(self, event: str, payload: bytes, fds: list[int] | None = None) -> bool:
-        """Queue one event; False when it was dropped (full or closed)."""
+    def put(self, event: str, payload: bytes | Payload) -> bool:
+        """Queue one event; False when it was dropped (full or closed).
+
+        A :class:`Payload` must have been held once for this outbox; the
+        outbox settles it when acknowledged, or at once when dropped.
+        """
         with self._lock:
             counts = self.counts.get(event)
             if counts is None:
                 counts = self.counts[event] = [0, 0, 0, 0]
-            if self.closed:
+            if self.closed or (self.seq - self.acked >= self.limit
+                               and not self._wait_for_room()):
                 counts[_DROPPED] += 1
-                return False
-            if self.seq - self.acked >= self.limit and not self._wait_for_room():
-                counts[_DROPPED] += 1
+                if type(payload) is not bytes:
+                    payload.settle()  # type: ignore[union-attr]
                 return False
             self.seq += 1
-            self._queue.append((self.seq, event, payload, fds or []))
+            self._queue.append((self.seq, event, payload))
             counts[_SENT] += 1
             if self._writer_idle:
                 self._writer_idle = False
@@ -161,21 +165,22 @@ class Outbox:
                     while self._queue and size < _BATCH_BYTES:
                         item = self._queue.popleft()
                         batch.append(item)
-                        self._inflight.append((item[0], item[1]))
+                        self._inflight.append(item)
                         size += len(item[2])
                 self._send(sock, batch)
         except OSError as exc:
             self._fail(f"connection broken: {exc}")
 
     @staticmethod
-    def _send(sock: socket.socket, batch: list[tuple[int, str, bytes, list[int]]]) -> None:
+    def _send(sock: socket.socket, batch: list[tuple[int, str, bytes | Payload]]) -> None:
         parts: list[bytes] = []
-        for seq, _, payload, fds in batch:
-            if fds:
+        for seq, _, payload in batch:
+            if type(payload) is not bytes:
                 if parts:
                     sock.sendall(b"".join(parts))
                     parts = []
-                send_frame(sock, Kind.EVENT, seq, payload, fds)
+                assert isinstance(payload, Payload)
+                send_frame(sock, Kind.EVENT, seq, payload.body, payload.fds)
             else:
                 parts.append(pack_header(Kind.EVENT, seq, len(payload)))
                 parts.append(payload)
@@ -203,7 +208,10 @@ class Outbox:
                     self.acked = seq
                 inflight, counts = self._inflight, self.counts
                 while inflight and inflight[0][0] <= seq:
-                    counts[inflight.popleft()[1]][_DELIVERED] += 1
+                    _, event, payload = inflight.popleft()
+                    counts[event][_DELIVERED] += 1
+                    if type(payload) is not bytes:
+                        payload.settle()  # type: ignore[union-attr]
                 if self._congested and self.seq - self.acked <= self.limit // 2:
                     self._congested = False
                     logger.info("subscriber %r caught up", self.name)
@@ -222,11 +230,10 @@ class Outbox:
             if self.closed:
                 return False
             self.closed = True
-            for seq, event in self._inflight:
+            for _, event, payload in (*self._inflight, *self._queue):
                 self.counts[event][_FAILED] += 1
-            for _, event, _, fds in self._queue:
-                self.counts[event][_FAILED] += 1
-                _close_all(fds)
+                if type(payload) is not bytes:
+                    payload.abandon()  # type: ignore[union-attr]
             self._inflight.clear()
             self._queue.clear()
             self._has_work.notify_all()
@@ -245,10 +252,3 @@ class Outbox:
             return {event: (c[_SENT], c[_DELIVERED], c[_DROPPED], c[_FAILED])
                     for event, c in self.counts.items()}
 
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

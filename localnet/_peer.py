@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping
 
-from . import _liveness, _paths, _serial
+from . import _liveness, _paths, _serial, _shm
 from ._catalog import CATALOG, Subscription
 from ._events import Outbox
 from ._registry_client import RegistryClient
@@ -163,7 +163,10 @@ class Peer:
     triggers wait, default 10,000), ``event_block`` (seconds a trigger waits
     for room before dropping, default 1.0), ``linger`` (seconds ``close()``
     waits for queued events to be handled, default 2.0), ``max_workers``
-    (threads serving one caller's concurrent calls, default 32).
+    (threads serving one caller's concurrent calls, default 32),
+    ``shm_threshold`` (buffers of this many bytes or more travel through
+    shared memory; ``None`` sends everything inline; default from
+    ``LOCALNET_SHM``: ``off``, ``on`` or a number of bytes, else 512 KiB).
 
     Use it as a context manager, or ``start()`` / ``close()``::
 
@@ -177,7 +180,8 @@ class Peer:
     def __init__(self, name: str | None = None, group: str | None = None,
                  hub: bool | None = None, *, directory: str | os.PathLike[str] | None = None,
                  max_frame: int | None = None, event_queue: int = 10_000,
-                 event_block: float = 1.0, linger: float = 2.0, max_workers: int = 32) -> None:
+                 event_block: float = 1.0, linger: float = 2.0, max_workers: int = 32,
+                 shm_threshold: int | None | str = "env") -> None:
         self.name: str = name if name is not None else os.environ.get("LOCALNET_NAME") \
             or default_name()
         if not isinstance(self.name, str) or not self.name or len(self.name) > 255 \
@@ -197,6 +201,8 @@ class Peer:
         if event_queue < 1 or event_block < 0 or linger < 0 or max_workers < 1:
             raise ConfigurationError("event_queue and max_workers must be positive; "
                                      "event_block and linger must not be negative")
+        self.shm_threshold: int | None = _shm.threshold_from_env() \
+            if shm_threshold == "env" else _check_threshold(shm_threshold)
         self.event_queue = event_queue
         self.event_block = event_block
         self.linger = linger
@@ -414,11 +420,20 @@ class Peer:
         does not pickle.
         """
         self._require_running()
-        payload = _serial.dumps_call(event, args, kwargs, f"an argument of event {event!r}")
+        payload = _serial.dumps_call(event, args, kwargs, f"an argument of event {event!r}",
+                                     self.shm_threshold)
         targets = self._routes.get(event)
+        if type(payload) is bytes:
+            if targets:
+                for outbox in targets:
+                    outbox.put(event, payload)
+            return
+        assert isinstance(payload, _serial.Payload)
         if targets:
+            payload.hold(len(targets))  # one per outbox; the buffers are written once
             for outbox in targets:
                 outbox.put(event, payload)
+        payload.settle()
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every event triggered so far was handled by its subscribers.
@@ -451,11 +466,28 @@ class Peer:
         if channel is None or channel.broken is not None:
             channel = self._open_channel(name, target)
         payload = _serial.dumps_call(connection, args, kwargs,
-                                     f"an argument of {connection!r}")
+                                     f"an argument of {connection!r}", self.shm_threshold)
         self._counts[0] += 1
-        kind, body, _ = channel.request(payload, timeout)
+        if type(payload) is bytes:
+            kind, body, fds, ident = channel.request(payload, timeout)
+        else:
+            assert isinstance(payload, _serial.Payload)
+            try:
+                kind, body, fds, ident = channel.request(payload.body, timeout, payload.fds)
+            except Timeout:
+                payload.abandon()  # the callee may read it later: never reuse
+                raise
+            except BaseException:
+                payload.settle()
+                raise
+            payload.settle()  # answered: the callee holds what it still uses
         if kind == Kind.REPLY:
-            return _serial.loads(body, f"the result of {connection!r}")
+            if not fds:
+                return _serial.loads(body, f"the result of {connection!r}")
+            try:
+                return _serial.loads(body, f"the result of {connection!r}", fds)
+            finally:
+                channel.taken(ident)
         raise _serial.loads_exception(body)
 
     def _open_channel(self, name: str, target: str | RemotePeer) -> CallChannel:
@@ -515,29 +547,31 @@ class Peer:
         return RemotePeer(info, self)
 
     # -- serving (called by the Server's threads) -----------------------------
-    def run_call(self, body: bytes | bytearray, fds: list[int]) -> tuple[int, bytes, list[int]]:
-        """Run one incoming call; returns the reply's (kind, body, fds)."""
+    def run_call(self, body: bytes | bytearray,
+                 fds: list[int]) -> tuple[int, bytes | _serial.Payload]:
+        """Run one incoming call; returns the reply's kind and body."""
         self._counts[1] += 1
         try:
-            connection, args, kwargs = _serial.loads(body, "the call's arguments")
+            connection, args, kwargs = _serial.loads(body, "the call's arguments", fds)
             func = CATALOG.connections.get(connection)
             if func is None:
                 raise UnknownConnection(connection, self.name, list(CATALOG.connections))
             result = func(*args, **kwargs)
-            return Kind.REPLY, _serial.dumps(result, f"the result of {connection!r}"), []
+            return Kind.REPLY, _serial.dumps(result, f"the result of {connection!r}",
+                                             self.shm_threshold)
         except BaseException as exc:
             self._counts[2] += 1
             tb = exc.__traceback__
             if tb is not None and tb.tb_next is not None:
                 tb = tb.tb_next  # drop this frame: the remote user did not write it
             text = "".join(traceback.format_exception(type(exc), exc, tb))
-            return Kind.ERROR, _serial.dumps_exception(exc, text), []
+            return Kind.ERROR, _serial.dumps_exception(exc, text)
 
     def receive_event(self, publisher: dict[str, Any], body: bytes | bytearray,
                       fds: list[int]) -> None:
         """Run this process's handlers for one incoming event, in order."""
         try:
-            event, args, kwargs = _serial.loads(body, "an event")
+            event, args, kwargs = _serial.loads(body, "an event", fds)
         except LocalnetError:
             logger.exception("dropping an event from %r that cannot be rebuilt",
                              publisher.get("name"))
@@ -586,6 +620,14 @@ class Peer:
             received={k: ReceivedCounts(*v) for k, v in self._received.items()},
             registry_recoveries=registry.recoveries if registry is not None else 0,
         )
+
+
+def _check_threshold(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError("shm_threshold is a positive number of bytes, or None")
+    return value if _shm.AVAILABLE else None
 
 
 def _user() -> str:

@@ -76,8 +76,9 @@ class CallChannel:
         return f"<CallChannel to {self.target!r} pending={len(self._pending)} [{state}]>"
 
     def request(self, payload: bytes, timeout: float | None,
-                fds: list[int] | tuple[int, ...] = ()) -> tuple[int, bytes | bytearray, list[int]]:
-        """Send one CALL and return the ``(kind, body, fds)`` of its answer.
+                fds: list[int] | tuple[int, ...] = ()
+                ) -> tuple[int, bytes | bytearray, list[int], int]:
+        """Send one CALL and return the ``(kind, body, fds, id)`` of its answer.
 
         Raises:
             ConnectionLost: the connection broke or the peer went away.
@@ -118,7 +119,15 @@ class CallChannel:
                     call.signaled = False
         if call.error is not None:
             raise call.error
-        return call.kind, call.body, call.fds
+        return call.kind, call.body, call.fds, ident
+
+    def taken(self, ident: int) -> None:
+        """Tell the callee we mapped the shared memory of answer ``ident``."""
+        try:
+            with self._send_lock:
+                send_frame(self._sock, Kind.TAKEN, ident)
+        except OSError:
+            pass  # the callee went away; it settles its segments itself
 
     def _give_up(self, ident: int, call: _Call) -> None:
         with self._lock:
@@ -153,8 +162,10 @@ class CallChannel:
                     raise ProtocolError(f"unexpected {Kind(kind).name} frame on a call channel")
                 with self._lock:
                     target = self._pending.pop(ident, None)
-                    if target is None:
-                        _close_fds(fds)  # the answer to a call that timed out
+                    if target is None:  # the answer to a call that timed out
+                        if fds:
+                            _close_fds(fds)
+                            self.taken(ident)
                         continue
                     target.kind, target.body, target.fds = kind, body, fds
                     target.done = True

@@ -7,6 +7,22 @@ closures, classes defined in ``__main__``, NumPy arrays - goes through
 cloudpickle, which pickles what the receiver cannot import by value.  Both
 produce ordinary pickles that ``pickle.loads`` reads.
 
+Out-of-band buffers (protocol 5: NumPy arrays, bytearrays, memoryviews) of
+``threshold`` bytes or more leave the pickle stream and travel in shared
+memory (:mod:`localnet._shm`); the body then starts with ``b"O"`` and a
+table of where each buffer lies:
+
+====== ======================================================
+size   field
+====== ======================================================
+1      ``b"O"``
+2      number of buffers *n*
+12 n   per buffer: descriptor index (u16), offset (u64)... see ``_ENTRY``
+rest   the pickle stream
+====== ======================================================
+
+A plain body starts with the pickle PROTO opcode (``0x80``) instead.
+
 Errors: :func:`dumps` raises :class:`~localnet.SerializationError` naming
 what could not be pickled; :func:`loads` raises it when a payload cannot be
 rebuilt (a missing module on this side, say).
@@ -14,11 +30,17 @@ rebuilt (a missing module on this side, say).
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
+import struct
+import threading
+from collections import ChainMap
 from typing import Any
 
 import cloudpickle
 
+from . import _shm
 from .errors import RemoteError, SerializationError
 
 PROTOCOL = 5
@@ -26,6 +48,9 @@ PROTOCOL = 5
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes, complex})
 _CONTAINERS = frozenset({tuple, list, frozenset, set})
 _SMALL = 32  # containers longer than this are not inspected: cloudpickle decides
+_OOB = 0x4F  # b"O"
+_COUNT = struct.Struct("<H")
+_ENTRY = struct.Struct("<HQQ")  # descriptor index, offset in the segment, length
 
 
 def _plain(value: Any, depth: int = 3) -> bool:
@@ -54,10 +79,98 @@ def _plain(value: Any, depth: int = 3) -> bool:
     return False
 
 
-def dumps(obj: Any, what: str = "value") -> bytes:
+def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    view = memoryview(buffer)
+    if view.format != fmt or view.shape != shape:
+        view = view.cast("B").cast(fmt, shape)
+    return view
+
+
+def _reduce_memoryview(view: memoryview) -> tuple[Any, ...]:
+    if view.c_contiguous:
+        return _rebuild_memoryview, (pickle.PickleBuffer(view), view.format, view.shape)
+    return _rebuild_memoryview, (view.tobytes(), view.format, view.shape)
+
+
+def _identity(obj: Any) -> Any:
+    return obj
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, plus memoryviews, plus large non-contiguous arrays made contiguous.
+
+    (NumPy pickles a non-contiguous array as an in-band copy; copying it to
+    a contiguous one first lets it leave the stream.)
+    """
+
+    dispatch_table = ChainMap({memoryview: _reduce_memoryview}, cloudpickle.Pickler.dispatch_table)
+
+    def __init__(self, file: Any, threshold: int | None, buffer_callback: Any) -> None:
+        super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+        self._threshold = threshold
+
+    def reducer_override(self, obj: Any) -> Any:
+        cls = type(obj)
+        if (self._threshold is not None and cls.__name__ == "ndarray"
+                and cls.__module__ == "numpy" and obj.nbytes >= self._threshold
+                and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
+                and not obj.dtype.hasobject):
+            import numpy as np
+
+            return _identity, (np.ascontiguousarray(obj),)
+        return super().reducer_override(obj)
+
+
+class Payload:
+    """A body whose large buffers live in shared memory.
+
+    ``fds`` go with the body.  Each holder (a call, an outbox) calls
+    :meth:`settle` once its receiver acknowledged, or :meth:`abandon` when
+    that is unknown; the pooled segments go back when the last one does.
+    """
+
+    __slots__ = ("body", "fds", "_segments", "_keep", "_holders", "_abandoned", "_lock")
+
+    def __init__(self, body: bytes, fds: list[int], segments: list[_shm.Segment],
+                 keep: list[Any]) -> None:
+        self.body = body
+        self.fds = fds
+        self._segments = segments
+        self._keep = keep  # mappings of arrays from empty(): alive while in flight
+        self._holders = 1
+        self._abandoned = False
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.body)
+
+    def hold(self, n: int = 1) -> None:
+        with self._lock:
+            self._holders += n
+
+    def settle(self) -> None:
+        self._drop(abandon=False)
+
+    def abandon(self) -> None:
+        self._drop(abandon=True)
+
+    def _drop(self, abandon: bool) -> None:
+        with self._lock:
+            self._abandoned |= abandon
+            self._holders -= 1
+            if self._holders:
+                return
+            segments, self._segments, self._keep = self._segments, [], []
+        for segment in segments:
+            (_shm.POOL.abandon if self._abandoned else _shm.POOL.release)(segment)
+
+
+def dumps(obj: Any, what: str = "value", threshold: int | None = None) -> bytes | Payload:
     """Pickle ``obj`` for another peer.
 
     ``what`` names the value in the error message ("argument of render").
+    With a ``threshold``, buffers of that many bytes or more go to shared
+    memory and a :class:`Payload` is returned.
 
     Raises:
         SerializationError: ``obj`` (or something inside it) cannot be pickled.
@@ -65,31 +178,118 @@ def dumps(obj: Any, what: str = "value") -> bytes:
     try:
         if _plain(obj):
             return pickle.dumps(obj, PROTOCOL)
-        return cloudpickle.dumps(obj, PROTOCOL)
+        if threshold is None:
+            return _pickle(obj, None, None)
+        large: list[memoryview] = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                raw = buffer.raw()
+            except BufferError:
+                return True
+            if raw.nbytes < threshold:
+                return True
+            large.append(raw)
+            return False
+
+        data = _pickle(obj, threshold, out_of_band)
     except Exception as exc:
         raise SerializationError(
             f"cannot send {what}: {type(exc).__name__}: {exc}. "
             "Pass values that pickle (cloudpickle) can serialize"
         ) from exc
+    if not large:
+        return data
+    return _to_shared(data, large)
 
 
-def dumps_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], what: str) -> bytes:
+def _pickle(obj: Any, threshold: int | None, callback: Any) -> bytes:
+    with io.BytesIO() as file:
+        _Pickler(file, threshold, callback).dump(obj)
+        return file.getvalue()
+
+
+def _to_shared(data: bytes, large: list[memoryview]) -> Payload:
+    fds: list[int] = []
+    index: dict[int, int] = {}
+    segments: list[_shm.Segment] = []
+    keep: list[Any] = []
+    table = [_COUNT.pack(len(large))]
+    try:
+        for raw in large:
+            owned = _shm.owned_segment(raw)
+            if owned is not None:
+                mapping, fd, offset = owned
+                keep.append(mapping)
+            else:
+                segment = _shm.POOL.acquire(raw.nbytes)
+                segments.append(segment)
+                segment.mm[: raw.nbytes] = raw.cast("B") if raw.format != "B" else raw
+                fd, offset = segment.fd, 0
+            if fd not in index:
+                index[fd] = len(fds)
+                fds.append(fd)
+            table.append(_ENTRY.pack(index[fd], offset, raw.nbytes))
+    except BaseException:
+        for segment in segments:
+            _shm.POOL.abandon(segment)
+        raise
+    return Payload(b"O" + b"".join(table) + data, fds, segments, keep)
+
+
+def dumps_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], what: str,
+               threshold: int | None = None) -> bytes | Payload:
     """Pickle the ``(name, args, kwargs)`` triple of a call or an event."""
-    return dumps((name, args, kwargs), what)
+    return dumps((name, args, kwargs), what, threshold)
 
 
-def loads(data: bytes | bytearray | memoryview, what: str = "value") -> Any:
-    """Rebuild an object from :func:`dumps` output.
+def loads(data: bytes | bytearray | memoryview, what: str = "value",
+          fds: list[int] | None = None) -> Any:
+    """Rebuild an object from :func:`dumps` output; takes ownership of ``fds``.
 
     Raises:
         SerializationError: the payload cannot be rebuilt here.
     """
     try:
+        if data and data[0] == _OOB:
+            return _loads_shared(memoryview(data), fds or [])
+        if fds:
+            _close(fds)
         return pickle.loads(data)
     except Exception as exc:
         raise SerializationError(
             f"cannot rebuild {what}: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _loads_shared(view: memoryview, fds: list[int]) -> Any:
+    mappings: list[Any] = []
+    try:
+        (count,) = _COUNT.unpack_from(view, 1)
+        entries = [_ENTRY.unpack_from(view, 1 + _COUNT.size + i * _ENTRY.size)
+                   for i in range(count)]
+        start = 1 + _COUNT.size + count * _ENTRY.size
+        pending = list(fds)
+        fds.clear()
+        while pending:
+            mappings.append(_shm.map_received(pending.pop(0)))
+    except BaseException:
+        _close(pending if "pending" in locals() else fds)
+        raise
+    buffers = []
+    for idx, offset, length in entries:
+        if idx >= len(mappings) or offset + length > len(mappings[idx]):
+            raise ValueError("a shared-memory buffer lies outside its segment")
+        buffers.append(memoryview(mappings[idx])[offset: offset + length])
+    return pickle.loads(view[start:], buffers=buffers)
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def dumps_exception(exc: BaseException, traceback_text: str) -> bytes:

@@ -28,6 +28,7 @@ import threading
 from typing import Any, Protocol
 
 from . import _liveness
+from ._serial import Payload
 from ._signals import spawn_thread
 from ._wire import FrameReader, Kind, ProtocolError, decode_control, send_frame
 
@@ -43,7 +44,7 @@ class Host(Protocol):
     max_frame: int
     max_workers: int
 
-    def run_call(self, body: bytes | bytearray, fds: list[int]) -> tuple[int, bytes, list[int]]:
+    def run_call(self, body: bytes | bytearray, fds: list[int]) -> tuple[int, bytes | Payload]:
         ...
 
     def receive_event(self, publisher: dict[str, Any], body: bytes | bytearray,
@@ -180,6 +181,7 @@ class _CallConnection:
         self.threads = 1
         self.reading = True
         self.closed = False
+        self.results: dict[int, Payload] = {}  # replies in shared memory, until TAKEN
 
     def run(self) -> None:
         """The body of every thread of this connection."""
@@ -187,12 +189,24 @@ class _CallConnection:
         try:
             while True:
                 kind, ident, body, fds = self.reader.read()
+                if kind == Kind.TAKEN:
+                    with self.lock:
+                        done = self.results.pop(ident, None)
+                    if done is not None:
+                        done.settle()
+                    continue
                 if kind != Kind.CALL:
                     raise ProtocolError(f"unexpected {Kind(kind).name} frame on a call channel")
                 self._pass_reading_role()
-                reply_kind, payload, reply_fds = host.run_call(body, fds)
-                with self.send_lock:
-                    send_frame(self.sock, reply_kind, ident, payload, reply_fds)
+                reply_kind, payload = host.run_call(body, fds)
+                if isinstance(payload, Payload):
+                    with self.lock:
+                        self.results[ident] = payload
+                    with self.send_lock:
+                        send_frame(self.sock, reply_kind, ident, payload.body, payload.fds)
+                else:
+                    with self.send_lock:
+                        send_frame(self.sock, reply_kind, ident, payload)
                 if not self._take_reading_role():
                     return
         except EOFError:
@@ -235,6 +249,9 @@ class _CallConnection:
                 return
             self.closed = True
             idle, self.idle = self.idle, []
+            results, self.results = list(self.results.values()), {}
         for wake in idle:
             wake.release()
+        for result in results:
+            result.abandon()  # the caller may still map it from its buffer: never reuse
         self.server.drop(self.sock, self.reader)

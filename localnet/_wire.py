@@ -33,6 +33,8 @@ REQUEST          peer → registry           pickled (operation, arguments)
 RESPONSE         registry → peer           pickled (ok, value)
 PUSH             registry → peer           pickled list of changes
 PUSH_ACK         peer → registry           empty; id = the PUSH's id
+TAKEN            caller → callee           empty; id = a REPLY whose shared memory
+                                           the caller has mapped (see _shm)
 ================ ========================= ======================================
 
 A "payload" is what :mod:`localnet._serial` produces.  The reader checks the
@@ -86,6 +88,7 @@ class Kind(IntEnum):
     RESPONSE = 8
     PUSH = 9
     PUSH_ACK = 10
+    TAKEN = 11
 
 
 _KINDS = frozenset(int(k) for k in Kind)
