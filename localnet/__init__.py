@@ -26,6 +26,7 @@ from ._api import (
 )
 from ._peer import EventContext, EventCounts, Peer, ReceivedCounts, Stats, current_event
 from ._remote import RemotePeer
+from ._shm import empty, zeros
 from .errors import (
     ConfigurationError,
     ConnectionLost,
@@ -65,6 +66,7 @@ __all__ = [
     "UnknownConnection",
     "connect",
     "current_event",
+    "empty",
     "event",
     "info",
     "peer",
@@ -72,6 +74,7 @@ __all__ = [
     "serve_forever",
     "subscribe",
     "unsubscribe",
+    "zeros",
 ]
 
 for _name in __all__:

@@ -248,7 +248,7 @@ def _cmd_call(options: argparse.Namespace) -> int:
                 raise
             return _remote_failure(exc, options)
     if options.json:
-        _dump_json(result)
+        _dump_json(result, indent=None)
     else:
         print(repr(result), flush=True)
     return 0
@@ -361,6 +361,23 @@ def _stop_on_signals(done: threading.Event) -> Iterator[None]:
 
 # -- the parser -------------------------------------------------------------------
 
+_DESCRIPTION = """\
+Find, call and watch the localnet peers of this machine: Python processes
+that talk over Unix sockets in one runtime directory."""
+
+_EPILOG = """\
+examples:
+  localnet peers                            who is there
+  localnet info farm-2                      everything about one peer
+  localnet call farm-2 render 7 quality=2   run render(7, quality=2) in farm-2
+  localnet emit frame_done 7 path=/tmp/x    trigger an event
+  localnet listen frame_done                print events as they arrive
+
+Arguments of call and emit are Python literals (7, '7', [1, 2], None); other
+words are strings; key=value is a keyword argument. Errors print one
+'localnet: error:' line; the exit status is 2 for usage errors, 1 for
+failures. 'localnet COMMAND --help' tells more."""
+
 def _common(*, name: bool = True) -> argparse.ArgumentParser:
     """Options accepted both before and after the command (``localnet --dir D peers``)."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -385,7 +402,7 @@ def _command(commands: Any, name: str, run: Callable[[argparse.Namespace], int],
 
 def _add_call_options(parser: argparse.ArgumentParser, timeout: float | None,
                       timeout_help: str) -> None:
-    parser.add_argument("args", nargs="*", metavar="ARG",
+    parser.add_argument("args", nargs="*", default=[], metavar="ARG",
                         help="a Python literal or a string; key=value for a keyword argument")
     parser.add_argument("--timeout", type=float, default=timeout, metavar="S", help=timeout_help)
     parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
@@ -395,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``localnet`` argument parser, with one subparser per command."""
     parser = argparse.ArgumentParser(
         prog=_PROG, parents=[_common()], formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None)
+        description=_DESCRIPTION, epilog=_EPILOG)
     parser.add_argument("-V", "--version", action="version",
                         version=f"%(prog)s {localnet.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -482,9 +499,12 @@ def _fail(message: str, status: int) -> int:
 
 
 def _configure_logging() -> None:
-    """Library warnings on stderr; everything with ``LOCALNET_DEBUG``."""
+    """Library errors on stderr; everything with ``LOCALNET_DEBUG``.
+
+    Not warnings: a closing subscriber logs one about its own event channel.
+    """
     debug = bool(os.environ.get("LOCALNET_DEBUG"))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
+    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR, stream=sys.stderr,
                         format=f"{_PROG}: %(levelname)s: %(name)s: %(message)s")
 
 

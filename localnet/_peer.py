@@ -39,6 +39,7 @@ from .errors import (
     LocalnetError,
     PeerClosed,
     PeerNotFound,
+    SerializationError,
     Timeout,
     UnknownConnection,
 )
@@ -420,8 +421,7 @@ class Peer:
         does not pickle.
         """
         self._require_running()
-        payload = _serial.dumps_call(event, args, kwargs, f"an argument of event {event!r}",
-                                     self.shm_threshold)
+        payload = self._dumps_call(event, args, kwargs, f"an argument of event {event!r}")
         targets = self._routes.get(event)
         if type(payload) is bytes:
             if targets:
@@ -465,8 +465,7 @@ class Peer:
         channel = self._channels.get(name)
         if channel is None or channel.broken is not None:
             channel = self._open_channel(name, target)
-        payload = _serial.dumps_call(connection, args, kwargs,
-                                     f"an argument of {connection!r}", self.shm_threshold)
+        payload = self._dumps_call(connection, args, kwargs, f"an argument of {connection!r}")
         self._counts[0] += 1
         if type(payload) is bytes:
             kind, body, fds, ident = channel.request(payload, timeout)
@@ -489,6 +488,21 @@ class Peer:
             finally:
                 channel.taken(ident)
         raise _serial.loads_exception(body)
+
+    def _dumps_call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    what: str) -> bytes | _serial.Payload:
+        payload = _serial.dumps_call(name, args, kwargs, what, self.shm_threshold)
+        self._check_size(payload, what)
+        return payload
+
+    def _check_size(self, payload: bytes | _serial.Payload, what: str) -> None:
+        if len(payload) > self.max_frame:
+            if isinstance(payload, _serial.Payload):
+                payload.settle()
+            raise SerializationError(
+                f"{what} is {len(payload)} bytes inline, over the {self.max_frame}-byte "
+                "message limit; raise max_frame (LOCALNET_MAX_FRAME), or send large data "
+                "as NumPy arrays/bytearrays so it goes through shared memory")
 
     def _open_channel(self, name: str, target: str | RemotePeer) -> CallChannel:
         with self._lock:
@@ -557,8 +571,9 @@ class Peer:
             if func is None:
                 raise UnknownConnection(connection, self.name, list(CATALOG.connections))
             result = func(*args, **kwargs)
-            return Kind.REPLY, _serial.dumps(result, f"the result of {connection!r}",
-                                             self.shm_threshold)
+            reply = _serial.dumps(result, f"the result of {connection!r}", self.shm_threshold)
+            self._check_size(reply, f"the result of {connection!r}")
+            return Kind.REPLY, reply
         except BaseException as exc:
             self._counts[2] += 1
             tb = exc.__traceback__
