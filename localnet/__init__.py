@@ -9,37 +9,15 @@
 
     with localnet.Peer(name="farm-1"):
         render(7, peer="farm-2")
+
+Public names are loaded on first use (PEP 562), so that ``import localnet``
+and the registry process, which needs none of them, start quickly.
 """
 
-from ._api import (
-    Connection,
-    Event,
-    PeerInfo,
-    connect,
-    event,
-    info,
-    peer,
-    peers,
-    serve_forever,
-    subscribe,
-    unsubscribe,
-)
-from ._peer import EventContext, EventCounts, Peer, ReceivedCounts, Stats, current_event
-from ._remote import RemotePeer
-from ._shm import empty, zeros
-from .errors import (
-    ConfigurationError,
-    ConnectionLost,
-    LocalnetError,
-    NameTaken,
-    PeerClosed,
-    PeerNotFound,
-    RegistryUnavailable,
-    RemoteError,
-    SerializationError,
-    Timeout,
-    UnknownConnection,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
 
@@ -77,11 +55,64 @@ __all__ = [
     "zeros",
 ]
 
-for _name in __all__:
-    _obj = globals()[_name]
-    if hasattr(_obj, "__module__") and not isinstance(_obj, str):
-        try:
-            _obj.__module__ = "localnet"
-        except (AttributeError, TypeError):
-            pass
-del _name, _obj
+_WHERE = {
+    **dict.fromkeys(["Connection", "Event", "PeerInfo", "connect", "event", "info", "peer",
+                     "peers", "serve_forever", "subscribe", "unsubscribe"], "._api"),
+    **dict.fromkeys(["EventContext", "EventCounts", "Peer", "ReceivedCounts", "Stats",
+                     "current_event"], "._peer"),
+    "RemotePeer": "._remote",
+    "empty": "._shm",
+    "zeros": "._shm",
+    **dict.fromkeys(["ConfigurationError", "ConnectionLost", "LocalnetError", "NameTaken",
+                     "PeerClosed", "PeerNotFound", "RegistryUnavailable", "RemoteError",
+                     "SerializationError", "Timeout", "UnknownConnection"], ".errors"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'localnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    try:
+        value.__module__ = __name__
+    except (AttributeError, TypeError):
+        pass
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from ._api import (
+        Connection,
+        Event,
+        PeerInfo,
+        connect,
+        event,
+        info,
+        peer,
+        peers,
+        serve_forever,
+        subscribe,
+        unsubscribe,
+    )
+    from ._peer import EventContext, EventCounts, Peer, ReceivedCounts, Stats, current_event
+    from ._remote import RemotePeer
+    from ._shm import empty, zeros
+    from .errors import (
+        ConfigurationError,
+        ConnectionLost,
+        LocalnetError,
+        NameTaken,
+        PeerClosed,
+        PeerNotFound,
+        RegistryUnavailable,
+        RemoteError,
+        SerializationError,
+        Timeout,
+        UnknownConnection,
+    )

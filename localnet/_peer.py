@@ -547,8 +547,6 @@ class Peer:
                 continue
             if hubs_only and not info.get("hub"):
                 continue
-            if not _liveness.is_alive(int(info["pid"]), float(info["started"])):
-                continue
             found.append(RemotePeer(info, self))
         return sorted(found, key=lambda p: p.name)
 

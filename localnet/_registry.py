@@ -40,6 +40,7 @@ import argparse
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 import sys
@@ -453,7 +454,27 @@ class Registry:
         return None, self._sync()
 
     def _op_list(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
-        return [m.public_info() for m in self._members.values()], []
+        hung_up = self._hung_up()
+        return [m.public_info() for m in self._members.values() if m.conn not in hung_up], []
+
+    def _hung_up(self) -> set[_Conn]:
+        """Members whose connection has closed but whose thread has not caught up yet.
+
+        A peer killed a moment ago must not be listed: one poll() over every
+        member's socket tells, without a psutil call per peer.
+        """
+        poller = select.poll()
+        by_fd = {}
+        for member in self._members.values():
+            try:
+                fd = member.conn.sock.fileno()
+            except OSError:
+                continue
+            if fd >= 0:
+                by_fd[fd] = member.conn
+                poller.register(fd, select.POLLRDHUP)
+        return {by_fd[fd] for fd, events in poller.poll(0)
+                if events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)}
 
     def _op_lookup(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
         name = str(args.get("name"))
