@@ -44,6 +44,12 @@ def peer_stopped(peer: Peer) -> None:
 def current_peer() -> Peer:
     """The peer this process's calls and events go through, started on demand."""
     global _default
+    live = _live
+    if live:
+        try:
+            return live[-1]  # the common case needs no lock: list reads are atomic
+        except IndexError:
+            pass
     with _lock:
         if _live:
             return _live[-1]

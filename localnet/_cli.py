@@ -272,6 +272,8 @@ def _remote_failure(exc: BaseException, options: argparse.Namespace) -> int:
 
 def _cmd_emit(options: argparse.Namespace) -> int:
     """``localnet emit EVENT ARG...``: trigger an event and wait until it was handled."""
+    if not options.event:
+        raise UsageError("EVENT must be a non-empty event name")
     args, kwargs = parse_arguments(options.args)
     with _peer(options, group=options.group, hub=options.hub or None) as me:
         me.publish(options.event, args, kwargs)
@@ -332,6 +334,8 @@ def _cmd_listen(options: argparse.Namespace) -> int:
     """``localnet listen EVENT...``: print events as they arrive, until a signal or ``--count``."""
     if options.count is not None and options.count < 1:
         raise UsageError("--count must be at least 1")
+    if not all(options.events):
+        raise UsageError("EVENT must be a non-empty event name")
     done = threading.Event()
     printer = _Printer(options.json, options.count, done)
     for name in dict.fromkeys(options.events):

@@ -15,6 +15,7 @@ A started peer owns:
 from __future__ import annotations
 
 import getpass
+import pickle
 import itertools
 import logging
 import os
@@ -47,6 +48,7 @@ from .errors import (
 logger = logging.getLogger("localnet.peer")
 
 _counter = itertools.count()
+_REPLY = int(Kind.REPLY)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -421,7 +423,7 @@ class Peer:
         does not pickle.
         """
         self._require_running()
-        payload = self._dumps_call(event, args, kwargs, f"an argument of event {event!r}")
+        payload = self._dumps_call(event, args, kwargs, "an argument of event")
         targets = self._routes.get(event)
         if type(payload) is bytes:
             if targets:
@@ -461,11 +463,14 @@ class Peer:
         """
         if self.state is not State.RUNNING:
             self._require_running()
-        name = target if isinstance(target, str) else target.name
+        name = target if type(target) is str else target.name  # type: ignore[union-attr]
         channel = self._channels.get(name)
         if channel is None or channel.broken is not None:
             channel = self._open_channel(name, target)
-        payload = self._dumps_call(connection, args, kwargs, f"an argument of {connection!r}")
+        payload = _serial.dumps_call(connection, args, kwargs, "an argument of",
+                                     self.shm_threshold)
+        if len(payload) > self.max_frame:
+            self._too_big(payload, f"an argument of {connection!r}")
         self._counts[0] += 1
         if type(payload) is bytes:
             kind, body, fds, ident = channel.request(payload, timeout)
@@ -480,11 +485,11 @@ class Peer:
                 payload.settle()
                 raise
             payload.settle()  # answered: the callee holds what it still uses
-        if kind == Kind.REPLY:
+        if kind == _REPLY:
             if not fds:
-                return _serial.loads(body, f"the result of {connection!r}")
+                return _serial.loads(body, "the result of", None, connection)
             try:
-                return _serial.loads(body, f"the result of {connection!r}", fds)
+                return _serial.loads(body, "the result of", fds, connection)
             finally:
                 channel.taken(ident)
         raise _serial.loads_exception(body)
@@ -492,10 +497,11 @@ class Peer:
     def _dumps_call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                     what: str) -> bytes | _serial.Payload:
         payload = _serial.dumps_call(name, args, kwargs, what, self.shm_threshold)
-        self._check_size(payload, what)
+        if len(payload) > self.max_frame:
+            self._too_big(payload, f"{what} {name!r}")
         return payload
 
-    def _check_size(self, payload: bytes | _serial.Payload, what: str) -> None:
+    def _too_big(self, payload: bytes | _serial.Payload, what: str) -> None:
         if len(payload) > self.max_frame:
             if isinstance(payload, _serial.Payload):
                 payload.settle()
@@ -564,14 +570,21 @@ class Peer:
         """Run one incoming call; returns the reply's kind and body."""
         self._counts[1] += 1
         try:
-            connection, args, kwargs = _serial.loads(body, "the call's arguments", fds)
+            if fds or body[:1] != b"\x80":
+                connection, args, kwargs = _serial.loads(body, "the call's arguments", fds)
+            else:
+                try:
+                    connection, args, kwargs = pickle.loads(body)
+                except Exception:
+                    connection, args, kwargs = _serial.loads(body, "the call's arguments")
             func = CATALOG.connections.get(connection)
             if func is None:
                 raise UnknownConnection(connection, self.name, list(CATALOG.connections))
             result = func(*args, **kwargs)
-            reply = _serial.dumps(result, f"the result of {connection!r}", self.shm_threshold)
-            self._check_size(reply, f"the result of {connection!r}")
-            return Kind.REPLY, reply
+            reply = _serial.dumps(result, "the result of", self.shm_threshold, connection)
+            if len(reply) > self.max_frame:
+                self._too_big(reply, f"the result of {connection!r}")
+            return _REPLY, reply
         except BaseException as exc:
             self._counts[2] += 1
             tb = exc.__traceback__

@@ -27,6 +27,7 @@ from ._wire import DEFAULT_MAX_FRAME, FrameReader, Kind, ProtocolError, encode_c
 from .errors import ConnectionLost, Timeout, UnknownConnection
 
 _allocate_lock = threading.Lock
+_CALL, _REPLY, _ERROR, _TAKEN = int(Kind.CALL), int(Kind.REPLY), int(Kind.ERROR), int(Kind.TAKEN)
 
 
 class _Call:
@@ -84,48 +85,58 @@ class CallChannel:
             ConnectionLost: the connection broke or the peer went away.
             Timeout: no answer within ``timeout`` seconds.
         """
-        call = _Call()
-        with self._lock:
+        lock = self._lock
+        with lock:
             if self.broken is not None:
                 raise ConnectionLost(f"the connection to peer {self.target!r} is closed")
             self._next_id += 1
             ident = self._next_id
-            self._pending[ident] = call
+            if self._reading:
+                call: _Call | None = _Call()
+                self._pending[ident] = call  # type: ignore[assignment]
+            else:
+                self._reading = True  # nobody reads: this thread will
+                call = None
         try:
             with self._send_lock:
-                send_frame(self._sock, Kind.CALL, ident, payload, fds)
+                send_frame(self._sock, _CALL, ident, payload, fds)
         except OSError as exc:
             self._break(ConnectionLost(f"peer {self.target!r} went away: {exc}"))
+            if call is None:
+                self._leave_reading()
+            raise ConnectionLost(f"peer {self.target!r} went away: {exc}") from exc
         deadline = None if timeout is None else time.monotonic() + timeout
+        if call is None:
+            return self._lead(ident, deadline)
         while True:
-            with self._lock:
-                if call.done:
-                    break
-                lead = not self._reading
-                if lead:
-                    self._reading = True
-            if lead:
-                self._lead(call, deadline)
-                continue
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 self._give_up(ident, call)
-                continue
-            got = call.wake.acquire(True, -1 if remaining is None else remaining)
-            with self._lock:
-                if got or call.signaled:
-                    if not got:
-                        call.wake.acquire()
-                    call.signaled = False
-        if call.error is not None:
-            raise call.error
-        return call.kind, call.body, call.fds, ident
+            elif not call.done:
+                got = call.wake.acquire(True, -1 if remaining is None else remaining)
+                with lock:
+                    if got or call.signaled:
+                        if not got:
+                            call.wake.acquire()
+                        call.signaled = False
+            with lock:
+                if not call.done and not self._reading:
+                    self._reading = True  # the reader left: take over
+                    lead = True
+                else:
+                    lead = False
+            if lead:
+                return self._lead(ident, deadline)
+            if call.done:
+                if call.error is not None:
+                    raise call.error
+                return call.kind, call.body, call.fds, ident
 
     def taken(self, ident: int) -> None:
         """Tell the callee we mapped the shared memory of answer ``ident``."""
         try:
             with self._send_lock:
-                send_frame(self._sock, Kind.TAKEN, ident)
+                send_frame(self._sock, _TAKEN, ident)
         except OSError:
             pass  # the callee went away; it settles its segments itself
 
@@ -143,53 +154,58 @@ class CallChannel:
             call.signaled = True
             call.wake.release()
 
-    def _lead(self, call: _Call, deadline: float | None) -> None:
-        """Read answers until ``call`` has its own, then pass the reading role on."""
+    def _lead(self, ident: int, deadline: float | None
+              ) -> tuple[int, bytes | bytearray, list[int], int]:
+        """Read answers until the one for ``ident``; pass the others to their callers."""
+        reader, lock, pending = self._reader, self._lock, self._pending
         try:
-            while not call.done:
+            while True:
                 if deadline is None:
-                    kind, ident, body, fds = self._reader.read()
+                    kind, got, body, fds = reader.read()
                 else:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        self._give_up_lead(call)
-                        break
+                        with lock:
+                            pending.pop(ident, None)
+                        raise Timeout(f"peer {self.target!r} did not answer within the timeout")
                     try:
-                        kind, ident, body, fds = self._reader.read(remaining)
+                        kind, got, body, fds = reader.read(remaining)
                     except socket.timeout:
                         continue
-                if kind not in (Kind.REPLY, Kind.ERROR):
+                if kind != _REPLY and kind != _ERROR:
                     raise ProtocolError(f"unexpected {Kind(kind).name} frame on a call channel")
-                with self._lock:
-                    target = self._pending.pop(ident, None)
-                    if target is None:  # the answer to a call that timed out
-                        if fds:
-                            _close_fds(fds)
-                            self.taken(ident)
-                        continue
-                    target.kind, target.body, target.fds = kind, body, fds
-                    target.done = True
-                    if target is not call:
+                if got == ident:
+                    if pending:
+                        with lock:
+                            pending.pop(ident, None)
+                    return kind, body, fds, ident
+                with lock:
+                    target = pending.pop(got, None)
+                    if target is not None:
+                        target.kind, target.body, target.fds = kind, body, fds
+                        target.done = True
                         self._signal(target)
+                if target is None and fds:  # the answer to a call that timed out
+                    _close_fds(fds)
+                    self.taken(got)
+        except Timeout:
+            raise  # a TimeoutError, hence an OSError: not a broken connection
         except EOFError:
-            self._break(ConnectionLost(f"peer {self.target!r} closed the connection"))
+            error: BaseException = ConnectionLost(f"peer {self.target!r} closed the connection")
         except (OSError, ProtocolError) as exc:
-            self._break(ConnectionLost(f"peer {self.target!r} went away: {exc}"))
+            error = ConnectionLost(f"peer {self.target!r} went away: {exc}")
         finally:
-            with self._lock:
-                self._reading = False
-                for other in self._pending.values():
-                    if not other.done:
-                        self._signal(other)
-                        break
+            self._leave_reading()
+        self._break(error)
+        raise error
 
-    def _give_up_lead(self, call: _Call) -> None:
+    def _leave_reading(self) -> None:
         with self._lock:
-            for ident, pending in list(self._pending.items()):
-                if pending is call:
-                    del self._pending[ident]
-            call.done = True
-            call.error = Timeout(f"peer {self.target!r} did not answer within the timeout")
+            self._reading = False
+            for other in self._pending.values():
+                if not other.done:
+                    self._signal(other)  # it takes over the reading
+                    break
 
     def _break(self, error: BaseException) -> None:
         with self._lock:

@@ -165,10 +165,12 @@ class Payload:
             (_shm.POOL.abandon if self._abandoned else _shm.POOL.release)(segment)
 
 
-def dumps(obj: Any, what: str = "value", threshold: int | None = None) -> bytes | Payload:
+def dumps(obj: Any, what: str = "value", threshold: int | None = None,
+          name: str | None = None) -> bytes | Payload:
     """Pickle ``obj`` for another peer.
 
-    ``what`` names the value in the error message ("argument of render").
+    ``what`` (and ``name``, when given) name the value in the error message
+    ("an argument of 'render'"); they are formatted only on error.
     With a ``threshold``, buffers of that many bytes or more go to shared
     memory and a :class:`Payload` is returned.
 
@@ -195,7 +197,7 @@ def dumps(obj: Any, what: str = "value", threshold: int | None = None) -> bytes 
         data = _pickle(obj, threshold, out_of_band)
     except Exception as exc:
         raise SerializationError(
-            f"cannot send {what}: {type(exc).__name__}: {exc}. "
+            f"cannot send {_label(what, name)}: {type(exc).__name__}: {exc}. "
             "Pass values that pickle (cloudpickle) can serialize"
         ) from exc
     if not large:
@@ -237,14 +239,35 @@ def _to_shared(data: bytes, large: list[memoryview]) -> Payload:
     return Payload(b"O" + b"".join(table) + data, fds, segments, keep)
 
 
+def _label(what: str, name: str | None) -> str:
+    return f"{what} {name!r}" if name is not None else what
+
+
 def dumps_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], what: str,
                threshold: int | None = None) -> bytes | Payload:
-    """Pickle the ``(name, args, kwargs)`` triple of a call or an event."""
-    return dumps((name, args, kwargs), what, threshold)
+    """Pickle the ``(name, args, kwargs)`` triple of a call or an event.
+
+    ``what`` is "an argument of" or "an argument of event"; the error names
+    ``name`` after it.
+    """
+    # Fast path: builtin values only, checked argument by argument.
+    for value in args:
+        if type(value) not in _SCALARS and not _plain(value, 2):
+            break
+    else:
+        for value in kwargs.values():
+            if type(value) not in _SCALARS and not _plain(value, 2):
+                break
+        else:
+            try:
+                return pickle.dumps((name, args, kwargs), PROTOCOL)
+            except Exception:
+                pass  # cloudpickle below says what is wrong
+    return dumps((name, args, kwargs), what, threshold, name)
 
 
 def loads(data: bytes | bytearray | memoryview, what: str = "value",
-          fds: list[int] | None = None) -> Any:
+          fds: list[int] | None = None, name: str | None = None) -> Any:
     """Rebuild an object from :func:`dumps` output; takes ownership of ``fds``.
 
     Raises:
@@ -258,7 +281,7 @@ def loads(data: bytes | bytearray | memoryview, what: str = "value",
         return pickle.loads(data)
     except Exception as exc:
         raise SerializationError(
-            f"cannot rebuild {what}: {type(exc).__name__}: {exc}"
+            f"cannot rebuild {_label(what, name)}: {type(exc).__name__}: {exc}"
         ) from exc
 
 

@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any, Protocol
 
 from . import _liveness
@@ -35,6 +36,8 @@ from ._wire import FrameReader, Kind, ProtocolError, decode_control, send_frame
 logger = logging.getLogger("localnet.server")
 
 _HELLO_TIMEOUT = 10.0
+HAND_OVER_AFTER = 0.002  # a handler running longer than this hands the connection on
+_CALL = int(Kind.CALL)
 
 
 class Host(Protocol):
@@ -74,6 +77,8 @@ class Server:
         self._socks: set[socket.socket] = set()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._watchdog = _Watchdog()
+        self.watch = self._watchdog.watch
 
     def start(self) -> None:
         self._thread = spawn_thread(self._accept_loop, name="localnet-accept")
@@ -150,6 +155,7 @@ class Server:
                 return
             self._closed = True
             socks = list(self._socks)
+        self._watchdog.close()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -169,7 +175,15 @@ class Server:
 
 
 class _CallConnection:
-    """Leader/followers over one caller's connection (see the module docstring)."""
+    """Leader/followers over one caller's connection (see the module docstring).
+
+    The thread holding the reading role runs each request itself.  The role
+    passes to another thread of the connection (an idle one, or a new one up
+    to ``max_workers``) when a request is already waiting in the buffer, or
+    when the server's watchdog sees a handler running longer than
+    ``HAND_OVER_AFTER``.  ``generation`` counts hand-overs: a thread that
+    finds it changed after its handler knows the role went on without it.
+    """
 
     def __init__(self, server: Server, sock: socket.socket, reader: FrameReader) -> None:
         self.server = server
@@ -179,35 +193,53 @@ class _CallConnection:
         self.send_lock = threading.Lock()
         self.idle: list[Any] = []
         self.threads = 1
-        self.reading = True
+        self.generation = 0
+        self.busy_since = 0.0  # when the role holder began its handler; 0 while it reads
         self.closed = False
         self.results: dict[int, Payload] = {}  # replies in shared memory, until TAKEN
 
     def run(self) -> None:
         """The body of every thread of this connection."""
         host = self.server.host
+        reader, sock, lock, watch = self.reader, self.sock, self.lock, self.server.watch
+        monotonic = time.monotonic
         try:
             while True:
-                kind, ident, body, fds = self.reader.read()
-                if kind == Kind.TAKEN:
-                    with self.lock:
-                        done = self.results.pop(ident, None)
-                    if done is not None:
-                        done.settle()
+                kind, ident, body, fds = reader.read()
+                if kind != _CALL:
+                    self._control(kind, ident)
                     continue
-                if kind != Kind.CALL:
-                    raise ProtocolError(f"unexpected {Kind(kind).name} frame on a call channel")
-                self._pass_reading_role()
+                if reader.buffered():
+                    with lock:
+                        generation = self.generation
+                        self._hand_over()  # another request waits: let it be read now
+                else:
+                    # No lock: only the watchdog hands over, and only once
+                    # busy_since is set, which happens after this read.
+                    generation = self.generation
+                    self.busy_since = monotonic()
+                    watch(self)
                 reply_kind, payload = host.run_call(body, fds)
-                if isinstance(payload, Payload):
-                    with self.lock:
+                if type(payload) is bytes:
+                    with self.send_lock:
+                        send_frame(sock, reply_kind, ident, payload)
+                else:
+                    assert isinstance(payload, Payload)
+                    with lock:
                         self.results[ident] = payload
                     with self.send_lock:
-                        send_frame(self.sock, reply_kind, ident, payload.body, payload.fds)
-                else:
-                    with self.send_lock:
-                        send_frame(self.sock, reply_kind, ident, payload)
-                if not self._take_reading_role():
+                        send_frame(sock, reply_kind, ident, payload.body, payload.fds)
+                with lock:
+                    if self.closed:
+                        return
+                    if self.generation == generation:
+                        self.busy_since = 0.0  # still the reader: read on
+                        continue
+                    wake = threading.Lock()
+                    wake.acquire()
+                    self.idle.append(wake)
+                wake.acquire()  # until the role comes back to this thread
+                if self.closed:
                     return
         except EOFError:
             pass
@@ -218,30 +250,35 @@ class _CallConnection:
             logger.exception("a call connection to %s failed", host.name)
         self._close()
 
-    def _pass_reading_role(self) -> None:
+    def _control(self, kind: int, ident: int) -> None:
+        if kind != Kind.TAKEN:
+            raise ProtocolError(f"unexpected {Kind(kind).name} frame on a call channel")
         with self.lock:
-            if self.idle:
-                self.idle.pop().release()
-                return
-            if self.threads >= self.server.host.max_workers:
-                self.reading = False  # nobody reads until a handler finishes
-                return
-            self.threads += 1
-        spawn_thread(self.run, name="localnet-call")
+            done = self.results.pop(ident, None)
+        if done is not None:
+            done.settle()
 
-    def _take_reading_role(self) -> bool:
-        """After a call: read on if nobody reads, else wait to be woken."""
+    def _hand_over(self) -> None:
+        """Give the reading role to another thread; called with the lock held."""
+        if self.idle:
+            self.generation += 1
+            self.busy_since = 0.0
+            self.idle.pop().release()
+        elif self.threads < self.server.host.max_workers:
+            self.generation += 1
+            self.busy_since = 0.0
+            self.threads += 1
+            spawn_thread(self.run, name="localnet-call")
+
+    def overdue(self, now: float) -> bool:
+        """Called by the watchdog: hand over if the handler runs long; True while busy."""
         with self.lock:
-            if self.closed:
+            since = self.busy_since
+            if not since or self.closed:
                 return False
-            if not self.reading:
-                self.reading = True
-                return True
-            wake = threading.Lock()
-            wake.acquire()
-            self.idle.append(wake)
-        wake.acquire()
-        return not self.closed
+            if now - since >= HAND_OVER_AFTER:
+                self._hand_over()
+            return True
 
     def _close(self) -> None:
         with self.lock:
@@ -255,3 +292,52 @@ class _CallConnection:
         for result in results:
             result.abandon()  # the caller may still map it from its buffer: never reuse
         self.server.drop(self.sock, self.reader)
+
+
+class _Watchdog:
+    """One thread per server that hands the reading role on when a handler runs long.
+
+    It sleeps on an event while nothing runs; while handlers run it looks
+    every ``HAND_OVER_AFTER`` seconds, so quick calls never wake anyone.
+    """
+
+    def __init__(self) -> None:
+        self._busy: dict[_CallConnection, None] = {}
+        self._wake = threading.Event()
+        self._start_lock = threading.Lock()
+        self._awake = False  # mirrors _wake, read without a lock on every call
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, conn: _CallConnection) -> None:
+        self._busy[conn] = None
+        if not self._awake:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = spawn_thread(self._loop, name="localnet-watchdog")
+            self._awake = True
+            self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            quiet = 0
+            while not self._closed and quiet < 50:
+                time.sleep(HAND_OVER_AFTER)  # the watchdog's period, not synchronisation
+                now = time.monotonic()
+                busy = False
+                for conn in list(self._busy):
+                    if conn.overdue(now):
+                        busy = True
+                    else:
+                        self._busy.pop(conn, None)
+                quiet = 0 if busy else quiet + 1
+            self._awake = False
+            self._wake.clear()
+            if self._busy:
+                self._awake = True
+                self._wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()

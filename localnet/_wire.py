@@ -62,6 +62,7 @@ Buffer = Union[bytes, bytearray, memoryview]
 VERSION = 1
 HEADER = struct.Struct("<BBHIQ")
 HEADER_SIZE = HEADER.size
+_pack = HEADER.pack
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 MAX_FDS = 64  # per frame; more buffers than this travel in several segments' stead inline
 
@@ -114,17 +115,19 @@ def send_frame(
 
     Raises OSError when the socket is broken; callers translate it.
     """
-    length = len(body) if not isinstance(body, memoryview) else body.nbytes
-    header = HEADER.pack(VERSION, kind, len(fds), length, ident)
+    length = len(body)
+    if not fds and length <= _SMALL_SEND:
+        sock.sendall(_pack(VERSION, kind, 0, length, ident) + body)
+        return
+    if isinstance(body, memoryview):
+        length = body.nbytes
+    header = _pack(VERSION, kind, len(fds), length, ident)
     if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))]
         sent = sock.sendmsg([header, body], ancillary)
-        _send_rest(sock, header, body, sent)
-    elif length <= _SMALL_SEND:
-        sock.sendall(header + bytes(body) if not isinstance(body, bytes) else header + body)
     else:
         sent = sock.sendmsg([header, body])
-        _send_rest(sock, header, body, sent)
+    _send_rest(sock, header, body, sent)
 
 
 def send_raw(sock: socket.socket, data: Buffer) -> None:
@@ -145,9 +148,9 @@ def _send_rest(sock: socket.socket, header: bytes, body: Buffer, sent: int) -> N
 class FrameReader:
     """Reads frames from one socket, through one buffer, by one thread at a time.
 
-    ``read()`` returns ``(kind, ident, body, fds)``; ``body`` is a ``bytes``
-    copy for small frames and a dedicated ``bytearray`` for large ones, so it
-    stays valid after the next read.  Descriptors that arrive are owned by
+    ``read()`` returns ``(kind, ident, body, fds)``; ``body`` is a
+    ``bytearray`` of its own (a copy for small frames), so it stays valid
+    after the next read.  Descriptors that arrive are owned by
     the caller of the ``read()`` that returns them; descriptors still queued
     when the reader is closed are closed.
     """
@@ -188,9 +191,42 @@ class FrameReader:
                 (the partial frame stays buffered).
             OSError: the socket failed.
         """
-        if self._end - self._start < HEADER_SIZE:
+        start, end = self._start, self._end
+        if start == end and timeout is None:
+            # The common case: nothing buffered; one system call, no helpers.
+            if self._with_fds:
+                end, ancdata, flags, _ = self._sock.recvmsg_into([self._view], _CMSG_SPACE)
+                if ancdata or flags & _MSG_CTRUNC:
+                    self._take_ancillary(ancdata, flags)
+            else:
+                end = self._sock.recv_into(self._view)
+            if not end:
+                raise EOFError("connection closed")
+            start = self._start = 0
+            self._end = end
+        if end - start < HEADER_SIZE:
             self._fill(HEADER_SIZE, timeout)
-        version, kind, nfds, length, ident = HEADER.unpack_from(self._buf, self._start)
+            start, end = self._start, self._end
+        version, kind, nfds, length, ident = HEADER.unpack_from(self._buf, start)
+        if version != VERSION or kind not in _KINDS or length > self.max_frame \
+                or nfds > MAX_FDS:
+            self._reject(version, kind, length, nfds)
+        total = HEADER_SIZE + length
+        if end - start < total:
+            if total > len(self._buf):
+                body_big = self._read_large(length, timeout)
+                return kind, ident, body_big, self._take_fds(nfds)
+            self._fill(total, timeout)
+            start, end = self._start, self._end
+        body = self._buf[start + HEADER_SIZE: start + total]
+        start += total
+        if start == end:
+            self._start = self._end = 0
+        else:
+            self._start = start
+        return kind, ident, body, self._take_fds(nfds) if nfds else []
+
+    def _reject(self, version: int, kind: int, length: int, nfds: int) -> None:
         if version != VERSION:
             raise ProtocolError(f"unsupported protocol version {version} (expected {VERSION})")
         if kind not in _KINDS:
@@ -199,21 +235,7 @@ class FrameReader:
             raise ProtocolError(
                 f"frame of {length} bytes exceeds the {self.max_frame}-byte limit"
             )
-        if nfds > MAX_FDS:
-            raise ProtocolError(f"frame declares {nfds} descriptors (at most {MAX_FDS})")
-        total = HEADER_SIZE + length
-        if self._end - self._start < total:
-            if total <= len(self._buf):
-                self._fill(total, timeout)
-            else:
-                body_big = self._read_large(length, timeout)
-                return kind, ident, body_big, self._take_fds(nfds)
-        start = self._start + HEADER_SIZE
-        body = bytes(self._view[start : start + length])
-        self._start += total
-        if self._start == self._end:
-            self._start = self._end = 0
-        return kind, ident, body, self._take_fds(nfds)
+        raise ProtocolError(f"frame declares {nfds} descriptors (at most {MAX_FDS})")
 
     def _take_fds(self, nfds: int) -> list[int]:
         if not nfds:
@@ -259,6 +281,11 @@ class FrameReader:
         if not self._with_fds:
             return self._sock.recv_into(view)
         n, ancdata, flags, _ = self._sock.recvmsg_into([view], _CMSG_SPACE)
+        if ancdata or flags & _MSG_CTRUNC:
+            self._take_ancillary(ancdata, flags)
+        return n
+
+    def _take_ancillary(self, ancdata: list[tuple[int, int, bytes]], flags: int) -> None:
         for level, ctype, data in ancdata:
             if level == _SOL_SOCKET and ctype == _SCM_RIGHTS:
                 fds = array.array("i")
@@ -266,7 +293,6 @@ class FrameReader:
                 self._fds.extend(fds)
         if flags & _MSG_CTRUNC:
             raise ProtocolError("too many descriptors in one message")
-        return n
 
     def _wait_readable(self, timeout: float) -> None:
         if self._poll is None:
