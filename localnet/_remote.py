@@ -16,6 +16,7 @@ its own thread, and concurrent callers still share one connection.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import threading
@@ -68,8 +69,9 @@ class CallChannel:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Call] = {}
-        self._reading = False
-        self._next_id = 0
+        self._role = threading.Lock()  # held by the thread reading answers
+        self._ids = itertools.count(1)
+        self._closed = False
         self.broken: BaseException | None = None
 
     def __repr__(self) -> str:
@@ -85,29 +87,34 @@ class CallChannel:
             ConnectionLost: the connection broke or the peer went away.
             Timeout: no answer within ``timeout`` seconds.
         """
-        lock = self._lock
-        with lock:
-            if self.broken is not None:
-                raise ConnectionLost(f"the connection to peer {self.target!r} is closed")
-            self._next_id += 1
-            ident = self._next_id
-            if self._reading:
-                call: _Call | None = _Call()
-                self._pending[ident] = call  # type: ignore[assignment]
-            else:
-                self._reading = True  # nobody reads: this thread will
-                call = None
+        if self.broken is not None:
+            raise ConnectionLost(f"the connection to peer {self.target!r} is closed")
+        ident = next(self._ids)
+        # The reading role is a lock taken without blocking.  A lone caller
+        # takes it and nothing else; a caller that finds it taken registers
+        # first and then tries it, while a leaving reader releases it first
+        # and then looks for registered callers: one of the two always sees
+        # the other.
+        lead = self._role.acquire(False)
+        call = None
+        if not lead:
+            call = _Call()
+            self._pending[ident] = call
+            lead = self._role.acquire(False)
         try:
             with self._send_lock:
                 send_frame(self._sock, _CALL, ident, payload, fds)
         except OSError as exc:
-            self._break(ConnectionLost(f"peer {self.target!r} went away: {exc}"))
-            if call is None:
+            error = ConnectionLost(f"peer {self.target!r} went away: {exc}")
+            self._break(error)
+            if lead:
                 self._leave_reading()
-            raise ConnectionLost(f"peer {self.target!r} went away: {exc}") from exc
+            raise error from exc
         deadline = None if timeout is None else time.monotonic() + timeout
-        if call is None:
+        if lead:
             return self._lead(ident, deadline)
+        assert call is not None
+        lock = self._lock
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -119,18 +126,15 @@ class CallChannel:
                         if not got:
                             call.wake.acquire()
                         call.signaled = False
-            with lock:
-                if not call.done and not self._reading:
-                    self._reading = True  # the reader left: take over
-                    lead = True
-                else:
-                    lead = False
-            if lead:
-                return self._lead(ident, deadline)
             if call.done:
                 if call.error is not None:
                     raise call.error
                 return call.kind, call.body, call.fds, ident
+            if self._role.acquire(False):
+                if call.done:  # answered while we took the role
+                    self._leave_reading()
+                    continue
+                return self._lead(ident, deadline)
 
     def taken(self, ident: int) -> None:
         """Tell the callee we mapped the shared memory of answer ``ident``."""
@@ -176,8 +180,7 @@ class CallChannel:
                     raise ProtocolError(f"unexpected {Kind(kind).name} frame on a call channel")
                 if got == ident:
                     if pending:
-                        with lock:
-                            pending.pop(ident, None)
+                        pending.pop(ident, None)
                     return kind, body, fds, ident
                 with lock:
                     target = pending.pop(got, None)
@@ -200,12 +203,15 @@ class CallChannel:
         raise error
 
     def _leave_reading(self) -> None:
-        with self._lock:
-            self._reading = False
-            for other in self._pending.values():
-                if not other.done:
-                    self._signal(other)  # it takes over the reading
-                    break
+        if self.broken is not None:
+            self._close_socket()  # nobody will read again
+        self._role.release()
+        if self._pending:  # someone may be waiting for the role
+            with self._lock:
+                for other in list(self._pending.values()):
+                    if not other.done:
+                        self._signal(other)  # it takes over the reading
+                        break
 
     def _break(self, error: BaseException) -> None:
         with self._lock:
@@ -226,9 +232,13 @@ class CallChannel:
     def close(self) -> None:
         """Fail pending calls and close the socket; idempotent."""
         self._break(ConnectionLost(f"the connection to peer {self.target!r} was closed"))
-        with self._lock:
-            reading = self._reading
-        if not reading:
+        if self._role.acquire(False):  # nobody reads: safe to close the socket now
+            self._close_socket()
+            self._role.release()
+
+    def _close_socket(self) -> None:
+        if not self._closed:
+            self._closed = True
             self._reader.close()
             self._sock.close()
 
