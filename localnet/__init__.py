@@ -17,7 +17,11 @@ and the registry process, which needs none of them, start quickly.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
+
+# The library never configures logging; applications (or LOCALNET_DEBUG) do.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0.dev0"
 

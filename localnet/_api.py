@@ -242,7 +242,7 @@ def unsubscribe(handler: Callable[..., Any], name: str | None = None) -> int:
     publishers know of it when this returns.
     """
     removed = CATALOG.remove_subscriptions(
-        lambda s: s.handler is handler and (name is None or s.event == name))
+        lambda s: s.handler == handler and (name is None or s.event == name))
     return len(removed)
 
 
@@ -310,12 +310,14 @@ def serve_forever(peer: Peer | None = None, *, ready: Callable[[], Any] | None =
     """Start ``peer`` (the default peer when None) and serve until SIGINT or SIGTERM.
 
     ``ready`` is called once the peer is live and the signals are handled
-    (to tell a supervisor or a test that it may proceed).  Must be called
-    from the main thread; the peer is closed before it returns.
+    (to tell a supervisor or a test that it may proceed).  ``peer.close()``
+    from another thread (a handler, say) also ends it.  Must be called from
+    the main thread; the peer is closed before it returns.
     """
     target = peer if peer is not None else current_peer()
     target.start()
     stopper = Stopper()
+    target._stoppers.append(stopper.stop)  # noqa: SLF001 - close() from any thread ends the wait
     try:
         wait_for_stop(stopper, ready=ready)
     finally:

@@ -66,6 +66,7 @@ class Outbox:
         self._congested = False
         self._writer_idle = False
         self.closed = False
+        self.retiring = False
         self.counts: dict[str, list[int]] = {}
         self._sock: socket.socket | None = None
         self._writer = spawn_thread(self._write_loop, name="localnet-outbox")
@@ -86,8 +87,8 @@ class Outbox:
             counts = self.counts.get(event)
             if counts is None:
                 counts = self.counts[event] = [0, 0, 0, 0]
-            if self.closed or (self.seq - self.acked >= self.limit
-                               and not self._wait_for_room()):
+            if self.closed or self.retiring or (self.seq - self.acked >= self.limit
+                                                and not self._wait_for_room()):
                 counts[_DROPPED] += 1
                 if type(payload) is not bytes:
                     payload.settle()  # type: ignore[union-attr]
@@ -216,6 +217,24 @@ class Outbox:
                     self._congested = False
                     logger.info("subscriber %r caught up", self.name)
                 self._has_room.notify_all()
+                settled = self.retiring and self.acked >= self.seq
+            if settled:
+                self.close()
+                return
+
+    def retire(self) -> None:
+        """Take no more events; close once those already sent are acknowledged.
+
+        For a subscriber that unsubscribed or left: what it was sent still
+        reaches it (it drains its channels before closing).
+        """
+        with self._lock:
+            if self.closed:
+                return
+            self.retiring = True
+            settled = self.acked >= self.seq
+        if settled:
+            self.close()
 
     def _fail(self, reason: str) -> None:
         if self.close():

@@ -25,7 +25,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from . import _liveness, _paths, _serial, _shm
 from ._catalog import CATALOG, Subscription
@@ -224,6 +224,7 @@ class Peer:
         self._wanted: dict[str, set[str]] = {}  # subscriber name -> events it wants from us
         self._retired: list[Outbox] = []
         self._received: dict[str, list[int]] = {}
+        self._stoppers: list[Callable[[], None]] = []  # serve_forever() waits
         self._counts = [0, 0, 0]  # calls made, calls served, call errors
 
     def __repr__(self) -> str:
@@ -297,14 +298,17 @@ class Peer:
             self._channels.clear()
             self._outboxes.clear()
             self._routes = {}
-        if registry is not None:
-            registry.close()
-        if server is not None:
-            server.close()
-        for channel in channels:
-            channel.close()
+            stoppers, self._stoppers = self._stoppers, []
         for outbox in outboxes:
             outbox.close()
+        if registry is not None:
+            registry.close()  # publishers now send us nothing new ...
+        if server is not None:
+            server.close(drain=self.linger)  # ... and what they sent is handled and acknowledged
+        for channel in channels:
+            channel.close()
+        for stopper in stoppers:
+            stopper()
         self._started.set()
         logger.debug("%r closed", self)
 
@@ -365,7 +369,7 @@ class Peer:
         name = str(entry["name"])
         outbox = self._outboxes.get(name)
         key = (name, int(entry["pid"]), float(entry["started"]), str(entry["address"]))
-        if outbox is not None and (outbox.key != key or outbox.closed):
+        if outbox is not None and (outbox.key != key or outbox.closed or outbox.retiring):
             self._retire(outbox)
             outbox = None
         if outbox is None:
@@ -386,7 +390,7 @@ class Peer:
                 self._retire(outbox)
 
     def _retire(self, outbox: Outbox) -> None:
-        outbox.close()
+        outbox.retire()
         self._retired.append(outbox)
         if self._outboxes.get(outbox.name) is outbox:
             del self._outboxes[outbox.name]
@@ -403,7 +407,9 @@ class Peer:
 
     def _outbox_died(self, outbox: Outbox, reason: str) -> None:
         alive = _liveness.is_alive(outbox.pid, outbox.started)
-        if alive:
+        if alive and (outbox.retiring or self.state is not State.RUNNING):
+            logger.debug("subscriber %r left: %s", outbox.name, reason)
+        elif alive:
             logger.warning("subscriber %r (pid %d) dropped its event channel: %s",
                            outbox.name, outbox.pid, reason)
         else:

@@ -75,6 +75,7 @@ class Server:
             raise
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
+        self._event_channels: list[threading.Event] = []
         self._closed = False
         self._thread: threading.Thread | None = None
         self._watchdog = _Watchdog()
@@ -140,6 +141,17 @@ class Server:
     def _receive_events(self, sock: socket.socket, reader: FrameReader,
                         publisher: dict[str, Any]) -> None:
         receive = self.host.receive_event
+        done = threading.Event()
+        with self._lock:
+            self._event_channels.append(done)
+        try:
+            self._receive_loop(sock, reader, publisher, receive)
+        finally:
+            done.set()
+
+    @staticmethod
+    def _receive_loop(sock: socket.socket, reader: FrameReader, publisher: dict[str, Any],
+                      receive: Any) -> None:
         while True:
             kind, seq, body, fds = reader.read()
             if kind != Kind.EVENT:
@@ -148,19 +160,31 @@ class Server:
             if not reader.has_frame():
                 send_frame(sock, Kind.ACK, seq)
 
-    def close(self) -> None:
-        """Stop accepting, close every connection and remove the socket file."""
+    def close(self, drain: float = 0.0) -> None:
+        """Stop accepting, close every connection and remove the socket file.
+
+        With ``drain``, first wait up to that many seconds for publishers to
+        close their event channels: events already on their way are handled
+        and acknowledged (publishers close once told this peer has left).
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            socks = list(self._socks)
         self._watchdog.close()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._listener.close()
+        deadline = time.monotonic() + drain
+        with self._lock:
+            channels = list(self._event_channels)
+        for done in channels:
+            if not done.wait(max(0.0, deadline - time.monotonic())):
+                break
+        with self._lock:
+            socks = list(self._socks)
         for sock in socks:
             try:
                 sock.shutdown(socket.SHUT_RDWR)

@@ -454,3 +454,63 @@ def test_handlers_know_which_publisher_sent_the_event(spawn) -> None:
     assert (seen[0].event, seen[0].publisher, seen[0].group, seen[0].hub) == \
         ("tick", "pub", "render", True)
     assert localnet.current_event() is None
+
+
+def test_subscriber_that_leaves_right_after_handling_still_acknowledges(spawn) -> None:
+    script = """
+        done = threading.Event()
+
+        @localnet.subscribe("x")
+        def on_x(*args):
+            done.set()
+
+        with localnet.Peer(name="brief"):
+            say("READY")
+            done.wait(30)
+    """
+    for _ in range(5):
+        sub = spawn(script)
+        with localnet.Peer(name="pub") as pub:
+            pub.publish("x", (), {})
+            pub.flush(10)
+            assert pub.stats().published["x"] == localnet.EventCounts(1, 1, 0, 0)
+        assert sub.wait_exit() == 0
+
+
+def test_closing_a_self_subscribed_peer_logs_no_warning(caplog) -> None:
+    got: list[int] = []
+    localnet.subscribe("echo-self")(got.append)
+    try:
+        with caplog.at_level("WARNING", logger="localnet"):
+            with localnet.Peer(name="self-sub") as me:
+                me.publish("echo-self", (1,), {})
+                me.flush(10)
+        assert got == [1]
+        assert not [r for r in caplog.records if r.name.startswith("localnet")]
+    finally:
+        assert localnet.unsubscribe(got.append) == 1
+
+
+def test_library_logger_has_a_null_handler() -> None:
+    import logging
+
+    assert any(isinstance(h, logging.NullHandler)
+               for h in logging.getLogger("localnet").handlers)
+
+
+def test_close_from_a_handler_ends_serve_forever(spawn) -> None:
+    child = spawn("""
+        peer = localnet.Peer(name="stoppable")
+
+        @localnet.connect()
+        def stop():
+            threading.Thread(target=peer.close).start()
+            return "stopping"
+
+        localnet.serve_forever(peer, ready=lambda: say("READY"))
+        say("RETURNED")
+    """)
+    with localnet.Peer(name="driver"):
+        assert localnet.peer("stoppable").stop() == "stopping"
+    child.expect("RETURNED")
+    assert child.wait_exit() == 0
