@@ -12,8 +12,9 @@ from __future__ import annotations
 import atexit
 import functools
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterable, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from ._catalog import CATALOG
 from ._peer import Peer
@@ -194,10 +195,9 @@ def event(name: str) -> Callable[[Callable[P, Any]], Event[P]]:
 def _names(peers: str | RemotePeer | Iterable[str | RemotePeer] | None) -> frozenset[str] | None:
     if peers is None:
         return None
-    if isinstance(peers, (str, RemotePeer)):
-        peers = [peers]
+    items: Iterable[str | RemotePeer] = [peers] if isinstance(peers, (str, RemotePeer)) else peers
     names = []
-    for p in peers:
+    for p in items:
         if isinstance(p, RemotePeer):
             names.append(p.name)
         elif isinstance(p, str) and p:

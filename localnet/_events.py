@@ -28,7 +28,8 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import _liveness
 from ._serial import Payload

@@ -20,7 +20,7 @@ _SAME_START = 0.05
 
 def create_time(pid: int | None = None) -> float:
     """The creation time of ``pid`` (this process by default)."""
-    return psutil.Process(os.getpid() if pid is None else pid).create_time()
+    return float(psutil.Process(os.getpid() if pid is None else pid).create_time())
 
 
 def is_alive(pid: int, started: float) -> bool:
@@ -29,7 +29,7 @@ def is_alive(pid: int, started: float) -> bool:
         proc = psutil.Process(pid)
         if abs(proc.create_time() - started) > _SAME_START:
             return False
-        return proc.status() != psutil.STATUS_ZOMBIE
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return False
 

@@ -15,17 +15,18 @@ A started peer owns:
 from __future__ import annotations
 
 import getpass
-import pickle
 import itertools
 import logging
 import os
+import pickle
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from . import _liveness, _paths, _serial, _shm
 from ._catalog import CATALOG, Subscription
@@ -534,6 +535,7 @@ class Peer:
                     if attempt:
                         raise PeerNotFound(name) from None
                     address = None  # the peer may have restarted: ask the registry again
+            assert channel is not None
             self._channels[name] = channel
             return channel
 

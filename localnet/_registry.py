@@ -64,6 +64,10 @@ SEND_TIMEOUT = 2.0  # a peer that does not drain its socket for this long is dro
 DEFAULT_IDLE_EXIT = 30.0  # a spawned registry exits after this long with no peers
 
 
+_Waits = list[tuple["_Conn", threading.Event]]
+_Answer = tuple[Any, _Waits]
+
+
 class RequestError(Exception):
     """An operation refused; ``code`` names the public exception the client raises."""
 
@@ -163,7 +167,8 @@ def _parse_sub(raw: Any) -> _Sub:
             or not isinstance(raw.get("event"), str):
         raise RequestError("ProtocolError", "a subscription needs string 'id' and 'event'")
     peers = raw.get("peers")
-    if peers is not None and not (isinstance(peers, list) and all(isinstance(p, str) for p in peers)):
+    if peers is not None and not (isinstance(peers, list)
+                                  and all(isinstance(p, str) for p in peers)):
         raise RequestError("ProtocolError", "subscription 'peers' must be a list of names")
     return _Sub(raw["id"], raw["event"], peers, _opt_str(raw.get("group"), "group"),
                 bool(raw.get("hubs_only", False)))
@@ -365,7 +370,7 @@ class Registry:
             conn.reader.close()
 
     def _answer(self, conn: _Conn, ident: int, body: bytes | bytearray) -> None:
-        waits: list[tuple[_Conn, threading.Event]] = []
+        waits: _Waits = []
         try:
             message = decode_control(body)
             if not (isinstance(message, list) and len(message) == 2
@@ -398,7 +403,7 @@ class Registry:
             raise RequestError("NotRegistered", "register first")
         return conn.member
 
-    def _op_register(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+    def _op_register(self, conn: _Conn, args: dict[str, Any]) -> _Answer:
         info = _parse_info(args.get("info"))
         subs = args.get("subs", [])
         if not isinstance(subs, list):
@@ -426,13 +431,13 @@ class Registry:
         logger.debug("registered %r (pid %s)", name, info["pid"])
         return None, waits
 
-    def _op_unregister(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+    def _op_unregister(self, conn: _Conn, args: dict[str, Any]) -> _Answer:
         member = self._member_of(conn)
         self._forget(member, "unregistered")
         conn.member = None
         return None, self._sync()
 
-    def _op_update(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+    def _op_update(self, conn: _Conn, args: dict[str, Any]) -> _Answer:
         member = self._member_of(conn)
         for key in ("connections", "events"):
             value = args.get(key)
@@ -442,18 +447,18 @@ class Registry:
                 member.info[key] = value
         return None, []
 
-    def _op_subscribe(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+    def _op_subscribe(self, conn: _Conn, args: dict[str, Any]) -> _Answer:
         member = self._member_of(conn)
         sub = _parse_sub(args.get("sub"))
         member.subs[sub.id] = sub
         return None, self._sync()
 
-    def _op_unsubscribe(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+    def _op_unsubscribe(self, conn: _Conn, args: dict[str, Any]) -> _Answer:
         member = self._member_of(conn)
         member.subs.pop(str(args.get("id")), None)
         return None, self._sync()
 
-    def _op_list(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+    def _op_list(self, conn: _Conn, args: dict[str, Any]) -> _Answer:
         hung_up = self._hung_up()
         return [m.public_info() for m in self._members.values() if m.conn not in hung_up], []
 
@@ -476,7 +481,7 @@ class Registry:
         return {by_fd[fd] for fd, events in poller.poll(0)
                 if events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)}
 
-    def _op_lookup(self, conn: _Conn, args: dict[str, Any]) -> tuple[Any, list[tuple[_Conn, threading.Event]]]:
+    def _op_lookup(self, conn: _Conn, args: dict[str, Any]) -> _Answer:
         name = str(args.get("name"))
         member = self._members.get(name)
         while member is None and time.monotonic() < self._recovering_until:
@@ -495,7 +500,7 @@ class Registry:
                     wanted[key] = subscriber.subscriber_entry()
         return wanted
 
-    def _sync(self) -> list[tuple[_Conn, threading.Event]]:
+    def _sync(self) -> _Waits:
         """Push to every publisher the difference between what it knows and what matches."""
         waits = []
         for publisher in self._members.values():

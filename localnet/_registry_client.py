@@ -26,8 +26,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import _paths
 from ._registry import DEFAULT_IDLE_EXIT
@@ -231,7 +232,7 @@ class RegistryClient:
                 raise Timeout("the registry did not answer the registration in time")
             try:
                 kind, ident, body, _ = reader.read(remaining)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except EOFError as exc:
                 raise RegistryUnavailable("the registry closed the connection") from exc

@@ -174,7 +174,7 @@ class CallChannel:
                         raise Timeout(f"peer {self.target!r} did not answer within the timeout")
                     try:
                         kind, got, body, fds = reader.read(remaining)
-                    except socket.timeout:
+                    except TimeoutError:
                         continue
                 if kind != _REPLY and kind != _ERROR:
                     raise ProtocolError(f"unexpected {Kind(kind).name} frame on a call channel")

@@ -82,7 +82,7 @@ def _plain(value: Any, depth: int = 3) -> bool:
 def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
     view = memoryview(buffer)
     if view.format != fmt or view.shape != shape:
-        view = view.cast("B").cast(fmt, shape)
+        view = view.cast("B").cast(fmt, shape)  # type: ignore[call-overload]
     return view
 
 

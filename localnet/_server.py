@@ -124,7 +124,7 @@ class Server:
                 raise ProtocolError(f"unknown role {role!r}")
         except EOFError:
             pass
-        except (ProtocolError, OSError, socket.timeout) as exc:
+        except (TimeoutError, ProtocolError, OSError) as exc:
             logger.warning("closing a connection to %s: %s", self.host.name, exc)
         except Exception:
             logger.exception("a connection to %s failed", self.host.name)

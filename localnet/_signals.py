@@ -13,8 +13,8 @@ import select
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from types import FrameType
-from typing import Callable
 
 
 class Stopper:

@@ -52,8 +52,9 @@ import select
 import socket
 import struct
 from collections import deque
+from collections.abc import Sequence
 from enum import IntEnum
-from typing import Sequence, Union
+from typing import Union
 
 from .errors import ConnectionLost
 
@@ -179,7 +180,8 @@ class FrameReader:
         avail = self._end - self._start
         if avail < HEADER_SIZE:
             return False
-        return avail >= HEADER_SIZE + HEADER.unpack_from(self._buf, self._start)[3]
+        length: int = HEADER.unpack_from(self._buf, self._start)[3]
+        return avail >= HEADER_SIZE + length
 
     def read(self, timeout: float | None = None) -> tuple[int, int, bytes | bytearray, list[int]]:
         """Read the next frame.
@@ -299,7 +301,7 @@ class FrameReader:
             self._poll = select.poll()
             self._poll.register(self._sock.fileno(), select.POLLIN)
         if not self._poll.poll(max(0.0, timeout) * 1000.0):
-            raise socket.timeout("timed out waiting for a frame")
+            raise TimeoutError("timed out waiting for a frame")
 
     def close(self) -> None:
         """Close descriptors received but never handed out."""

@@ -7,7 +7,7 @@ Every error localnet raises derives from :class:`LocalnetError`, so one
     ├── ConfigurationError        bad keyword or environment value, unsafe runtime directory
     ├── NameTaken                 a live peer already holds that name
     ├── PeerNotFound              no live peer has that name
-    ├── UnknownConnection         the peer offers no connection of that name (also an AttributeError)
+    ├── UnknownConnection         the peer offers no such connection (also an AttributeError)
     ├── SerializationError        an argument or result could not be pickled or unpickled
     ├── RemoteError               a remote exception that could not be rebuilt locally
     ├── ConnectionLost            the other side went away (peer died, closed, or sent garbage)

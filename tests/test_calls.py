@@ -6,9 +6,9 @@ import datetime
 import threading
 
 import pytest
+from helpers import wait_until
 
 import localnet
-from helpers import wait_until
 
 SERVER = """
 import threading

@@ -9,9 +9,9 @@ import signal
 import threading
 
 import pytest
+from helpers import wait_until
 
 import localnet
-from helpers import wait_until
 
 PUBLISHER = """
 import sys
@@ -40,7 +40,8 @@ def stats():
 def outboxes():
     return sorted(peer._outboxes)
 
-peer = localnet.Peer(name=NAME, group=GROUP, hub=HUB, event_queue=int(os.environ.get("QUEUE", "10000")),
+peer = localnet.Peer(name=NAME, group=GROUP, hub=HUB,
+                     event_queue=int(os.environ.get("QUEUE", "10000")),
                      event_block=float(os.environ.get("BLOCK", "1.0")))
 peer.start()
 localnet.serve_forever(peer, ready=lambda: say("READY"))
@@ -106,10 +107,10 @@ def test_event_with_a_bad_return_value_is_a_type_error() -> None:
     def broken_event(x):
         return x
 
-    with localnet.Peer(name="solo"):
-        with pytest.raises(TypeError, match="'test_event_with_a_bad_return_value_is_a_type_error"
-                                            ".<locals>.broken_event' must return"):
-            broken_event(1)
+    with localnet.Peer(name="solo"), \
+            pytest.raises(TypeError, match="'test_event_with_a_bad_return_value_is_a_type_error"
+                                           ".<locals>.broken_event' must return"):
+        broken_event(1)
 
 
 def test_unpicklable_event_argument_fails_at_the_trigger_and_sends_nothing(spawn) -> None:
@@ -481,10 +482,10 @@ def test_closing_a_self_subscribed_peer_logs_no_warning(caplog) -> None:
     got: list[int] = []
     localnet.subscribe("echo-self")(got.append)
     try:
-        with caplog.at_level("WARNING", logger="localnet"):
-            with localnet.Peer(name="self-sub") as me:
-                me.publish("echo-self", (1,), {})
-                me.flush(10)
+        with caplog.at_level("WARNING", logger="localnet"), \
+                localnet.Peer(name="self-sub") as me:
+            me.publish("echo-self", (1,), {})
+            me.flush(10)
         assert got == [1]
         assert not [r for r in caplog.records if r.name.startswith("localnet")]
     finally:

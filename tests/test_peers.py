@@ -10,9 +10,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import registry_pid, wait_until
 
 import localnet
-from helpers import registry_pid, wait_until
 
 SERVE = """
 peer = localnet.Peer({kwargs})

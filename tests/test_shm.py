@@ -8,10 +8,10 @@ import signal
 import numpy as np
 import psutil
 import pytest
+from helpers import wait_until
 
 import localnet
 from localnet import _shm
-from helpers import wait_until
 
 pytestmark = pytest.mark.skipif(not _shm.AVAILABLE, reason="needs memfd (Linux)")
 

@@ -40,7 +40,7 @@ def closed_by_other_side(sock: socket.socket) -> bool:
                 return True
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
     finally:
         sock.close()
