@@ -148,6 +148,21 @@ def _env_number(name: str, default: float) -> float:
         raise ConfigurationError(f"{name}={raw!r} is not a number") from None
 
 
+_debug_handler: logging.Handler | None = None
+
+
+def _debug_from_env() -> None:
+    """``LOCALNET_DEBUG``: debug logging of the ``localnet`` logger to stderr, once."""
+    global _debug_handler
+    if _debug_handler is None and _env_bool("LOCALNET_DEBUG"):
+        _debug_handler = logging.StreamHandler()
+        _debug_handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"))
+        root = logging.getLogger("localnet")
+        root.addHandler(_debug_handler)
+        root.setLevel(logging.DEBUG)
+
+
 def default_name() -> str:
     """``<program>-<pid>``, the name of a peer nobody named."""
     program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
@@ -186,6 +201,7 @@ class Peer:
                  max_frame: int | None = None, event_queue: int = 10_000,
                  event_block: float = 1.0, linger: float = 2.0, max_workers: int = 32,
                  shm_threshold: int | None | str = "env") -> None:
+        _debug_from_env()
         self.name: str = name if name is not None else os.environ.get("LOCALNET_NAME") \
             or default_name()
         if not isinstance(self.name, str) or not self.name or len(self.name) > 255 \

@@ -289,3 +289,13 @@ def test_many_threads_share_the_default_peer() -> None:
     assert _api._default is not None and _api._default.state.value == "RUNNING"
     _api._default.close()
 
+
+
+def test_localnet_debug_logs_to_stderr(spawn) -> None:
+    child = spawn("""
+        with localnet.Peer(name="chatty"):
+            say("READY")
+    """, LOCALNET_DEBUG="1")
+    assert child.wait_exit() == 0
+    wait_until(lambda: any("localnet.peer" in line and "started" in line
+                           for line in child.stderr), timeout=5, what="debug lines")
