@@ -32,7 +32,7 @@ from . import _liveness, _paths, _serial, _shm
 from ._catalog import CATALOG, Subscription
 from ._events import Outbox
 from ._registry_client import RegistryClient
-from ._remote import CallChannel, RemotePeer
+from ._remote import CallChannel, NotSent, RemotePeer
 from ._server import Server
 from ._wire import DEFAULT_MAX_FRAME, Kind
 from .errors import (
@@ -50,6 +50,7 @@ logger = logging.getLogger("localnet.peer")
 
 _counter = itertools.count()
 _REPLY = int(Kind.REPLY)
+CHANNELS_PER_PEER = 8  # connections to one peer before calling threads share them
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -235,7 +236,12 @@ class Peer:
         self._started = threading.Event()
         self._server: Server | None = None
         self._registry: RegistryClient | None = None
-        self._channels: dict[str, CallChannel] = {}
+        # Calls: each calling thread gets a connection of its own to a peer
+        # (the kernel then wakes the right thread for each reply, with no
+        # hand-off), up to CHANNELS_PER_PEER per peer; more threads share
+        # them, multiplexed by request id.
+        self._channels: dict[str, list[CallChannel]] = {}
+        self._local = threading.local()
         self._outboxes: dict[str, Outbox] = {}
         self._routes: dict[str, tuple[Outbox, ...]] = {}
         self._wanted: dict[str, set[str]] = {}  # subscriber name -> events it wants from us
@@ -311,7 +317,8 @@ class Peer:
         with self._lock:
             self.state = State.CLOSED
             registry, server = self._registry, self._server
-            channels, outboxes = list(self._channels.values()), list(self._outboxes.values())
+            channels = [c for pool in self._channels.values() for c in pool]
+            outboxes = list(self._outboxes.values())
             self._channels.clear()
             self._outboxes.clear()
             self._routes = {}
@@ -487,7 +494,10 @@ class Peer:
         if self.state is not State.RUNNING:
             self._require_running()
         name = target if type(target) is str else target.name  # type: ignore[union-attr]
-        channel = self._channels.get(name)
+        try:
+            channel = self._local.channels[name]
+        except (AttributeError, KeyError):
+            channel = None
         if channel is None or channel.broken is not None:
             channel = self._open_channel(name, target)
         payload = _serial.dumps_call(connection, args, kwargs, "an argument of",
@@ -496,7 +506,13 @@ class Peer:
             self._too_big(payload, f"an argument of {connection!r}")
         self._counts[0] += 1
         if type(payload) is bytes:
-            kind, body, fds, ident = channel.request(payload, timeout)
+            try:
+                kind, body, fds, ident = channel.request(payload, timeout)
+            except NotSent:
+                # A stale connection (the peer restarted or died since this
+                # thread last called it): nothing ran; look it up again.
+                channel = self._open_channel(name, name)
+                kind, body, fds, ident = channel.request(payload, timeout)
         else:
             assert isinstance(payload, _serial.Payload)
             try:
@@ -534,9 +550,19 @@ class Peer:
                 "as NumPy arrays/bytearrays so it goes through shared memory")
 
     def _open_channel(self, name: str, target: str | RemotePeer) -> CallChannel:
+        """This thread's channel to ``name``: a new one, or a shared one at the cap."""
+        local = self._local.__dict__.setdefault("channels", {})
         with self._lock:
-            channel = self._channels.get(name)
-            if channel is not None and channel.broken is None:
+            pool = []
+            for old in self._channels.get(name, []):
+                if old.broken is None:
+                    pool.append(old)
+                else:
+                    old.close()
+            self._channels[name] = pool
+            if len(pool) >= CHANNELS_PER_PEER:
+                channel = pool[threading.get_ident() % len(pool)]
+                local[name] = channel
                 return channel
             address = target.address if isinstance(target, RemotePeer) else None
             for attempt in range(2):
@@ -552,7 +578,8 @@ class Peer:
                         raise PeerNotFound(name) from None
                     address = None  # the peer may have restarted: ask the registry again
             assert channel is not None
-            self._channels[name] = channel
+            pool.append(channel)
+            local[name] = channel
             return channel
 
     def _lookup(self, name: str) -> dict[str, Any]:

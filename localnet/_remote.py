@@ -45,6 +45,10 @@ class _Call:
         self.error: BaseException | None = None
 
 
+class NotSent(ConnectionLost):
+    """The connection was found broken before the request left: safe to retry."""
+
+
 class CallChannel:
     """A connection to one remote peer for calls; thread-safe."""
 
@@ -88,7 +92,7 @@ class CallChannel:
             Timeout: no answer within ``timeout`` seconds.
         """
         if self.broken is not None:
-            raise ConnectionLost(f"the connection to peer {self.target!r} is closed")
+            raise NotSent(f"the connection to peer {self.target!r} is closed")
         ident = next(self._ids)
         # The reading role is a lock taken without blocking.  A lone caller
         # takes it and nothing else; a caller that finds it taken registers
@@ -105,7 +109,7 @@ class CallChannel:
             with self._send_lock:
                 send_frame(self._sock, _CALL, ident, payload, fds)
         except OSError as exc:
-            error = ConnectionLost(f"peer {self.target!r} went away: {exc}")
+            error = NotSent(f"peer {self.target!r} went away: {exc}")
             self._break(error)
             if lead:
                 self._leave_reading()

@@ -5,11 +5,11 @@ process is dropped before a byte is read), then announces its role in a
 ``HELLO`` frame:
 
 * ``call``: a caller's channel.  Served by leader/followers: the thread
-  holding the reading role reads a request, passes the role to an idle
-  thread of the connection (starting one if none is idle, up to
-  ``max_workers``), runs the handler and writes the reply itself.  A slow
-  handler therefore never stalls the callers behind it, and the common path
-  has no hand-off between reading a request and running it.
+  holding the reading role reads a request, runs the handler and writes
+  the reply itself, with no hand-off between threads.  A watchdog passes
+  the reading role to another thread of the connection (an idle one, or a
+  new one up to ``max_workers``) as soon as a handler has run for 2 ms, so
+  a slow handler never stalls the callers behind it for longer than that.
 * ``events``: a publisher's channel.  One thread reads events, runs the
   handlers in order and acknowledges the last one handled whenever it has
   nothing more buffered, so acknowledgements are batched under load and
@@ -201,11 +201,11 @@ class Server:
 class _CallConnection:
     """Leader/followers over one caller's connection (see the module docstring).
 
-    The thread holding the reading role runs each request itself.  The role
-    passes to another thread of the connection (an idle one, or a new one up
-    to ``max_workers``) when a request is already waiting in the buffer, or
-    when the server's watchdog sees a handler running longer than
-    ``HAND_OVER_AFTER``.  ``generation`` counts hand-overs: a thread that
+    The thread holding the reading role runs each request itself, so quick
+    requests, even pipelined ones, cost no thread switch.  The role passes
+    to another thread of the connection (an idle one, or a new one up to
+    ``max_workers``) when the server's watchdog sees a handler running
+    longer than ``HAND_OVER_AFTER``.  ``generation`` counts hand-overs: a thread that
     finds it changed after its handler knows the role went on without it.
     """
 
@@ -233,16 +233,11 @@ class _CallConnection:
                 if kind != _CALL:
                     self._control(kind, ident)
                     continue
-                if reader.buffered():
-                    with lock:
-                        generation = self.generation
-                        self._hand_over()  # another request waits: let it be read now
-                else:
-                    # No lock: only the watchdog hands over, and only once
-                    # busy_since is set, which happens after this read.
-                    generation = self.generation
-                    self.busy_since = monotonic()
-                    watch(self)
+                # No lock: only the watchdog hands over, and only once
+                # busy_since is set, which happens after this read.
+                generation = self.generation
+                self.busy_since = monotonic()
+                watch(self)
                 reply_kind, payload = host.run_call(body, fds)
                 if type(payload) is bytes:
                     with self.send_lock:

@@ -9,6 +9,7 @@ import pytest
 from helpers import wait_until
 
 import localnet
+from localnet._peer import CHANNELS_PER_PEER
 
 SERVER = """
 import threading
@@ -255,7 +256,7 @@ def test_peer_that_dies_during_a_call_raises_connection_lost(server) -> None:
             echo(1, peer="server")
 
 
-def test_concurrent_callers_share_one_connection(server) -> None:
+def test_concurrent_callers_use_a_bounded_number_of_connections(server) -> None:
     errors: list[BaseException] = []
     with localnet.Peer(name="caller") as me:
 
@@ -266,14 +267,43 @@ def test_concurrent_callers_share_one_connection(server) -> None:
             except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=worker, args=(n * 1000,)) for n in range(8)]
+        threads = [threading.Thread(target=worker, args=(n * 1000,)) for n in range(12)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
         assert not errors
         assert list(me._channels) == ["server"]
-        assert me.stats().calls_made == 1600
+        # one connection per calling thread up to the cap; beyond it, shared
+        assert len(me._channels["server"]) == CHANNELS_PER_PEER
+        assert me.stats().calls_made == 12 * 200
+
+
+def test_threads_beyond_the_cap_multiplex_one_connection(server) -> None:
+    errors: list[BaseException] = []
+    with localnet.Peer(name="caller") as me:
+        for _ in range(CHANNELS_PER_PEER - 1):  # fill the pool from other threads
+            t = threading.Thread(target=lambda: add(1, 1, peer="server"))
+            t.start()
+            t.join(10)
+        assert echo(0, peer="server") == 0
+        shared = me._channels["server"]
+        assert len(shared) == CHANNELS_PER_PEER
+
+        def worker(n: int) -> None:
+            try:
+                for i in range(300):
+                    assert add(n, i, peer="server") == n + i
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert me._channels["server"] == shared  # no new connection: they shared
 
 
 def test_slow_handler_does_not_stall_other_callers(server) -> None:
