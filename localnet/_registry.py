@@ -581,10 +581,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--directory", default=None)
     parser.add_argument("--ready-fd", type=int, default=None)
     parser.add_argument("--idle-exit", type=float, default=None)
+    parser.add_argument("--detach", action="store_true",
+                        help="start a new session (when spawned by a peer)")
     options = parser.parse_args(argv)
-    if os.environ.get("LOCALNET_DEBUG"):
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
-                            format="%(asctime)s registry[%(process)d] %(message)s")
+    if options.detach:
+        os.setsid()
+    if os.environ.get("LOCALNET_DEBUG", "").lower() in ("1", "true", "yes", "on"):
+        # A detached registry has no terminal: it logs to a file beside its socket.
+        target = {"filename": os.path.join(_paths.runtime_dir(options.directory),
+                                           "registry.log")} if options.detach \
+            else {"stream": sys.stderr}
+        logging.basicConfig(level=logging.DEBUG,  # type: ignore[call-overload]
+                            format="%(asctime)s registry[%(process)d] %(message)s", **target)
     ready = os.fdopen(options.ready_fd, "w") if options.ready_fd is not None else None
     try:
         registry = Registry(options.directory, idle_exit=options.idle_exit)

@@ -45,7 +45,6 @@ from .errors import (
 
 logger = logging.getLogger("localnet.registry")
 
-_spawned: list[subprocess.Popen[bytes]] = []
 # Not "-m localnet._registry": the package imports that module first, and
 # runpy would warn about running a second copy of it.
 _REGISTRY_MAIN = "import sys; from localnet._registry import main; sys.exit(main())"
@@ -96,28 +95,32 @@ def _lock(path: Path, deadline: float) -> int:
 
 
 def _spawn(directory: Path, deadline: float) -> None:
-    for old in list(_spawned):
-        if old.poll() is not None:
-            _spawned.remove(old)
+    """Start a registry that is nobody's child, and wait for it to say ready.
+
+    ``/bin/sh`` starts it in the background and exits at once, so the
+    registry belongs to init (or the nearest subreaper), not to the peer
+    that happened to start it: no zombie if it dies while this process
+    lives, and it outlives this process as the others need.
+    """
     read_end, write_end = os.pipe()
-    debug = bool(os.environ.get("LOCALNET_DEBUG"))
     package_parent = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
     idle = os.environ.get("LOCALNET_REGISTRY_IDLE_EXIT", str(DEFAULT_IDLE_EXIT))
     try:
-        proc = subprocess.Popen(
-            [_python(), "-c", _REGISTRY_MAIN, "--directory", str(directory),
-             "--ready-fd", str(write_end), "--idle-exit", idle],
+        launcher = subprocess.Popen(
+            ["/bin/sh", "-c", '"$@" &', "sh", _python(), "-c", _REGISTRY_MAIN,
+             "--directory", str(directory), "--ready-fd", str(write_end), "--idle-exit", idle,
+             "--detach"],
             pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=None if debug else subprocess.DEVNULL, start_new_session=True, env=env,
+            stderr=subprocess.DEVNULL, env=env,
         )
-    except OSError as exc:
+        launcher.wait(max(0.1, deadline - time.monotonic()))
+    except (OSError, subprocess.TimeoutExpired) as exc:
         os.close(read_end)
         raise RegistryUnavailable(f"cannot start the registry: {exc}") from exc
     finally:
         os.close(write_end)
-    _spawned.append(proc)
     try:
         answer = b""
         poller = select.poll()

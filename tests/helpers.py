@@ -73,8 +73,11 @@ class PeerProcess:
 
     @staticmethod
     def _pump(stream: Any, sink: Callable[[str], None]) -> None:
-        for line in stream:
-            sink(line.rstrip("\n"))
+        try:
+            for line in stream:
+                sink(line.rstrip("\n"))
+        except (ValueError, OSError):
+            pass  # closed by stop() while a grandchild still held the pipe
 
     def expect(self, prefix: str, timeout: float = DEFAULT_TIMEOUT) -> str:
         """Wait for the next stdout line that starts with ``prefix``; return it."""
