@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         target = {"filename": os.path.join(_paths.runtime_dir(options.directory),
                                            "registry.log")} if options.detach \
             else {"stream": sys.stderr}
-        logging.basicConfig(level=logging.DEBUG,  # type: ignore[call-overload]
+        logging.basicConfig(level=logging.DEBUG,
                             format="%(asctime)s registry[%(process)d] %(message)s", **target)
     ready = os.fdopen(options.ready_fd, "w") if options.ready_fd is not None else None
     try:
