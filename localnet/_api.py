@@ -154,15 +154,20 @@ class Event(Generic[P]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> tuple[tuple[Any, ...], dict[str, Any]]:
         out = self.func(*args, **kwargs)
-        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], (tuple, list))
-                and isinstance(out[1], dict)):
-            raise TypeError(
-                f"event function {self.func.__qualname__!r} must return (args, kwargs), "
-                f"a tuple of a tuple and a dict; it returned {type(out).__name__}"
-            )
-        ev_args, ev_kwargs = tuple(out[0]), out[1]
-        current_peer().publish(self.name, ev_args, ev_kwargs)
-        return ev_args, ev_kwargs
+        if type(out) is not tuple or len(out) != 2 or type(out[0]) is not tuple \
+                or type(out[1]) is not dict:
+            out = self._check(out)
+        current_peer().publish(self.name, out[0], out[1])
+        return out
+
+    def _check(self, out: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], (tuple, list)) \
+                and isinstance(out[1], dict):
+            return tuple(out[0]), out[1]
+        raise TypeError(
+            f"event function {self.func.__qualname__!r} must return (args, kwargs), "
+            f"a tuple of a tuple and a dict; it returned {type(out).__name__}"
+        )
 
     def __repr__(self) -> str:
         return f"<localnet.Event {self.name!r}>"

@@ -23,27 +23,33 @@ never acknowledged: the subscriber died or left first).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from . import _liveness
 from ._serial import Payload
 from ._signals import spawn_thread
-from ._wire import FrameReader, Kind, ProtocolError, encode_control, pack_header, send_frame
+from ._wire import FrameReader, Kind, ProtocolError, encode_control, send_frame, send_raw_with_fds
 
 logger = logging.getLogger("localnet.events")
 
-_BATCH_BYTES = 1 << 20
-_DELIVERED, _SENT, _DROPPED, _FAILED = range(4)
 
 
 class Outbox:
-    """Events queued for, and in flight to, one subscriber peer."""
+    """Events queued for, and in flight to, one subscriber peer.
+
+    Frames arrive built: the publisher numbers its events with one sequence
+    for all subscribers and builds each frame once, so queueing one for a
+    subscriber is three list appends.  ``_seqs``/``_events`` list what is
+    queued or unacknowledged, oldest first; an acknowledgement (cumulative)
+    cuts them with one bisect.
+    """
 
     def __init__(self, entry: dict[str, Any], hello: dict[str, Any], limit: int, block: float,
                  on_dead: Callable[[Outbox, str], None]) -> None:
@@ -60,43 +66,48 @@ class Outbox:
         self._has_work = threading.Condition(lock)
         self._has_room = threading.Condition(lock)
         self._lock = lock
-        self._queue: deque[tuple[int, str, bytes | Payload]] = deque()
-        self._inflight: deque[tuple[int, str, bytes | Payload]] = deque()
-        self.seq = 0
+        self._frames: list[bytes | Payload] = []  # queued, not yet written
+        self._seqs: list[int] = []  # queued or unacknowledged
+        self._events: list[str] = []
+        self._payloads: dict[int, Payload] = {}  # the ones in shared memory, by sequence
+        self.seq = 0  # the last sequence queued here
         self.acked = 0
         self._congested = False
         self._writer_idle = False
         self.closed = False
         self.retiring = False
-        self.counts: dict[str, list[int]] = {}
+        self._delivered: Counter[str] = Counter()
+        self._dropped: dict[str, int] = {}
+        self._failed: Counter[str] = Counter()
         self._sock: socket.socket | None = None
         self._writer = spawn_thread(self._write_loop, name="localnet-outbox")
 
     def __repr__(self) -> str:
         state = "CLOSED" if self.closed else "CONGESTED" if self._congested else "OPEN"
-        return (f"<Outbox to {self.name!r} sent={self.seq} acked={self.acked} "
-                f"queued={len(self._queue)} [{state}]>")
+        return (f"<Outbox to {self.name!r} queued={self.seq} acked={self.acked} "
+                f"pending={len(self._seqs)} [{state}]>")
 
     # -- the trigger side ---------------------------------------------------
-    def put(self, event: str, payload: bytes | Payload) -> bool:
-        """Queue one event; False when it was dropped (full or closed).
+    def put(self, event: str, seq: int, frame: bytes | Payload) -> bool:
+        """Queue one event's frame; False when it was dropped (full or closed).
 
-        A :class:`Payload` must have been held once for this outbox; the
-        outbox settles it when acknowledged, or at once when dropped.
+        ``frame`` is the whole frame, or for shared memory a :class:`Payload`
+        held once for this outbox, which the outbox settles when the event
+        is acknowledged, or at once when it is dropped.
         """
         with self._lock:
-            counts = self.counts.get(event)
-            if counts is None:
-                counts = self.counts[event] = [0, 0, 0, 0]
-            if self.closed or self.retiring or (self.seq - self.acked >= self.limit
+            if self.closed or self.retiring or (len(self._seqs) >= self.limit
                                                 and not self._wait_for_room()):
-                counts[_DROPPED] += 1
-                if type(payload) is not bytes:
-                    payload.settle()  # type: ignore[union-attr]
+                self._dropped[event] = self._dropped.get(event, 0) + 1
+                if type(frame) is not bytes:
+                    frame.settle()  # type: ignore[union-attr]
                 return False
-            self.seq += 1
-            self._queue.append((self.seq, event, payload))
-            counts[_SENT] += 1
+            self.seq = seq
+            self._frames.append(frame)
+            self._seqs.append(seq)
+            self._events.append(event)
+            if type(frame) is not bytes:
+                self._payloads[seq] = frame  # type: ignore[assignment]
             if self._writer_idle:
                 self._writer_idle = False
                 self._has_work.notify()
@@ -106,12 +117,12 @@ class Outbox:
         # called with the lock held and the outbox full
         if not self._congested and self.block > 0:
             deadline = time.monotonic() + self.block
-            while self.seq - self.acked >= self.limit and not self.closed:
+            while len(self._seqs) >= self.limit and not self.closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._has_room.wait(remaining)
-            if self.seq - self.acked < self.limit and not self.closed:
+            if len(self._seqs) < self.limit and not self.closed:
                 return True
         if not self._congested:
             self._congested = True
@@ -122,7 +133,8 @@ class Outbox:
     def wait_delivered(self, seq: int, deadline: float) -> bool:
         """Wait until event ``seq`` was acknowledged (or can never be)."""
         with self._lock:
-            while self.acked < seq and not self.closed:
+            while self.acked < seq and self._seqs and self._seqs[0] <= seq \
+                    and not self.closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -157,37 +169,30 @@ class Outbox:
         try:
             while True:
                 with self._lock:
-                    while not self._queue and not self.closed:
+                    while not self._frames and not self.closed:
                         self._writer_idle = True
                         self._has_work.wait()
                     if self.closed:
                         return
-                    batch = []
-                    size = 0
-                    while self._queue and size < _BATCH_BYTES:
-                        item = self._queue.popleft()
-                        batch.append(item)
-                        self._inflight.append(item)
-                        size += len(item[2])
-                self._send(sock, batch)
+                    frames, self._frames = self._frames, []
+                self._send(sock, frames)
         except OSError as exc:
             self._fail(f"connection broken: {exc}")
 
     @staticmethod
-    def _send(sock: socket.socket, batch: list[tuple[int, str, bytes | Payload]]) -> None:
-        parts: list[bytes] = []
-        for seq, _, payload in batch:
-            if type(payload) is not bytes:
-                if parts:
-                    sock.sendall(b"".join(parts))
-                    parts = []
-                assert isinstance(payload, Payload)
-                send_frame(sock, Kind.EVENT, seq, payload.body, payload.fds)
-            else:
-                parts.append(pack_header(Kind.EVENT, seq, len(payload)))
-                parts.append(payload)
-        if parts:
-            sock.sendall(b"".join(parts))
+    def _send(sock: socket.socket, frames: list[bytes | Payload]) -> None:
+        run: list[bytes] = []
+        for frame in frames:
+            if type(frame) is bytes:
+                run.append(frame)
+                continue
+            if run:
+                sock.sendall(b"".join(run))
+                run = []
+            assert isinstance(frame, Payload)
+            send_raw_with_fds(sock, frame.body, frame.fds)
+        if run:
+            sock.sendall(run[0] if len(run) == 1 else b"".join(run))
 
     def _ack_loop(self, sock: socket.socket) -> None:
         reader = FrameReader(sock, 1024, with_fds=False)
@@ -205,20 +210,25 @@ class Outbox:
             kind, seq, _, _ = reader.read()
             if kind != Kind.ACK:
                 raise ProtocolError(f"unexpected {Kind(kind).name} frame from a subscriber")
+            settle: list[Payload] = []
             with self._lock:
                 if seq > self.acked:
                     self.acked = seq
-                inflight, counts = self._inflight, self.counts
-                while inflight and inflight[0][0] <= seq:
-                    _, event, payload = inflight.popleft()
-                    counts[event][_DELIVERED] += 1
-                    if type(payload) is not bytes:
-                        payload.settle()  # type: ignore[union-attr]
-                if self._congested and self.seq - self.acked <= self.limit // 2:
+                n = bisect.bisect_right(self._seqs, seq)
+                if n:
+                    del self._seqs[:n]
+                    self._delivered.update(self._events[:n])  # counted in C
+                    del self._events[:n]
+                if self._payloads:
+                    for done in [s for s in self._payloads if s <= seq]:
+                        settle.append(self._payloads.pop(done))
+                if self._congested and len(self._seqs) <= self.limit // 2:
                     self._congested = False
                     logger.info("subscriber %r caught up", self.name)
                 self._has_room.notify_all()
-                settled = self.retiring and self.acked >= self.seq
+                settled = self.retiring and not self._seqs
+            for payload in settle:
+                payload.settle()
             if settled:
                 self.close()
                 return
@@ -233,7 +243,7 @@ class Outbox:
             if self.closed:
                 return
             self.retiring = True
-            settled = self.acked >= self.seq
+            settled = not self._seqs
         if settled:
             self.close()
 
@@ -250,15 +260,14 @@ class Outbox:
             if self.closed:
                 return False
             self.closed = True
-            for _, event, payload in (*self._inflight, *self._queue):
-                self.counts[event][_FAILED] += 1
-                if type(payload) is not bytes:
-                    payload.abandon()  # type: ignore[union-attr]
-            self._inflight.clear()
-            self._queue.clear()
+            self._failed.update(self._events)
+            self._frames, self._seqs, self._events = [], [], []
+            payloads, self._payloads = list(self._payloads.values()), {}
             self._has_work.notify_all()
             self._has_room.notify_all()
             sock = self._sock
+        for payload in payloads:
+            payload.abandon()  # its fate is unknown: never reuse its segments
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes the acknowledgement reader, which closes it
@@ -269,6 +278,11 @@ class Outbox:
     def totals(self) -> dict[str, tuple[int, int, int, int]]:
         """Per event: (sent, delivered, dropped, failed)."""
         with self._lock:
-            return {event: (c[_SENT], c[_DELIVERED], c[_DROPPED], c[_FAILED])
-                    for event, c in self.counts.items()}
-
+            pending = Counter(self._events)
+            events = set(pending) | set(self._delivered) | set(self._failed) | set(self._dropped)
+            result = {}
+            for event in events:
+                delivered, failed = self._delivered[event], self._failed[event]
+                result[event] = (delivered + failed + pending[event], delivered,
+                                 self._dropped.get(event, 0), failed)
+            return result

@@ -35,6 +35,8 @@ from ._registry_client import RegistryClient
 from ._remote import CallChannel, NotSent, RemotePeer
 from ._server import Server
 from ._wire import DEFAULT_MAX_FRAME, Kind
+from ._wire import HEADER, VERSION as _VERSION
+from ._wire import pack_header as _pack_header
 from .errors import (
     ConfigurationError,
     ConnectionLost,
@@ -49,7 +51,8 @@ from .errors import (
 logger = logging.getLogger("localnet.peer")
 
 _counter = itertools.count()
-_REPLY = int(Kind.REPLY)
+_REPLY, _EVENT = int(Kind.REPLY), int(Kind.EVENT)
+_pack = HEADER.pack
 CHANNELS_PER_PEER = 8  # connections to one peer before calling threads share them
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -248,6 +251,7 @@ class Peer:
         self._retired: list[Outbox] = []
         self._received: dict[str, list[int]] = {}
         self._stoppers: list[Callable[[], None]] = []  # serve_forever() waits
+        self._event_seq = itertools.count(1)
         self._counts = [0, 0, 0]  # calls made, calls served, call errors
 
     def __repr__(self) -> str:
@@ -452,19 +456,28 @@ class Peer:
         Raises :class:`SerializationError` (nothing is sent) when an argument
         does not pickle.
         """
-        self._require_running()
-        payload = self._dumps_call(event, args, kwargs, "an argument of event")
+        if self.state is not State.RUNNING:
+            self._require_running()
+        payload = _serial.dumps_call(event, args, kwargs, "an argument of event",
+                                     self.shm_threshold)
+        if len(payload) > self.max_frame:
+            self._too_big(payload, f"an argument of event {event!r}")
         targets = self._routes.get(event)
+        # One sequence for all subscribers, so the frame is built once.
+        seq = next(self._event_seq)
         if type(payload) is bytes:
             if targets:
+                frame = _pack(_VERSION, _EVENT, 0, len(payload), seq) + payload
                 for outbox in targets:
-                    outbox.put(event, payload)
+                    outbox.put(event, seq, frame)
             return
         assert isinstance(payload, _serial.Payload)
         if targets:
+            payload.body = _pack_header(_EVENT, seq, len(payload.body),
+                                        len(payload.fds)) + payload.body
             payload.hold(len(targets))  # one per outbox; the buffers are written once
             for outbox in targets:
-                outbox.put(event, payload)
+                outbox.put(event, seq, payload)
         payload.settle()
 
     def flush(self, timeout: float | None = None) -> None:
@@ -644,36 +657,54 @@ class Peer:
             text = "".join(traceback.format_exception(type(exc), exc, tb))
             return Kind.ERROR, _serial.dumps_exception(exc, text)
 
-    def receive_event(self, publisher: dict[str, Any], body: bytes | bytearray,
-                      fds: list[int]) -> None:
-        """Run this process's handlers for one incoming event, in order."""
-        try:
-            event, args, kwargs = _serial.loads(body, "an event", fds)
-        except LocalnetError:
-            logger.exception("dropping an event from %r that cannot be rebuilt",
-                             publisher.get("name"))
-            return
-        counts = self._received.get(event)
-        if counts is None:
-            counts = self._received.setdefault(event, [0, 0, 0])
-        counts[0] += 1
-        subs = CATALOG.by_event.get(event, ())
+    def event_receiver(self, publisher: dict[str, Any]) -> Callable[[bytes | bytearray,
+                                                                    list[int]], None]:
+        """A function that runs this process's handlers for one publisher's events.
+
+        What depends only on the publisher (its context record, which
+        subscriptions accept it) is worked out once per event name and kept
+        until the catalog changes.
+        """
         name, group, hub = publisher.get("name", ""), publisher.get("group"), \
             bool(publisher.get("hub"))
-        _handling.context = EventContext(event, name, int(publisher.get("pid", 0)), group, hub)
-        try:
-            for sub in subs:
-                if sub.accepts(name, group, hub):
-                    try:
-                        sub.handler(*args, **kwargs)
-                        counts[1] += 1
-                    except Exception:
-                        counts[2] += 1
-                        logger.exception("handler %s for event %r from %r raised",
-                                         getattr(sub.handler, "__qualname__", sub.handler),
-                                         event, name)
-        finally:
-            _handling.context = None
+        pid = int(publisher.get("pid", 0))
+        cache: dict[str, tuple[EventContext, tuple[Callable[..., Any], ...], list[int]]] = {}
+        table = [CATALOG.by_event]
+        received, loads, handling = self._received, pickle.loads, _handling
+
+        def receive(body: bytes | bytearray, fds: list[int]) -> None:
+            try:
+                if fds or body[:1] != b"\x80":
+                    event, args, kwargs = _serial.loads(body, "an event", fds)
+                else:
+                    event, args, kwargs = loads(body)
+            except Exception:
+                logger.exception("dropping an event from %r that cannot be rebuilt", name)
+                return
+            if table[0] is not CATALOG.by_event:  # subscriptions changed: start afresh
+                table[0] = CATALOG.by_event
+                cache.clear()
+            entry = cache.get(event)
+            if entry is None:
+                handlers = tuple(s.handler for s in table[0].get(event, ())
+                                 if s.accepts(name, group, hub))
+                counts = received.setdefault(event, [0, 0, 0])
+                entry = cache[event] = (EventContext(event, name, pid, group, hub), handlers,
+                                        counts)
+            context, handlers, counts = entry
+            counts[0] += 1
+            handling.context = context
+            for handler in handlers:
+                try:
+                    handler(*args, **kwargs)
+                    counts[1] += 1
+                except Exception:
+                    counts[2] += 1
+                    logger.exception("handler %s for event %r from %r raised",
+                                     getattr(handler, "__qualname__", handler), event, name)
+            handling.context = None
+
+        return receive
 
     # -- statistics -------------------------------------------------------------
     def stats(self) -> Stats:

@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from . import _liveness
 from ._serial import Payload
@@ -37,7 +37,7 @@ logger = logging.getLogger("localnet.server")
 
 _HELLO_TIMEOUT = 10.0
 HAND_OVER_AFTER = 0.002  # a handler running longer than this hands the connection on
-_CALL = int(Kind.CALL)
+_CALL, _EVENT, _ACK = int(Kind.CALL), int(Kind.EVENT), int(Kind.ACK)
 
 
 class Host(Protocol):
@@ -50,8 +50,8 @@ class Host(Protocol):
     def run_call(self, body: bytes | bytearray, fds: list[int]) -> tuple[int, bytes | Payload]:
         ...
 
-    def receive_event(self, publisher: dict[str, Any], body: bytes | bytearray,
-                      fds: list[int]) -> None:
+    def event_receiver(self, publisher: dict[str, Any]
+                       ) -> Callable[[bytes | bytearray, list[int]], None]:
         ...
 
 
@@ -140,25 +140,26 @@ class Server:
 
     def _receive_events(self, sock: socket.socket, reader: FrameReader,
                         publisher: dict[str, Any]) -> None:
-        receive = self.host.receive_event
+        receive = self.host.event_receiver(publisher)
         done = threading.Event()
         with self._lock:
             self._event_channels.append(done)
         try:
-            self._receive_loop(sock, reader, publisher, receive)
+            self._receive_loop(sock, reader, receive)
         finally:
             done.set()
 
     @staticmethod
-    def _receive_loop(sock: socket.socket, reader: FrameReader, publisher: dict[str, Any],
-                      receive: Any) -> None:
+    def _receive_loop(sock: socket.socket, reader: FrameReader,
+                      receive: Callable[[bytes | bytearray, list[int]], None]) -> None:
+        read, has_frame = reader.read, reader.has_frame
         while True:
-            kind, seq, body, fds = reader.read()
-            if kind != Kind.EVENT:
+            kind, seq, body, fds = read()
+            if kind != _EVENT:
                 raise ProtocolError(f"unexpected {Kind(kind).name} frame on an event channel")
-            receive(publisher, body, fds)
-            if not reader.has_frame():
-                send_frame(sock, Kind.ACK, seq)
+            receive(body, fds)
+            if not has_frame():
+                send_frame(sock, _ACK, seq)
 
     def close(self, drain: float = 0.0) -> None:
         """Stop accepting, close every connection and remove the socket file.

@@ -131,9 +131,12 @@ def send_frame(
     _send_rest(sock, header, body, sent)
 
 
-def send_raw(sock: socket.socket, data: Buffer) -> None:
-    """Send bytes that already hold complete frames (batched events)."""
-    sock.sendall(data)
+def send_raw_with_fds(sock: socket.socket, data: Buffer, fds: Sequence[int]) -> None:
+    """Send one complete frame (header included) with its descriptors."""
+    ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))]
+    sent = sock.sendmsg([data], ancillary)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
 
 
 def _send_rest(sock: socket.socket, header: bytes, body: Buffer, sent: int) -> None:
