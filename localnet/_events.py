@@ -52,7 +52,8 @@ class Outbox:
     """
 
     def __init__(self, entry: dict[str, Any], hello: dict[str, Any], limit: int, block: float,
-                 on_dead: Callable[[Outbox, str], None]) -> None:
+                 on_dead: Callable[[Outbox, str], None],
+                 lock: threading.Lock | None = None) -> None:
         self.name = str(entry["name"])
         self.pid = int(entry["pid"])
         self.started = float(entry["started"])
@@ -62,7 +63,9 @@ class Outbox:
         self.limit = limit
         self.block = block
         self._on_dead = on_dead
-        lock = threading.Lock()
+        # One lock may serve all of a publisher's outboxes: fan_out() then
+        # queues an event for every subscriber under a single acquisition.
+        lock = lock if lock is not None else threading.Lock()
         self._has_work = threading.Condition(lock)
         self._has_room = threading.Condition(lock)
         self._lock = lock
@@ -89,31 +92,35 @@ class Outbox:
 
     # -- the trigger side ---------------------------------------------------
     def put(self, event: str, seq: int, frame: bytes | Payload) -> bool:
+        with self._lock:
+            return self._put(event, seq, frame)
+
+    def _put(self, event: str, seq: int, frame: bytes | Payload) -> bool:
         """Queue one event's frame; False when it was dropped (full or closed).
 
         ``frame`` is the whole frame, or for shared memory a :class:`Payload`
         held once for this outbox, which the outbox settles when the event
-        is acknowledged, or at once when it is dropped.
+        is acknowledged, or at once when it is dropped.  Called with the lock held.
         """
-        with self._lock:
-            if self.closed or self.retiring or (len(self._seqs) >= self.limit
-                                                and not self._wait_for_room()):
-                self._dropped[event] = self._dropped.get(event, 0) + 1
-                if type(frame) is not bytes:
-                    frame.settle()  # type: ignore[union-attr]
-                return False
-            self.seq = seq
-            self._frames.append(frame)
-            self._seqs.append(seq)
-            self._events.append(event)
+        if self.closed or self.retiring or (len(self._seqs) >= self.limit
+                                            and not self._wait_for_room()):
+            self._dropped[event] = self._dropped.get(event, 0) + 1
             if type(frame) is not bytes:
-                self._payloads[seq] = frame  # type: ignore[assignment]
-            if self._writer_idle:
-                self._writer_idle = False
-                self._has_work.notify()
-            return True
+                frame.settle()  # type: ignore[union-attr]
+            return False
+        self.seq = seq
+        self._frames.append(frame)
+        self._seqs.append(seq)
+        self._events.append(event)
+        if type(frame) is not bytes:
+            self._payloads[seq] = frame  # type: ignore[assignment]
+        if self._writer_idle:
+            self._writer_idle = False
+            self._has_work.notify()
+        return True
 
     def _wait_for_room(self) -> bool:
+        # (with a shared lock, waiting here lets the other outboxes proceed)
         # called with the lock held and the outbox full
         if not self._congested and self.block > 0:
             deadline = time.monotonic() + self.block
@@ -286,3 +293,20 @@ class Outbox:
                 result[event] = (delivered + failed + pending[event], delivered,
                                  self._dropped.get(event, 0), failed)
             return result
+
+
+def fan_out(lock: threading.Lock, outboxes: tuple[Outbox, ...], event: str, seq: int,
+            frame: bytes) -> None:
+    """Queue one prebuilt frame for every outbox sharing ``lock``, in one acquisition."""
+    with lock:
+        for outbox in outboxes:
+            if outbox.closed or outbox.retiring or len(outbox._seqs) >= outbox.limit:
+                outbox._put(event, seq, frame)  # the slow path: drop, or wait for room
+                continue
+            outbox.seq = seq
+            outbox._frames.append(frame)
+            outbox._seqs.append(seq)
+            outbox._events.append(event)
+            if outbox._writer_idle:
+                outbox._writer_idle = False
+                outbox._has_work.notify()

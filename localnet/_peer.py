@@ -30,7 +30,7 @@ from typing import Any
 
 from . import _liveness, _paths, _serial, _shm
 from ._catalog import CATALOG, Subscription
-from ._events import Outbox
+from ._events import Outbox, fan_out
 from ._registry_client import RegistryClient
 from ._remote import CallChannel, NotSent, RemotePeer
 from ._server import Server
@@ -252,6 +252,7 @@ class Peer:
         self._received: dict[str, list[int]] = {}
         self._stoppers: list[Callable[[], None]] = []  # serve_forever() waits
         self._event_seq = itertools.count(1)
+        self._outbox_lock = threading.Lock()  # shared by this peer's outboxes
         self._counts = [0, 0, 0]  # calls made, calls served, call errors
 
     def __repr__(self) -> str:
@@ -402,7 +403,8 @@ class Peer:
             outbox = None
         if outbox is None:
             hello = {"role": "events", **self._identity}
-            outbox = Outbox(entry, hello, self.event_queue, self.event_block, self._outbox_died)
+            outbox = Outbox(entry, hello, self.event_queue, self.event_block, self._outbox_died,
+                            self._outbox_lock)
             self._outboxes[name] = outbox
         self._wanted.setdefault(name, set()).add(event)
 
@@ -467,9 +469,8 @@ class Peer:
         seq = next(self._event_seq)
         if type(payload) is bytes:
             if targets:
-                frame = _pack(_VERSION, _EVENT, 0, len(payload), seq) + payload
-                for outbox in targets:
-                    outbox.put(event, seq, frame)
+                fan_out(self._outbox_lock, targets, event, seq,
+                        _pack(_VERSION, _EVENT, 0, len(payload), seq) + payload)
             return
         assert isinstance(payload, _serial.Payload)
         if targets:

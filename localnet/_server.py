@@ -152,14 +152,18 @@ class Server:
     @staticmethod
     def _receive_loop(sock: socket.socket, reader: FrameReader,
                       receive: Callable[[bytes | bytearray, list[int]], None]) -> None:
-        read, has_frame = reader.read, reader.has_frame
+        read, drain = reader.read, reader.drain
         while True:
-            kind, seq, body, fds = read()
+            kind, seq, body, fds = read()  # waits for the next event
             if kind != _EVENT:
                 raise ProtocolError(f"unexpected {Kind(kind).name} frame on an event channel")
             receive(body, fds)
-            if not has_frame():
-                send_frame(sock, _ACK, seq)
+            for kind, seq, body, fds in drain():  # and handles what came with it
+                if kind != _EVENT:
+                    raise ProtocolError(
+                        f"unexpected {Kind(kind).name} frame on an event channel")
+                receive(body, fds)
+            send_frame(sock, _ACK, seq)  # one acknowledgement for the whole batch
 
     def close(self, drain: float = 0.0) -> None:
         """Stop accepting, close every connection and remove the socket file.

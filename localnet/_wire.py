@@ -178,6 +178,32 @@ class FrameReader:
         """Bytes already read from the socket and not yet returned."""
         return self._end - self._start
 
+    def drain(self) -> list[tuple[int, int, bytearray, list[int]]]:
+        """Every whole frame already buffered, without reading the socket.
+
+        Checks each header as :meth:`read` does (raises ProtocolError).
+        """
+        frames = []
+        buf, start, end = self._buf, self._start, self._end
+        unpack = HEADER.unpack_from
+        while end - start >= HEADER_SIZE:
+            version, kind, nfds, length, ident = unpack(buf, start)
+            if version != VERSION or kind not in _KINDS or length > self.max_frame \
+                    or nfds > MAX_FDS:
+                self._start = start
+                self._reject(version, kind, length, nfds)
+            total = HEADER_SIZE + length
+            if end - start < total:
+                break
+            frames.append((kind, ident, buf[start + HEADER_SIZE: start + total],
+                           self._take_fds(nfds) if nfds else []))
+            start += total
+        if start == end:
+            self._start = self._end = 0
+        else:
+            self._start = start
+        return frames
+
     def has_frame(self) -> bool:
         """True when a whole frame is already buffered (the next read will not block)."""
         avail = self._end - self._start
