@@ -189,7 +189,7 @@ class Peer:
     (threads serving one caller's concurrent calls, default 32),
     ``shm_threshold`` (buffers of this many bytes or more travel through
     shared memory; ``None`` sends everything inline; default from
-    ``LOCALNET_SHM``: ``off``, ``on`` or a number of bytes, else 512 KiB).
+    ``LOCALNET_SHM``: ``off``, ``on`` or a number of bytes, else 1 MiB).
 
     Use it as a context manager, or ``start()`` / ``close()``::
 

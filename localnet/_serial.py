@@ -53,13 +53,48 @@ _COUNT = struct.Struct("<H")
 _ENTRY = struct.Struct("<HQQ")  # descriptor index, offset in the segment, length
 
 
-def _plain(value: Any, depth: int = 3) -> bool:
-    """True when the C pickler alone pickles ``value`` faithfully."""
+def _plain(value: Any, depth: int = 3) -> int:
+    """Whether the C pickler alone pickles ``value`` faithfully.
+
+    0: no (cloudpickle decides); 1: yes; 2: yes, and it holds buffers
+    (contiguous NumPy arrays, bytearrays) that may leave the stream.
+    """
     t = type(value)
     if t in _SCALARS:
-        return True
+        return 1
+    if t is bytearray:
+        return 2
+    if t.__name__ == "ndarray" and t.__module__ == "numpy":
+        flags = value.flags
+        # Object arrays may hold anything; non-contiguous ones NumPy copies in-band.
+        return 0 if value.dtype.hasobject or not (flags.c_contiguous or flags.f_contiguous) \
+            else 2
     if depth == 0:
-        return False
+        return 0
+    kind = 1
+    if t in _CONTAINERS:
+        if len(value) > _SMALL:
+            return 0
+        for item in value:
+            if type(item) not in _SCALARS:
+                sub = _plain(item, depth - 1)
+                if not sub:
+                    return 0
+                kind = max(kind, sub)
+        return kind
+    if t is dict:
+        if len(value) > _SMALL:
+            return 0
+        for key, item in value.items():
+            if type(key) not in _SCALARS:
+                return 0
+            if type(item) not in _SCALARS:
+                sub = _plain(item, depth - 1)
+                if not sub:
+                    return 0
+                kind = max(kind, sub)
+        return kind
+    return 0
     if t in _CONTAINERS:
         if len(value) > _SMALL:
             return False
@@ -178,7 +213,8 @@ def dumps(obj: Any, what: str = "value", threshold: int | None = None,
         SerializationError: ``obj`` (or something inside it) cannot be pickled.
     """
     try:
-        if _plain(obj):
+        kind = _plain(obj)
+        if kind == 1 or (kind == 2 and threshold is None):
             return pickle.dumps(obj, PROTOCOL)
         if threshold is None:
             return _pickle(obj, None, None)
@@ -194,7 +230,10 @@ def dumps(obj: Any, what: str = "value", threshold: int | None = None,
             large.append(raw)
             return False
 
-        data = _pickle(obj, threshold, out_of_band)
+        if kind == 2:  # builtins and arrays: the C pickler, buffers out of band
+            data = pickle.dumps(obj, PROTOCOL, buffer_callback=out_of_band)
+        else:
+            data = _pickle(obj, threshold, out_of_band)
     except Exception as exc:
         raise SerializationError(
             f"cannot send {_label(what, name)}: {type(exc).__name__}: {exc}. "
@@ -252,11 +291,11 @@ def dumps_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], what: s
     """
     # Fast path: builtin values only, checked argument by argument.
     for value in args:
-        if type(value) not in _SCALARS and not _plain(value, 2):
+        if type(value) not in _SCALARS and _plain(value, 2) != 1:
             break
     else:
         for value in kwargs.values():
-            if type(value) not in _SCALARS and not _plain(value, 2):
+            if type(value) not in _SCALARS and _plain(value, 2) != 1:
                 break
         else:
             try:

@@ -45,7 +45,7 @@ from typing import Any
 logger = logging.getLogger("localnet.shm")
 
 AVAILABLE = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
-DEFAULT_THRESHOLD = 512 * 1024
+DEFAULT_THRESHOLD = 1024 * 1024  # measured: below it the socket is as fast (see README)
 _MIN_CLASS = 64 * 1024
 _IDLE_SECONDS = 5.0
 _IDLE_LIMIT = 1 << 30  # bytes of idle segments kept at most

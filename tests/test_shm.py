@@ -104,7 +104,7 @@ def server(spawn):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "int16", "uint8", "complex128", "bool"])
 def test_arrays_of_every_dtype_arrive_intact(server, dtype: str) -> None:
-    array = (np.arange(MIB // 2) % 7).astype(dtype)
+    array = (np.arange(MIB) % 7).astype(dtype)  # at least the 1 MiB threshold
     with localnet.Peer(name="client"):
         info = describe(array, peer="server")
         back = echo(array, peer="server")
