@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import call, fanout, large, peers, startup
+from benchmarks import call, fanout, large, peers, prune, startup
 from benchmarks._harness import Config, log
 from benchmarks._report import Table
 
@@ -29,6 +29,7 @@ SCENARIOS: dict[str, tuple[Callable[[Config], Table], Sequence[str]]] = {
     "large": (large.run_large, large.SYSTEMS),
     "startup": (startup.run_startup, startup.SYSTEMS),
     "peers": (peers.run_peers, peers.SYSTEMS),
+    "prune": (prune.run_prune, prune.SYSTEMS),
 }
 SHM = Path("/dev/shm")
 

@@ -153,7 +153,7 @@ class Event(Generic[P]):
         self.name = name
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        out = self.func(*args, **kwargs)
+        out: tuple[tuple[Any, ...], dict[str, Any]] = self.func(*args, **kwargs)
         if type(out) is not tuple or len(out) != 2 or type(out[0]) is not tuple \
                 or type(out[1]) is not dict:
             out = self._check(out)

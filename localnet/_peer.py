@@ -34,13 +34,12 @@ from ._events import Outbox, fan_out
 from ._registry_client import RegistryClient
 from ._remote import CallChannel, NotSent, RemotePeer
 from ._server import Server
-from ._wire import DEFAULT_MAX_FRAME, Kind
-from ._wire import HEADER, VERSION as _VERSION
+from ._wire import DEFAULT_MAX_FRAME, HEADER, Kind
+from ._wire import VERSION as _VERSION
 from ._wire import pack_header as _pack_header
 from .errors import (
     ConfigurationError,
     ConnectionLost,
-    LocalnetError,
     PeerClosed,
     PeerNotFound,
     SerializationError,
@@ -480,6 +479,16 @@ class Peer:
             for outbox in targets:
                 outbox.put(event, seq, payload)
         payload.settle()
+
+    def subscribers(self, event: str | None = None) -> list[str]:
+        """Names of the live peers this peer's events (or ``event``) now go to.
+
+        A subscriber that died disappears from this list as soon as the
+        publisher notices (its connection closes), without asking the registry.
+        """
+        with self._lock:
+            return sorted(name for name, events in self._wanted.items()
+                          if (event is None or event in events) and name in self._outboxes)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every event triggered so far was handled by its subscribers.

@@ -26,7 +26,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from . import _liveness
 from ._serial import Payload
@@ -158,11 +159,12 @@ class Server:
             if kind != _EVENT:
                 raise ProtocolError(f"unexpected {Kind(kind).name} frame on an event channel")
             receive(body, fds)
-            for kind, seq, body, fds in drain():  # and handles what came with it
+            for kind, last, body, fds in drain():  # and handles what came with it
                 if kind != _EVENT:
                     raise ProtocolError(
                         f"unexpected {Kind(kind).name} frame on an event channel")
                 receive(body, fds)
+                seq = last
             send_frame(sock, _ACK, seq)  # one acknowledgement for the whole batch
 
     def close(self, drain: float = 0.0) -> None:

@@ -38,7 +38,7 @@ def stats():
 
 @localnet.connect()
 def outboxes():
-    return sorted(peer._outboxes)
+    return peer.subscribers()
 
 peer = localnet.Peer(name=NAME, group=GROUP, hub=HUB,
                      event_queue=int(os.environ.get("QUEUE", "10000")),
