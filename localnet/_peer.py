@@ -247,7 +247,8 @@ class Peer:
         self._outboxes: dict[str, Outbox] = {}
         self._routes: dict[str, tuple[Outbox, ...]] = {}
         self._wanted: dict[str, set[str]] = {}  # subscriber name -> events it wants from us
-        self._retired: list[Outbox] = []
+        self._retired: list[Outbox] = []  # closing outboxes, until their counts are final
+        self._settled: dict[tuple[str, str], list[int]] = {}  # (event, subscriber) -> counts
         self._received: dict[str, list[int]] = {}
         self._stoppers: list[Callable[[], None]] = []  # serve_forever() waits
         self._event_seq = itertools.count(1)
@@ -420,6 +421,7 @@ class Peer:
 
     def _retire(self, outbox: Outbox) -> None:
         outbox.retire()
+        self._fold_retired()
         self._retired.append(outbox)
         if self._outboxes.get(outbox.name) is outbox:
             del self._outboxes[outbox.name]
@@ -717,18 +719,36 @@ class Peer:
         return receive
 
     # -- statistics -------------------------------------------------------------
+    def _fold_retired(self) -> None:
+        """Keep only the counts of closed outboxes, not the outboxes (called with the lock)."""
+        still = []
+        for outbox in self._retired:
+            if not outbox.closed:
+                still.append(outbox)
+                continue
+            for event, counts in outbox.totals().items():
+                row = self._settled.setdefault((event, outbox.name), [0, 0, 0, 0])
+                for i, n in enumerate(counts):
+                    row[i] += n
+        self._retired = still
+
     def stats(self) -> Stats:
         """A snapshot of this peer's counters; see :class:`Stats`."""
         with self._lock:
+            self._fold_retired()
             outboxes = list(self._outboxes.values()) + self._retired
+            rows = [(event, name, list(counts))
+                    for (event, name), counts in self._settled.items()]
+        for outbox in outboxes:
+            rows.extend((event, outbox.name, list(counts))
+                        for event, counts in outbox.totals().items())
         published: dict[str, list[int]] = {}
         subscribers: dict[str, list[int]] = {}
-        for outbox in outboxes:
-            for event, counts in outbox.totals().items():
-                for table, key in ((published, event), (subscribers, outbox.name)):
-                    row = table.setdefault(key, [0, 0, 0, 0])
-                    for i, n in enumerate(counts):
-                        row[i] += n
+        for event, name, counts in rows:
+            for table, key in ((published, event), (subscribers, name)):
+                row = table.setdefault(key, [0, 0, 0, 0])
+                for i, n in enumerate(counts):
+                    row[i] += n
         registry = self._registry
         return Stats(
             calls_made=self._counts[0], calls_served=self._counts[1],

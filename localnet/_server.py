@@ -144,6 +144,7 @@ class Server:
         receive = self.host.event_receiver(publisher)
         done = threading.Event()
         with self._lock:
+            self._event_channels = [e for e in self._event_channels if not e.is_set()]
             self._event_channels.append(done)
         try:
             self._receive_loop(sock, reader, receive)
