@@ -1,4 +1,7 @@
-"""Same-user trust: another user's process gets nothing executed, nothing read."""
+"""Access: another user's process gets nothing executed, nothing read, nothing planted.
+
+Run as root (CI is): the intruder runs as "nobody" through a system python3.
+"""
 
 from __future__ import annotations
 
@@ -121,3 +124,46 @@ def test_registry_refuses_another_uid(runtime_dir: Path, marker: Path) -> None:
         finally:
             os.chmod(runtime_dir, 0o700)
         assert outcome == "EOF"  # no peer list for strangers
+
+
+# -- the runtime directory ------------------------------------------------------
+# (tests/test_paths.py covers the rules one by one; these are the attacks)
+
+def test_directory_planted_by_another_user_is_refused(tmp_path: Path) -> None:
+    from localnet import _paths
+
+    planted = tmp_path / "rt"
+    planted.mkdir(mode=0o700)
+    os.chown(planted, NOBODY, NOBODY)
+    with pytest.raises(localnet.ConfigurationError, match="owned by uid 65534"):
+        localnet.Peer(name="victim", directory=planted).start()
+    with pytest.raises(localnet.ConfigurationError):
+        _paths.runtime_dir(planted)
+
+
+def test_symlink_planted_as_the_directory_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "attacker"
+    elsewhere.mkdir(mode=0o700)
+    link = tmp_path / "rt"
+    link.symlink_to(elsewhere)
+    with pytest.raises(localnet.ConfigurationError, match="symbolic link"):
+        localnet.Peer(name="victim", directory=link).start()
+    assert list(elsewhere.iterdir()) == []  # nothing was created through the link
+
+
+def test_world_writable_directory_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "rt"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    with pytest.raises(localnet.ConfigurationError, match="writable by group or others"):
+        localnet.Peer(name="victim", directory=shared).start()
+    assert list(shared.iterdir()) == []
+
+
+def test_runtime_directory_and_sockets_are_private(runtime_dir: Path) -> None:
+    import stat
+
+    with localnet.Peer(name="private") as peer:
+        assert stat.S_IMODE(os.stat(runtime_dir).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(peer.address).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(runtime_dir / "registry.sock").st_mode) == 0o600
