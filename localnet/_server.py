@@ -8,7 +8,7 @@ process is dropped before a byte is read), then announces its role in a
   holding the reading role reads a request, runs the handler and writes
   the reply itself, with no hand-off between threads.  A watchdog passes
   the reading role to another thread of the connection (an idle one, or a
-  new one up to ``max_workers``) as soon as a handler has run for 2 ms, so
+  new one up to ``max_workers``) as soon as a handler has run for 10 ms, so
   a slow handler never stalls the callers behind it for longer than that.
 * ``events``: a publisher's channel.  One thread reads events, runs the
   handlers in order and acknowledges the last one handled whenever it has
@@ -37,7 +37,7 @@ from ._wire import FrameReader, Kind, ProtocolError, decode_control, send_frame
 logger = logging.getLogger("localnet.server")
 
 _HELLO_TIMEOUT = 10.0
-HAND_OVER_AFTER = 0.002  # a handler running longer than this hands the connection on
+HAND_OVER_AFTER = 0.01  # a handler running longer than this hands the connection on
 _CALL, _EVENT, _ACK = int(Kind.CALL), int(Kind.EVENT), int(Kind.ACK)
 
 
