@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 
@@ -69,8 +70,9 @@ def resources():
     import gc; gc.collect()
     localnet._shm.POOL.trim(everything=True)  # idle segments would go in a few seconds
     proc = __import__("psutil").Process()
-    return {"fds": proc.num_fds(), "maps": sum(1 for m in proc.memory_maps(grouped=False)
-                                               if "memfd:localnet" in m.path)}
+    return {"fds": proc.num_fds(), "rss": proc.memory_info().rss,
+            "maps": sum(1 for m in proc.memory_maps(grouped=False)
+                        if "memfd:localnet" in m.path)}
 
 @localnet.subscribe("frame")
 def on_frame(array, tag=None):
@@ -205,21 +207,59 @@ def test_memory_and_descriptors_return_after_many_transfers(server) -> None:
     proc = psutil.Process()
     with localnet.Peer(name="client"):
         remote = localnet.peer("server")
-        echo(np.ones(MIB), peer="server")  # warm up: pool, channels, mappings
+        for _ in range(20):  # warm up: pool, channels, mappings, allocator
+            echo(np.ones(MIB), peer="server")
         server_before = remote.resources()
         _shm.POOL.trim(everything=True)
         fds_before = proc.num_fds()
-        for i in range(200):
-            array = np.full(MIB // 8 * (1 + i % 4), float(i))
+        rss_before = proc.memory_info().rss
+        for i in range(1000):
+            array = np.full(MIB // 8 * (1 + i % 4), float(i))  # 1 to 4 MiB, both ways
             back = echo(array, peer="server")
             assert float(back[-1]) == float(i)
             del back
         _shm.POOL.trim(everything=True)
-        wait_until(lambda: remote.resources() == server_before, timeout=10,
-                   what="the server's descriptors and mappings to return")
-        assert server_before["maps"] == 0
+        wait_until(lambda: remote.resources()["fds"] == server_before["fds"], timeout=10,
+                   what="the server's descriptors to return")
+        server_after = remote.resources()
+        assert server_after["maps"] == server_before["maps"] == 0
+        assert server_after["rss"] - server_before["rss"] < 32 * MIB
         assert proc.num_fds() == fds_before
-        assert _shm.POOL.reused > 100  # segments were reused, not made anew
+        assert proc.memory_info().rss - rss_before < 32 * MIB
+        assert not _memfd_maps(os.getpid())
+        assert _shm.POOL.reused > 900  # segments were reused, not made anew
+
+
+def test_killed_sender_frees_everything(spawn) -> None:
+    taken: list[int] = []
+
+    @localnet.connect()
+    def take(value):
+        taken.append(value.nbytes)
+        return value.nbytes
+
+    proc = psutil.Process()
+    with localnet.Peer(name="receiver"):
+        baseline = proc.num_fds()
+        sender = spawn("""
+            import numpy as np
+            @localnet.connect()
+            def take(value): pass
+            with localnet.Peer(name="sender"):
+                say("READY")
+                while True:
+                    localnet.peer("receiver").take(np.ones(MIB // 2))
+        """.replace("MIB", str(MIB)))
+        wait_until(lambda: len(taken) > 20, what="transfers to flow")
+        sender.signal(signal.SIGKILL)  # in the middle of its stream of transfers
+        sender.wait_exit()
+        sender.stop()
+
+        def settled() -> bool:
+            gc.collect()
+            return proc.num_fds() == baseline and not _memfd_maps(os.getpid())
+
+        wait_until(settled, timeout=10, what="the receiver's descriptors and mappings to return")
 
 
 def test_killed_receiver_frees_everything(spawn) -> None:
