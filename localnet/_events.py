@@ -164,7 +164,7 @@ class Outbox:
     def _write_loop(self) -> None:
         try:
             sock = self._connect()
-        except (OSError, ProtocolError) as exc:
+        except Exception as exc:  # whatever the address or the peer, never die silently
             self._fail(f"cannot connect: {exc}")
             return
         with self._lock:
@@ -183,7 +183,7 @@ class Outbox:
                         return
                     frames, self._frames = self._frames, []
                 self._send(sock, frames)
-        except OSError as exc:
+        except Exception as exc:
             self._fail(f"connection broken: {exc}")
 
     @staticmethod

@@ -27,7 +27,7 @@ def is_alive(pid: int, started: float) -> bool:
     """True when process ``pid`` exists, is not a zombie, and began at ``started``."""
     try:
         proc = psutil.Process(pid)
-        if abs(proc.create_time() - started) > _SAME_START:
+        if not abs(proc.create_time() - started) <= _SAME_START:  # NaN is never the same
             return False
         return bool(proc.status() != psutil.STATUS_ZOMBIE)
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):

@@ -247,6 +247,8 @@ class Peer:
         self._outboxes: dict[str, Outbox] = {}
         self._routes: dict[str, tuple[Outbox, ...]] = {}
         self._wanted: dict[str, set[str]] = {}  # subscriber name -> events it wants from us
+        self._entries: dict[str, dict[str, Any]] = {}  # subscriber name -> where it listens
+        self._published: set[str] = set()  # events this peer has triggered
         self._retired: list[Outbox] = []  # closing outboxes, until their counts are final
         self._settled: dict[tuple[str, str], list[int]] = {}  # (event, subscriber) -> counts
         self._received: dict[str, list[int]] = {}
@@ -400,12 +402,7 @@ class Peer:
         key = (name, int(entry["pid"]), float(entry["started"]), str(entry["address"]))
         if outbox is not None and (outbox.key != key or outbox.closed or outbox.retiring):
             self._retire(outbox)
-            outbox = None
-        if outbox is None:
-            hello = {"role": "events", **self._identity}
-            outbox = Outbox(entry, hello, self.event_queue, self.event_block, self._outbox_died,
-                            self._outbox_lock)
-            self._outboxes[name] = outbox
+        self._entries[name] = entry
         self._wanted.setdefault(name, set()).add(event)
 
     def _remove_route(self, event: str, name: str) -> None:
@@ -415,6 +412,7 @@ class Peer:
         events.discard(event)
         if not events:
             del self._wanted[name]
+            self._entries.pop(name, None)
             outbox = self._outboxes.pop(name, None)
             if outbox is not None:
                 self._retire(outbox)
@@ -427,12 +425,24 @@ class Peer:
             del self._outboxes[outbox.name]
 
     def _rebuild_routes(self) -> None:
+        """Routes for the events this peer has published; their outboxes are made here.
+
+        A subscriber gets a connection from a publisher only once that
+        publisher triggers one of its events: a hundred peers subscribed to
+        everything do not open ten thousand idle channels between them.
+        """
         routes: dict[str, list[Outbox]] = {}
         for name, events in self._wanted.items():
+            wanted = events & self._published
+            if not wanted:
+                continue
             outbox = self._outboxes.get(name)
             if outbox is None:
-                continue
-            for event in events:
+                hello = {"role": "events", **self._identity}
+                outbox = Outbox(self._entries[name], hello, self.event_queue,
+                                self.event_block, self._outbox_died, self._outbox_lock)
+                self._outboxes[name] = outbox
+            for event in wanted:
                 routes.setdefault(event, []).append(outbox)
         self._routes = {event: tuple(boxes) for event, boxes in routes.items()}
 
@@ -449,6 +459,7 @@ class Peer:
             if self._outboxes.get(outbox.name) is outbox:
                 del self._outboxes[outbox.name]
                 self._wanted.pop(outbox.name, None)
+                self._entries.pop(outbox.name, None)
                 self._retired.append(outbox)
                 self._rebuild_routes()
 
@@ -465,6 +476,10 @@ class Peer:
                                      self.shm_threshold)
         if len(payload) > self.max_frame:
             self._too_big(payload, f"an argument of event {event!r}")
+        if event not in self._published:
+            with self._lock:
+                self._published.add(event)
+                self._rebuild_routes()
         targets = self._routes.get(event)
         # One sequence for all subscribers, so the frame is built once.
         seq = next(self._event_seq)
@@ -490,7 +505,7 @@ class Peer:
         """
         with self._lock:
             return sorted(name for name, events in self._wanted.items()
-                          if (event is None or event in events) and name in self._outboxes)
+                          if event is None or event in events)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every event triggered so far was handled by its subscribers.
@@ -663,11 +678,7 @@ class Peer:
             return _REPLY, reply
         except BaseException as exc:
             self._counts[2] += 1
-            tb = exc.__traceback__
-            if tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next  # drop this frame: the remote user did not write it
-            text = "".join(traceback.format_exception(type(exc), exc, tb))
-            return Kind.ERROR, _serial.dumps_exception(exc, text)
+            return Kind.ERROR, _error_reply(exc)
 
     def event_receiver(self, publisher: dict[str, Any]) -> Callable[[bytes | bytearray,
                                                                     list[int]], None]:
@@ -758,6 +769,24 @@ class Peer:
             received={k: ReceivedCounts(*v) for k, v in self._received.items()},
             registry_recoveries=registry.recoveries if registry is not None else 0,
         )
+
+
+def _error_reply(exc: BaseException) -> bytes:
+    """The body of an ERROR reply; drops the traceback once it is text.
+
+    (Keeping it would hold the failed call's frames, hence its arguments -
+    shared memory included - until the garbage collector ran.)
+    """
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next  # drop run_call's frame: the remote user did not write it
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    del tb
+    exc.__traceback__ = None
+    try:
+        return _serial.dumps_exception(exc, text)
+    finally:
+        del exc
 
 
 def _check_threshold(value: object) -> int | None:

@@ -37,6 +37,7 @@ process (pid + creation time) has gone; the publishers are told at once.
 from __future__ import annotations
 
 import argparse
+import math
 import fcntl
 import logging
 import os
@@ -187,6 +188,8 @@ def _parse_info(raw: Any) -> dict[str, Any]:
             raise RequestError("ProtocolError", f"registration info needs {key!r}")
     if not raw["name"] or len(raw["name"]) > 255:
         raise RequestError("ProtocolError", "peer names are 1 to 255 characters")
+    if raw["pid"] <= 0 or not math.isfinite(raw["started"]):
+        raise RequestError("ProtocolError", "registration info needs a real pid and start time")
     _opt_str(raw.get("group"), "group")
     for key in ("connections", "events"):
         value = raw.setdefault(key, [])
@@ -405,6 +408,9 @@ class Registry:
 
     def _op_register(self, conn: _Conn, args: dict[str, Any]) -> _Answer:
         info = _parse_info(args.get("info"))
+        if os.path.dirname(os.path.abspath(info["address"])) != str(self.directory):
+            raise RequestError("ProtocolError", "a peer's address is a socket in the "
+                               "registry's directory")
         subs = args.get("subs", [])
         if not isinstance(subs, list):
             raise RequestError("ProtocolError", "'subs' must be a list")
@@ -528,11 +534,16 @@ class Registry:
         if not self._members:
             self._idle_since = time.monotonic()
 
-    def _remove_socket(self, address: str) -> None:
-        """Remove a dead peer's socket file (only a peer socket in this directory)."""
+    def _remove_socket(self, address: str, pid: int | None = None) -> None:
+        """Remove a dead peer's socket file: only ``p-<pid>-*.sock`` in this directory.
+
+        The pid in the name must be the dead peer's own, so a registration
+        naming somebody else's socket cannot get it deleted.
+        """
         path = os.path.abspath(address)
         name = os.path.basename(path)
-        if os.path.dirname(path) == str(self.directory) and name.startswith("p-") \
+        prefix = "p-" if pid is None else f"p-{pid}-"
+        if os.path.dirname(path) == str(self.directory) and name.startswith(prefix) \
                 and name.endswith(".sock"):
             try:
                 os.unlink(path)
@@ -546,7 +557,7 @@ class Registry:
         now = time.monotonic()
         for until, info in departed:
             if not _liveness.is_alive(info["pid"], info["started"]):
-                self._remove_socket(str(info["address"]))
+                self._remove_socket(str(info["address"]), int(info["pid"]))
             elif now < until:
                 keep.append((until, info))
         with self._lock:

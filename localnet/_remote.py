@@ -181,6 +181,7 @@ class CallChannel:
                     except TimeoutError:
                         continue
                 if kind != _REPLY and kind != _ERROR:
+                    _close_fds(fds)
                     raise ProtocolError(f"unexpected {Kind(kind).name} frame on a call channel")
                 if got == ident:
                     if pending:

@@ -57,13 +57,12 @@ def _plain(value: Any, depth: int = 3) -> int:
     """Whether the C pickler alone pickles ``value`` faithfully.
 
     0: no (cloudpickle decides); 1: yes; 2: yes, and it holds buffers
-    (contiguous NumPy arrays, bytearrays) that may leave the stream.
+    (contiguous NumPy arrays) that may leave the stream.  Bytearrays are not
+    plain: the C pickler would keep even large ones in the stream.
     """
     t = type(value)
     if t in _SCALARS:
         return 1
-    if t is bytearray:
-        return 2
     if t.__name__ == "ndarray" and t.__module__ == "numpy":
         flags = value.flags
         # Object arrays may hold anything; non-contiguous ones NumPy copies in-band.
@@ -146,6 +145,8 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
 
     def reducer_override(self, obj: Any) -> Any:
         cls = type(obj)
+        if cls is bytearray and self._threshold is not None and len(obj) >= self._threshold:
+            return bytearray, (pickle.PickleBuffer(obj),)
         if (self._threshold is not None and cls.__name__ == "ndarray"
                 and cls.__module__ == "numpy" and obj.nbytes >= self._threshold
                 and not (obj.flags.c_contiguous or obj.flags.f_contiguous)

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from . import _liveness
 from ._serial import Payload
 from ._signals import spawn_thread
-from ._wire import FrameReader, Kind, ProtocolError, decode_control, send_frame
+from ._wire import FrameReader, Kind, ProtocolError, close_fds, decode_control, send_frame
 
 logger = logging.getLogger("localnet.server")
 
@@ -158,10 +158,12 @@ class Server:
         while True:
             kind, seq, body, fds = read()  # waits for the next event
             if kind != _EVENT:
+                close_fds(fds)
                 raise ProtocolError(f"unexpected {Kind(kind).name} frame on an event channel")
             receive(body, fds)
             for kind, last, body, fds in drain():  # and handles what came with it
                 if kind != _EVENT:
+                    close_fds(fds)
                     raise ProtocolError(
                         f"unexpected {Kind(kind).name} frame on an event channel")
                 receive(body, fds)
@@ -239,7 +241,7 @@ class _CallConnection:
             while True:
                 kind, ident, body, fds = reader.read()
                 if kind != _CALL:
-                    self._control(kind, ident)
+                    self._control(kind, ident, fds)
                     continue
                 # No lock: only the watchdog hands over, and only once
                 # busy_since is set, which happens after this read.
@@ -277,8 +279,9 @@ class _CallConnection:
             logger.exception("a call connection to %s failed", host.name)
         self._close()
 
-    def _control(self, kind: int, ident: int) -> None:
+    def _control(self, kind: int, ident: int, fds: list[int]) -> None:
         if kind != Kind.TAKEN:
+            close_fds(fds)
             raise ProtocolError(f"unexpected {Kind(kind).name} frame on a call channel")
         with self.lock:
             done = self.results.pop(ident, None)

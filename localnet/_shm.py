@@ -300,7 +300,12 @@ def map_received(fd: int) -> mmap.mmap:
     finally:
         os.close(fd)
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_SH)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Only a sender checking for reuse holds it exclusively, for an
+            # instant; a sender that keeps it is its own problem: do without.
+            logger.debug("a received segment is locked by its sender; mapping it unlocked")
         size = os.fstat(lock_fd).st_size
         mm = mmap.mmap(lock_fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
     except BaseException:

@@ -23,7 +23,7 @@ role); after that the kinds allowed depend on the role:
 ================ ========================= ======================================
 kind             direction                 body
 ================ ========================= ======================================
-HELLO            connecting side → server  pickled dict: role, name, pid, ...
+HELLO            connecting side → server  JSON object: role, name, pid, ...
 CALL             caller → callee           payload of (connection, args, kwargs)
 REPLY            callee → caller           payload of the result
 ERROR            callee → caller           payload of (exception, traceback text)
@@ -69,7 +69,7 @@ MAX_FDS = 64  # per frame; more buffers than this travel in several segments' st
 
 _READ_CHUNK = 256 * 1024
 _SMALL_SEND = 64 * 1024
-_GROW_STEP = 16 * 1024 * 1024
+_FD_KIND_ANY = -1
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 # plain ints: the IntFlag/IntEnum versions cost a Python-level call per use
 _SOL_SOCKET = int(socket.SOL_SOCKET)
@@ -94,6 +94,18 @@ class Kind(IntEnum):
 
 
 _KINDS = frozenset(int(k) for k in Kind)
+# Only these carry descriptors (shared memory); any other kind declaring some
+# is refused, and what arrived with it is closed.
+_FD_KINDS = frozenset({int(Kind.CALL), int(Kind.REPLY), int(Kind.EVENT)})
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close descriptors that arrived with a frame nobody will use."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class ProtocolError(ConnectionLost):
@@ -196,7 +208,7 @@ class FrameReader:
             if end - start < total:
                 break
             frames.append((kind, ident, buf[start + HEADER_SIZE: start + total],
-                           self._take_fds(nfds) if nfds else []))
+                           self._take_fds(nfds, kind) if nfds else []))
             start += total
         if start == end:
             self._start = self._end = 0
@@ -246,7 +258,7 @@ class FrameReader:
         if end - start < total:
             if total > len(self._buf):
                 body_big = self._read_large(length, timeout)
-                return kind, ident, body_big, self._take_fds(nfds)
+                return kind, ident, body_big, self._take_fds(nfds, kind)
             self._fill(total, timeout)
             start, end = self._start, self._end
         body = self._buf[start + HEADER_SIZE: start + total]
@@ -255,7 +267,7 @@ class FrameReader:
             self._start = self._end = 0
         else:
             self._start = start
-        return kind, ident, body, self._take_fds(nfds) if nfds else []
+        return kind, ident, body, self._take_fds(nfds, kind) if nfds else []
 
     def _reject(self, version: int, kind: int, length: int, nfds: int) -> None:
         if version != VERSION:
@@ -268,12 +280,16 @@ class FrameReader:
             )
         raise ProtocolError(f"frame declares {nfds} descriptors (at most {MAX_FDS})")
 
-    def _take_fds(self, nfds: int) -> list[int]:
+    def _take_fds(self, nfds: int, kind: int = _FD_KIND_ANY) -> list[int]:
         if not nfds:
             return []
         if len(self._fds) < nfds:
             raise ProtocolError(f"frame declares {nfds} descriptors but {len(self._fds)} arrived")
-        return [self._fds.popleft() for _ in range(nfds)]
+        fds = [self._fds.popleft() for _ in range(nfds)]
+        if kind not in _FD_KINDS and kind != _FD_KIND_ANY:
+            close_fds(fds)
+            raise ProtocolError(f"a {Kind(kind).name} frame cannot carry descriptors")
+        return fds
 
     def _fill(self, need: int, timeout: float | None) -> None:
         """Read until at least ``need`` bytes are buffered past ``_start``."""
@@ -292,12 +308,12 @@ class FrameReader:
     def _read_large(self, length: int, timeout: float | None) -> bytearray:
         """Read a body larger than the buffer, growing only as bytes arrive."""
         have = self._end - self._start - HEADER_SIZE
-        body = bytearray(min(length, max(have, _GROW_STEP)))
+        body = bytearray(min(length, max(have, _READ_CHUNK)))
         body[:have] = self._view[self._start + HEADER_SIZE : self._end]
         self._start = self._end = 0
         got = have
         while got < length:
-            if got == len(body):
+            if got == len(body):  # double, as the bytes actually arrive
                 body.extend(bytes(min(length - got, len(body))))
             with memoryview(body) as view:
                 n = self._recv_into(view[got:], timeout)
@@ -352,6 +368,10 @@ def encode_control(obj: object) -> bytes:
 def decode_control(body: Buffer) -> object:
     """Decode a control message; raises ProtocolError when it is not JSON."""
     try:
-        return _json.loads(bytes(body))
-    except (ValueError, UnicodeDecodeError) as exc:
+        obj = _json.loads(bytes(body))
+        # JSON escapes can smuggle lone surrogates, which no socket path or
+        # log line can carry: refuse them here, once, for every reader.
+        _json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeError, RecursionError) as exc:
         raise ProtocolError(f"malformed control message: {exc}") from exc
+    return obj
