@@ -37,9 +37,9 @@ process (pid + creation time) has gone; the publishers are told at once.
 from __future__ import annotations
 
 import argparse
-import math
 import fcntl
 import logging
+import math
 import os
 import select
 import socket
