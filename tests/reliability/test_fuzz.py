@@ -781,12 +781,12 @@ def test_descriptors_sent_with_refused_frames_are_closed(spawn, case: str) -> No
             exchange(address, Session("pinned", [(data, ("null", "null", "null"))], True))
         assert fresh_echo(address, 2) == 2
         left = settle_fds(target.pid, baseline, timeout=1.0)
-        # LIBRARY PROBLEM (reported): a frame that declares descriptors and is
+        # Regression (found by the fuzzer, fixed): a frame that declares descriptors and is
         # refused (or, for TAKEN, ignored) is dropped without closing the
         # descriptors that came with it: FrameReader.read() has handed them to
         # the caller, so reader.close() no longer sees them.  Each such frame
         # leaks up to 64 descriptors in the peer for good, until it cannot
-        # accept() any more.  This assertion fails with 30 descriptors left.
+        # accept() any more.  Before the fix this left 30 descriptors open.
         assert left <= baseline, f"{left - baseline} descriptors leaked by 10 {case} frames"
 
 
@@ -811,7 +811,7 @@ def test_half_open_large_frames_do_not_commit_memory(spawn) -> None:
             for sock in socks:
                 sock.close()
         assert fresh_echo(address, 2) == 2
-        # LIBRARY PROBLEM (reported): FrameReader._read_large() allocates (and
+        # Regression (found by the fuzzer, fixed): FrameReader._read_large() allocates (and
         # zero-fills) min(length, 16 MiB) as soon as a header declares a body
         # larger than its 256 KiB buffer, before any of it arrives: 16 bytes
         # make the peer commit 16 MiB for as long as the connection stays open
@@ -853,7 +853,7 @@ def test_an_unusable_subscriber_address_does_not_break_publishers(
                 publisher.flush(2)
             except localnet.Timeout as exc:
                 flushed = exc
-            # LIBRARY PROBLEM (reported): the registry accepts any string as an
+            # Regression (found by the fuzzer, fixed): the registry accepts any string as an
             # address; the publisher's outbox thread then dies in connect() with
             # an unhandled UnicodeEncodeError (Outbox._write_loop only catches
             # OSError and ProtocolError), the outbox stays OPEN, events to it are
@@ -878,7 +878,7 @@ def test_a_registration_cannot_remove_another_peers_socket(spawn, runtime_dir: P
         deadline = time.monotonic() + 2.0  # the registry buries the departed every 0.5 s
         while time.monotonic() < deadline and os.path.exists(address):
             time.sleep(0.05)
-        # LIBRARY PROBLEM (reported): when a registration whose pid is dead goes
+        # Regression (found by the fuzzer, fixed): when a registration whose pid is dead goes
         # away, the registry unlinks the socket file named by its "address"
         # (Registry._bury -> _remove_socket) without checking that the file
         # belongs to that pid: here the live peer "target" loses its socket
@@ -905,7 +905,7 @@ def test_a_failed_call_releases_its_shared_memory_at_once(spawn) -> None:
         while mapped() and time.monotonic() < deadline:
             time.sleep(0.05)
         left = mapped()
-        # LIBRARY PROBLEM (reported): Peer.run_call() keeps the traceback of
+        # Regression (found by the fuzzer, fixed): Peer.run_call() keeps the traceback of
         # the failure in a local (``tb``), a frame <-> traceback cycle that
         # holds the call's arguments -- here 4 MiB arrays mapped from the
         # caller's segments, with their descriptors and shared locks -- until

@@ -174,15 +174,11 @@ def test_hundred_peers_on_one_host(spawn) -> None:
 @pytest.mark.timeout(max(120, PEERS * 1.2))
 def test_hundred_unfiltered_subscribers_start_together(spawn) -> None:
     names = [f"mesh-{i:03d}" for i in range(PEERS)]
-    # LIBRARY PROBLEM (reported): with an unfiltered subscription every peer
-    # opens an event channel (a connection, a writer and an acknowledgement
-    # thread; a reader thread on the other side) to every other peer as soon
-    # as the registry tells it about the subscriber, whether or not it ever
-    # publishes ``tick``: N * (N - 1) channels, about 3 N^2 threads (30,300
-    # for 100 peers, close to this VM's pid_max of 32,768).  Started together
-    # on a 2-core VM, a quarter to a third of the peers then fail in start()
-    # with "Timeout: the registry did not answer the registration in time"
-    # in most runs (2 of 3 here), and this assertion fails.
+    # Regression (found here, fixed): every peer used to open an event
+    # channel (a connection and three threads) to every subscriber as soon
+    # as the registry told it about one, whether or not it ever published:
+    # about 30,300 threads for 100 peers, and a third of them failed to
+    # start.  Publishers now open a channel when they first publish to it.
     children, started = start_all(spawn, names, "{}")
     threads = sum(psutil.Process(c.pid).num_threads() for c in children)
     stopped = stop_all(children)
