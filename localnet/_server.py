@@ -77,7 +77,10 @@ class Server:
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
         self._event_channels: list[threading.Event] = []
+        self._calls: set[_CallConnection] = set()
+        self._calls_done = threading.Condition(self._lock)  # notified while closing
         self._closed = False
+        self.closing = False
         self._thread: threading.Thread | None = None
         self._watchdog = _Watchdog()
         self.watch = self._watchdog.watch
@@ -118,7 +121,10 @@ class Server:
             role = hello.get("role")
             if role == "call":
                 handed_over = True
-                _CallConnection(self, sock, reader).run()
+                conn = _CallConnection(self, sock, reader)
+                with self._lock:
+                    self._calls.add(conn)
+                conn.run()
             elif role == "events":
                 self._receive_events(sock, reader, hello)
             else:
@@ -133,9 +139,18 @@ class Server:
             if not handed_over:
                 self.drop(sock, reader)
 
-    def drop(self, sock: socket.socket, reader: FrameReader) -> None:
+    def call_finished(self) -> None:
+        """A call ended while the server closes: close() may be waiting for it."""
+        with self._lock:
+            self._calls_done.notify_all()
+
+    def drop(self, sock: socket.socket, reader: FrameReader,
+             conn: _CallConnection | None = None) -> None:
         with self._lock:
             self._socks.discard(sock)
+            if conn is not None:
+                self._calls.discard(conn)
+            self._calls_done.notify_all()
         reader.close()
         sock.close()
 
@@ -181,6 +196,7 @@ class Server:
             if self._closed:
                 return
             self._closed = True
+            self.closing = True
         self._watchdog.close()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
@@ -193,7 +209,12 @@ class Server:
         for done in channels:
             if not done.wait(max(0.0, deadline - time.monotonic())):
                 break
-        with self._lock:
+        with self._lock:  # calls already running finish and send their replies
+            while any(c.busy_since for c in self._calls):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._calls_done.wait(remaining)
             socks = list(self._socks)
         for sock in socks:
             try:
@@ -263,6 +284,8 @@ class _CallConnection:
                         return
                     if self.generation == generation:
                         self.busy_since = 0.0  # still the reader: read on
+                        if self.server.closing:
+                            self.server.call_finished()
                         continue
                     wake = threading.Lock()
                     wake.acquire()
@@ -321,7 +344,7 @@ class _CallConnection:
             wake.release()
         for result in results:
             result.abandon()  # the caller may still map it from its buffer: never reuse
-        self.server.drop(self.sock, self.reader)
+        self.server.drop(self.sock, self.reader, self)
 
 
 class _Watchdog:

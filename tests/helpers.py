@@ -56,11 +56,14 @@ class PeerProcess:
     def __init__(self, script: str, env: dict[str, str], args: list[str] | None = None,
                  cwd: str | None = None) -> None:
         code = PRELUDE + textwrap.dedent(script)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-c", code, *(args or [])],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=env, cwd=cwd, text=True,
-        )
+        self._start([sys.executable, "-u", "-c", code, *(args or [])], env, cwd,
+                    subprocess.PIPE)
+
+    def _start(self, argv: list[str], env: dict[str, str], cwd: str | os.PathLike[str] | None,
+               stdin: int) -> None:
+        """Start ``argv``; its stdout lines go to ``lines``, its stderr to ``stderr``."""
+        self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env, cwd=cwd, text=True)
         self.pid = self.proc.pid
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []

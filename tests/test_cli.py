@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import psutil
@@ -72,18 +70,7 @@ class Command(PeerProcess):
     """A long-running command: stdout lines on a queue, stderr kept, ended by its pid."""
 
     def __init__(self, words: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "localnet", *words], env=env, text=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.pid = self.proc.pid
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        self._out = threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put),
-                                     daemon=True)
-        self._err = threading.Thread(target=self._pump, args=(self.proc.stderr,
-                                                              self.stderr.append), daemon=True)
-        self._out.start()
-        self._err.start()
+        self._start([sys.executable, "-m", "localnet", *words], env, None, subprocess.DEVNULL)
 
     def expect_stderr(self, text: str, timeout: float = 15.0) -> None:
         wait_until(lambda: any(text in line for line in self.stderr), timeout,

@@ -7,11 +7,9 @@ line, never a sleep.
 
 from __future__ import annotations
 
-import queue
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -24,18 +22,7 @@ class Program(PeerProcess):
     """A long-running program: stdout lines on a queue, stderr kept, ended by its pid."""
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(argv, env=env, text=True, cwd=EXAMPLES.parent,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        self.pid = self.proc.pid
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        self._out = threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put),
-                                     daemon=True)
-        self._err = threading.Thread(target=self._pump, args=(self.proc.stderr,
-                                                              self.stderr.append), daemon=True)
-        self._out.start()
-        self._err.start()
+        self._start(argv, env, EXAMPLES.parent, subprocess.DEVNULL)
 
 
 def _argv(script: str, *args: str) -> list[str]:
