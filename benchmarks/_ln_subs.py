@@ -15,10 +15,13 @@ from benchmarks._ln_app import ARRAY_EVENT, TICK_EVENT
 
 
 class Counter:
-    """Thread-safe count of handled events, with the monotonic time of the expected last one."""
+    """Count of handled events, with the monotonic times of the first and the expected last one.
+
+    No lock: each benchmark has one publisher, and localnet runs one publisher's handlers on
+    one thread, in order (the pyzmq and socket subscribers count in a plain loop too).
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._done = threading.Event()
         self.expected = 0
         self.count = 0
@@ -30,23 +33,20 @@ class Counter:
         self.expected = expected
 
     def hit(self, nbytes: int = 0) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self.count += 1
-            self.nbytes += nbytes
-            if self.first is None:
-                self.first = now
-            if self.count == self.expected:
-                self.last = now
-                self._done.set()
+        self.count += 1
+        self.nbytes += nbytes
+        if self.first is None:
+            self.first = time.monotonic()
+        if self.count == self.expected:
+            self.last = time.monotonic()
+            self._done.set()
 
     def wait(self, timeout: float) -> bool:
         """True once ``expected`` events were handled; False after ``timeout`` seconds."""
         return self._done.wait(timeout)
 
     def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {"count": self.count, "first": self.first, "last": self.last}
+        return {"count": self.count, "first": self.first, "last": self.last}
 
 
 TICKS = Counter()

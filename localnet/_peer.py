@@ -34,7 +34,7 @@ from ._events import Outbox, fan_out
 from ._registry_client import RegistryClient
 from ._remote import CallChannel, NotSent, RemotePeer
 from ._server import Server
-from ._wire import DEFAULT_MAX_FRAME, HEADER, Kind
+from ._wire import DEFAULT_MAX_FRAME, HEADER, Frame, Kind
 from ._wire import VERSION as _VERSION
 from ._wire import pack_header as _pack_header
 from .errors import (
@@ -680,13 +680,13 @@ class Peer:
             self._counts[2] += 1
             return Kind.ERROR, _error_reply(exc)
 
-    def event_receiver(self, publisher: dict[str, Any]) -> Callable[[bytes | bytearray,
-                                                                    list[int]], None]:
-        """A function that runs this process's handlers for one publisher's events.
+    def event_receiver(self, publisher: dict[str, Any]) -> Callable[[list[Frame]], None]:
+        """A function that runs this process's handlers for a batch of one publisher's events.
 
-        What depends only on the publisher (its context record, which
-        subscriptions accept it) is worked out once per event name and kept
-        until the catalog changes.
+        The batch is what arrived together, in order; the channel acknowledges
+        it as a whole afterwards.  What depends only on the publisher (its
+        context record, which subscriptions accept it) is worked out once per
+        event name and kept until the catalog changes.
         """
         name, group, hub = publisher.get("name", ""), publisher.get("group"), \
             bool(publisher.get("hub"))
@@ -695,37 +695,48 @@ class Peer:
         table = [CATALOG.by_event]
         received, loads, handling = self._received, pickle.loads, _handling
 
-        def receive(body: bytes | bytearray, fds: list[int]) -> None:
+        def receive(frames: list[Frame]) -> None:
+            current = None
             try:
-                if fds or body[:1] != b"\x80":
-                    event, args, kwargs = _serial.loads(body, "an event", fds)
-                else:
-                    event, args, kwargs = loads(body)
-            except Exception:
-                logger.exception("dropping an event from %r that cannot be rebuilt", name)
-                return
-            if table[0] is not CATALOG.by_event:  # subscriptions changed: start afresh
-                table[0] = CATALOG.by_event
-                cache.clear()
-            entry = cache.get(event)
-            if entry is None:
-                handlers = tuple(s.handler for s in table[0].get(event, ())
-                                 if s.accepts(name, group, hub))
-                counts = received.setdefault(event, [0, 0, 0])
-                entry = cache[event] = (EventContext(event, name, pid, group, hub), handlers,
-                                        counts)
-            context, handlers, counts = entry
-            counts[0] += 1
-            handling.context = context
-            for handler in handlers:
-                try:
-                    handler(*args, **kwargs)
-                    counts[1] += 1
-                except Exception:
-                    counts[2] += 1
-                    logger.exception("handler %s for event %r from %r raised",
-                                     getattr(handler, "__qualname__", handler), event, name)
-            handling.context = None
+                for _, _, body, fds in frames:
+                    try:
+                        if fds or body[0] != 0x80:  # not a plain pickle: shared memory, or bad
+                            event, args, kwargs = _serial.loads(body, "an event", fds)
+                        else:
+                            event, args, kwargs = loads(body)
+                    except Exception:
+                        logger.exception("dropping an event from %r that cannot be rebuilt",
+                                         name)
+                        continue
+                    if table[0] is not CATALOG.by_event:  # subscriptions changed: start afresh
+                        table[0] = CATALOG.by_event
+                        cache.clear()
+                    entry = cache.get(event)
+                    if entry is None:
+                        handlers = tuple(s.handler for s in table[0].get(event, ())
+                                         if s.accepts(name, group, hub))
+                        counts = received.setdefault(event, [0, 0, 0])
+                        entry = cache[event] = (EventContext(event, name, pid, group, hub),
+                                                handlers, counts)
+                    if entry is not current:
+                        current = entry
+                        handling.context = entry[0]
+                    counts = entry[2]
+                    counts[0] += 1
+                    for handler in entry[1]:
+                        try:
+                            if kwargs:
+                                handler(*args, **kwargs)
+                            else:
+                                handler(*args)
+                            counts[1] += 1
+                        except Exception:
+                            counts[2] += 1
+                            logger.exception("handler %s for event %r from %r raised",
+                                             getattr(handler, "__qualname__", handler), event,
+                                             name)
+            finally:
+                handling.context = None
 
         return receive
 

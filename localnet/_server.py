@@ -32,7 +32,15 @@ from typing import Any, Protocol
 from . import _liveness
 from ._serial import Payload
 from ._signals import spawn_thread
-from ._wire import FrameReader, Kind, ProtocolError, close_fds, decode_control, send_frame
+from ._wire import (
+    Frame,
+    FrameReader,
+    Kind,
+    ProtocolError,
+    close_fds,
+    decode_control,
+    send_frame,
+)
 
 logger = logging.getLogger("localnet.server")
 
@@ -51,8 +59,7 @@ class Host(Protocol):
     def run_call(self, body: bytes | bytearray, fds: list[int]) -> tuple[int, bytes | Payload]:
         ...
 
-    def event_receiver(self, publisher: dict[str, Any]
-                       ) -> Callable[[bytes | bytearray, list[int]], None]:
+    def event_receiver(self, publisher: dict[str, Any]) -> Callable[[list[Frame]], None]:
         ...
 
 
@@ -168,22 +175,19 @@ class Server:
 
     @staticmethod
     def _receive_loop(sock: socket.socket, reader: FrameReader,
-                      receive: Callable[[bytes | bytearray, list[int]], None]) -> None:
+                      receive: Callable[[list[Frame]], None]) -> None:
         read, drain = reader.read, reader.drain
         while True:
-            kind, seq, body, fds = read()  # waits for the next event
-            if kind != _EVENT:
-                close_fds(fds)
-                raise ProtocolError(f"unexpected {Kind(kind).name} frame on an event channel")
-            receive(body, fds)
-            for kind, last, body, fds in drain():  # and handles what came with it
+            batch = [read()]  # waits for the next event,
+            batch += drain()  # takes what came with it,
+            for kind, _, _, _ in batch:
                 if kind != _EVENT:
-                    close_fds(fds)
+                    for frame in batch:
+                        close_fds(frame[3])
                     raise ProtocolError(
                         f"unexpected {Kind(kind).name} frame on an event channel")
-                receive(body, fds)
-                seq = last
-            send_frame(sock, _ACK, seq)  # one acknowledgement for the whole batch
+            receive(batch)  # handles it all,
+            send_frame(sock, _ACK, batch[-1][1])  # and acknowledges it at once
 
     def close(self, drain: float = 0.0) -> None:
         """Stop accepting, close every connection and remove the socket file.

@@ -59,6 +59,8 @@ from typing import Union
 from .errors import ConnectionLost
 
 Buffer = Union[bytes, bytearray, memoryview]
+#: What a reader returns: (kind, ident, body, descriptors).
+Frame = tuple[int, int, Union[bytes, bytearray], list[int]]
 
 VERSION = 1
 HEADER = struct.Struct("<BBHIQ")
@@ -190,12 +192,12 @@ class FrameReader:
         """Bytes already read from the socket and not yet returned."""
         return self._end - self._start
 
-    def drain(self) -> list[tuple[int, int, bytearray, list[int]]]:
+    def drain(self) -> list[Frame]:
         """Every whole frame already buffered, without reading the socket.
 
         Checks each header as :meth:`read` does (raises ProtocolError).
         """
-        frames = []
+        frames: list[Frame] = []
         buf, start, end = self._buf, self._start, self._end
         unpack = HEADER.unpack_from
         while end - start >= HEADER_SIZE:

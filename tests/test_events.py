@@ -457,6 +457,51 @@ def test_handlers_know_which_publisher_sent_the_event(spawn) -> None:
     assert localnet.current_event() is None
 
 
+def test_events_of_several_names_in_one_burst_each_see_their_own_context(spawn) -> None:
+    # Fired back to back, the events reach the subscriber in batches that mix
+    # both names; each handler must still see its own event in current_event().
+    spawn("""
+@localnet.event("tick")
+def tick(*args, **kwargs):
+    return args, kwargs
+
+@localnet.event("tock")
+def tock(*args, **kwargs):
+    return args, kwargs
+
+@localnet.connect()
+def burst(count):
+    for i in range(count):
+        (tick if i % 2 else tock)(i)
+    peer.flush(20)
+    return count
+
+peer = localnet.Peer(name="pub")
+peer.start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+""")
+    seen: list[tuple[str, str, int]] = []
+    with localnet.Peer(name="me") as me:
+
+        @localnet.subscribe("tick")
+        def on_tick(i):
+            seen.append(("tick", localnet.current_event().event, i))
+
+        @localnet.subscribe("tock")
+        def on_tock(i, **kwargs):
+            seen.append(("tock", localnet.current_event().event, i))
+
+        try:
+            assert localnet.peer("pub").burst(2000) == 2000
+        finally:
+            localnet.unsubscribe(on_tick)
+            localnet.unsubscribe(on_tock)
+        stats = me.stats()
+    assert [i for _, _, i in seen] == list(range(2000))
+    assert all(handler == event == ("tick" if i % 2 else "tock") for handler, event, i in seen)
+    assert stats.received["tick"].handled == stats.received["tock"].handled == 1000
+
+
 def test_subscriber_that_leaves_right_after_handling_still_acknowledges(spawn) -> None:
     script = """
         done = threading.Event()
