@@ -3,9 +3,10 @@
 A trigger pickles its event once and appends the bytes to the outbox of
 every subscriber whose subscription matches this publisher; it never waits
 for the network.  Each outbox has a writer thread, which sends whatever has
-queued up in one ``sendall`` (so a burst of events costs a few system calls,
-not one each), and an acknowledgement reader, which counts what the
-subscriber has handled.
+queued up in one ``sendall``, packed into EVENT frames of up to
+``EVENT_BATCH`` bytes each (so a burst of events costs a few system calls and
+a few frame headers, not one each), and an acknowledgement reader, which
+counts what the subscriber has handled.
 
 Bounds (per subscriber): at most ``limit`` events may be queued or in flight
 unacknowledged.  When an outbox is full, a trigger waits up to ``block``
@@ -24,6 +25,7 @@ never acknowledged: the subscriber died or left first).
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import socket
 import threading
@@ -35,20 +37,34 @@ from typing import Any
 from . import _liveness
 from ._serial import Payload
 from ._signals import spawn_thread
-from ._wire import FrameReader, Kind, ProtocolError, encode_control, send_frame, send_raw_with_fds
+from ._wire import (
+    EVENT_BATCH,
+    HEADER,
+    VERSION,
+    FrameReader,
+    Kind,
+    ProtocolError,
+    encode_control,
+    send_frame,
+    send_raw_with_fds,
+)
 
 logger = logging.getLogger("localnet.events")
-
+_pack = HEADER.pack
+_EVENT = int(Kind.EVENT)
 
 
 class Outbox:
     """Events queued for, and in flight to, one subscriber peer.
 
-    Frames arrive built: the publisher numbers its events with one sequence
-    for all subscribers and builds each frame once, so queueing one for a
-    subscriber is three list appends.  ``_seqs``/``_events`` list what is
-    queued or unacknowledged, oldest first; an acknowledgement (cumulative)
-    cuts them with one bisect.
+    Events arrive pickled: the publisher numbers its events with one sequence
+    for all subscribers and pickles each once, so queueing one for a
+    subscriber is three list appends.  ``_frames`` holds what is not yet
+    written: plain pickles (bytes), which the writer packs into batch frames,
+    and :class:`Payload` frames (shared memory), sent whole.  ``_seqs`` and
+    ``_events`` list what is queued or unacknowledged, oldest first (so the
+    last ``len(_frames)`` sequences are those of ``_frames``); an
+    acknowledgement (cumulative) cuts them with one bisect.
     """
 
     def __init__(self, entry: dict[str, Any], hello: dict[str, Any], limit: int, block: float,
@@ -74,6 +90,7 @@ class Outbox:
         self._events: list[str] = []
         self._payloads: dict[int, Payload] = {}  # the ones in shared memory, by sequence
         self.seq = 0  # the last sequence queued here
+        self.written = 0  # the last sequence handed to the socket
         self.acked = 0
         self._congested = False
         self._writer_idle = False
@@ -98,9 +115,10 @@ class Outbox:
     def _put(self, event: str, seq: int, frame: bytes | Payload) -> bool:
         """Queue one event's frame; False when it was dropped (full or closed).
 
-        ``frame`` is the whole frame, or for shared memory a :class:`Payload`
-        held once for this outbox, which the outbox settles when the event
-        is acknowledged, or at once when it is dropped.  Called with the lock held.
+        ``frame`` is the event's plain pickle, or for shared memory a whole
+        frame in a :class:`Payload` held once for this outbox, which the
+        outbox settles when the event is acknowledged, or at once when it is
+        dropped.  Called with the lock held.
         """
         if self.closed or self.retiring or (len(self._seqs) >= self.limit
                                             and not self._wait_for_room()):
@@ -182,24 +200,31 @@ class Outbox:
                     if self.closed:
                         return
                     frames, self._frames = self._frames, []
-                self._send(sock, frames)
+                    seqs = self._seqs[len(self._seqs) - len(frames):]
+                    self.written = self.seq
+                    payloads = bool(self._payloads)
+                self._send(sock, frames, seqs, payloads)
         except Exception as exc:
             self._fail(f"connection broken: {exc}")
 
     @staticmethod
-    def _send(sock: socket.socket, frames: list[bytes | Payload]) -> None:
-        run: list[bytes] = []
-        for frame in frames:
+    def _send(sock: socket.socket, frames: list[bytes | Payload], seqs: list[int],
+              payloads: bool) -> None:
+        """Send queued events: runs of plain pickles as batch frames, payloads whole."""
+        if not payloads:  # the common case: plain pickles only
+            sock.sendall(b"".join(_batches(frames, seqs)))  # type: ignore[arg-type]
+            return
+        start = 0
+        for i, frame in enumerate(frames):
             if type(frame) is bytes:
-                run.append(frame)
                 continue
-            if run:
-                sock.sendall(b"".join(run))
-                run = []
+            if start < i:
+                sock.sendall(b"".join(_batches(frames[start:i], seqs[start:i])))  # type: ignore[arg-type]
             assert isinstance(frame, Payload)
             send_raw_with_fds(sock, frame.body, frame.fds)
-        if run:
-            sock.sendall(run[0] if len(run) == 1 else b"".join(run))
+            start = i + 1
+        if start < len(frames):
+            sock.sendall(b"".join(_batches(frames[start:], seqs[start:])))  # type: ignore[arg-type]
 
     def _ack_loop(self, sock: socket.socket) -> None:
         reader = FrameReader(sock, 1024, with_fds=False)
@@ -217,6 +242,9 @@ class Outbox:
             kind, seq, _, _ = reader.read()
             if kind != Kind.ACK:
                 raise ProtocolError(f"unexpected {Kind(kind).name} frame from a subscriber")
+            if seq > self.written:
+                raise ProtocolError(f"the subscriber acknowledged event {seq}, "
+                                    f"which was never sent")
             settle: list[Payload] = []
             with self._lock:
                 if seq > self.acked:
@@ -295,9 +323,26 @@ class Outbox:
             return result
 
 
+def _batches(bodies: list[bytes], seqs: list[int]) -> list[bytes]:
+    """Headers and bodies of the EVENT frames carrying ``bodies``, to be joined.
+
+    Consecutive bodies share a frame up to EVENT_BATCH bytes (a larger body
+    travels alone); each frame's id is the sequence of its last event.
+    """
+    ends = list(itertools.accumulate(map(len, bodies)))  # running sizes, in C
+    parts: list[bytes] = []
+    start, base, n = 0, 0, len(bodies)
+    while start < n:
+        end = max(bisect.bisect_right(ends, base + EVENT_BATCH, start), start + 1)
+        parts.append(_pack(VERSION, _EVENT, 0, ends[end - 1] - base, seqs[end - 1]))
+        parts += bodies[start:end]
+        base, start = ends[end - 1], end
+    return parts
+
+
 def fan_out(lock: threading.Lock, outboxes: tuple[Outbox, ...], event: str, seq: int,
             frame: bytes) -> None:
-    """Queue one prebuilt frame for every outbox sharing ``lock``, in one acquisition."""
+    """Queue one event's plain pickle for every outbox sharing ``lock``, in one acquisition."""
     with lock:
         for outbox in outboxes:
             if outbox.closed or outbox.retiring or len(outbox._seqs) >= outbox.limit:

@@ -23,9 +23,11 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from io import BytesIO
+from pickle import Unpickler
 from typing import Any
 
 from . import _liveness, _paths, _serial, _shm
@@ -34,8 +36,7 @@ from ._events import Outbox, fan_out
 from ._registry_client import RegistryClient
 from ._remote import CallChannel, NotSent, RemotePeer
 from ._server import Server
-from ._wire import DEFAULT_MAX_FRAME, HEADER, Frame, Kind
-from ._wire import VERSION as _VERSION
+from ._wire import DEFAULT_MAX_FRAME, Frame, Kind
 from ._wire import pack_header as _pack_header
 from .errors import (
     ConfigurationError,
@@ -51,7 +52,6 @@ logger = logging.getLogger("localnet.peer")
 
 _counter = itertools.count()
 _REPLY, _EVENT = int(Kind.REPLY), int(Kind.EVENT)
-_pack = HEADER.pack
 CHANNELS_PER_PEER = 8  # connections to one peer before calling threads share them
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -481,12 +481,11 @@ class Peer:
                 self._published.add(event)
                 self._rebuild_routes()
         targets = self._routes.get(event)
-        # One sequence for all subscribers, so the frame is built once.
+        # One sequence for all subscribers, so the event is pickled and framed once.
         seq = next(self._event_seq)
-        if type(payload) is bytes:
+        if type(payload) is bytes:  # a plain pickle: the outboxes frame it, in batches
             if targets:
-                fan_out(self._outbox_lock, targets, event, seq,
-                        _pack(_VERSION, _EVENT, 0, len(payload), seq) + payload)
+                fan_out(self._outbox_lock, targets, event, seq, payload)
             return
         assert isinstance(payload, _serial.Payload)
         if targets:
@@ -693,26 +692,47 @@ class Peer:
         pid = int(publisher.get("pid", 0))
         cache: dict[str, tuple[EventContext, tuple[Callable[..., Any], ...], list[int]]] = {}
         table = [CATALOG.by_event]
-        received, loads, handling = self._received, pickle.loads, _handling
+        received, handling = self._received, _handling
+
+        def unpickled(frames: list[Frame]) -> Iterator[Any]:
+            # Each frame holds one payload, or a batch of plain pickles back to back.
+            for _, _, body, fds in frames:
+                if fds or not body or body[0] != 0x80:  # shared memory (or garbage)
+                    try:
+                        yield _serial.loads(body, "an event", fds)
+                    except Exception:
+                        logger.exception("dropping an event from %r that cannot be rebuilt",
+                                         name)
+                    continue
+                load = Unpickler(BytesIO(body)).load
+                while True:
+                    try:
+                        yield load()
+                    except EOFError:  # the end of the batch
+                        break
+                    except Exception:
+                        logger.exception("dropping events from %r that cannot be rebuilt "
+                                         "(the rest of a %d-byte batch)", name, len(body))
+                        break
 
         def receive(frames: list[Frame]) -> None:
             current = None
             try:
-                for _, _, body, fds in frames:
+                for message in unpickled(frames):
                     try:
-                        if fds or body[0] != 0x80:  # not a plain pickle: shared memory, or bad
-                            event, args, kwargs = _serial.loads(body, "an event", fds)
-                        else:
-                            event, args, kwargs = loads(body)
-                    except Exception:
-                        logger.exception("dropping an event from %r that cannot be rebuilt",
-                                         name)
+                        event, args, kwargs = message
+                        entry = cache.get(event)
+                    except (TypeError, ValueError):
+                        logger.error("dropping a malformed event from %r", name)
                         continue
                     if table[0] is not CATALOG.by_event:  # subscriptions changed: start afresh
                         table[0] = CATALOG.by_event
                         cache.clear()
-                    entry = cache.get(event)
+                        entry = None
                     if entry is None:
+                        if type(event) is not str:
+                            logger.error("dropping a malformed event from %r", name)
+                            continue
                         handlers = tuple(s.handler for s in table[0].get(event, ())
                                          if s.accepts(name, group, hub))
                         counts = received.setdefault(event, [0, 0, 0])

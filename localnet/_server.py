@@ -33,6 +33,7 @@ from . import _liveness
 from ._serial import Payload
 from ._signals import spawn_thread
 from ._wire import (
+    EVENT_BATCH,
     Frame,
     FrameReader,
     Kind,
@@ -133,6 +134,7 @@ class Server:
                     self._calls.add(conn)
                 conn.run()
             elif role == "events":
+                reader.max_frame = max(reader.max_frame, EVENT_BATCH)
                 self._receive_events(sock, reader, hello)
             else:
                 raise ProtocolError(f"unknown role {role!r}")

@@ -27,7 +27,10 @@ HELLO            connecting side → server  JSON object: role, name, pid, ...
 CALL             caller → callee           payload of (connection, args, kwargs)
 REPLY            callee → caller           payload of the result
 ERROR            callee → caller           payload of (exception, traceback text)
-EVENT            publisher → subscriber    payload of (event, args, kwargs)
+EVENT            publisher → subscriber    payload of (event, args, kwargs), or
+                                           several plain ones back to back (a
+                                           batch, at most ``EVENT_BATCH`` bytes);
+                                           id = the last event's sequence
 ACK              subscriber → publisher    empty; id = last sequence handled
 REQUEST          peer → registry           pickled (operation, arguments)
 RESPONSE         registry → peer           pickled (ok, value)
@@ -69,6 +72,10 @@ _pack = HEADER.pack
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 MAX_FDS = 64  # per frame; more buffers than this travel in several segments' stead inline
 
+#: A publisher packs consecutive small events to one subscriber into one EVENT
+#: frame of up to this many bytes (plain pickles back to back, read with one
+#: unpickler); a subscriber accepts EVENT frames this large whatever its max_frame.
+EVENT_BATCH = 64 * 1024
 _READ_CHUNK = 256 * 1024
 _SMALL_SEND = 64 * 1024
 _FD_KIND_ANY = -1

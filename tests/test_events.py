@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import signal
+import socket
 import threading
 
 import pytest
@@ -500,6 +502,63 @@ localnet.serve_forever(peer, ready=lambda: say("READY"))
     assert [i for _, _, i in seen] == list(range(2000))
     assert all(handler == event == ("tick" if i % 2 else "tock") for handler, event, i in seen)
     assert stats.received["tick"].handled == stats.received["tock"].handled == 1000
+
+
+def test_small_events_travel_in_batches_that_a_small_max_frame_still_accepts(spawn) -> None:
+    # Up to EVENT_BATCH bytes of small events share a frame; a subscriber whose
+    # max_frame is far smaller still takes them (its limit is per event).
+    publisher(spawn, "pub")
+    got: list[int] = []
+    with localnet.Peer(name="me", max_frame=1024):
+
+        @localnet.subscribe("tick")
+        def on_tick(i, source=None):
+            got.append(i)
+
+        try:
+            assert localnet.peer("pub").fire(3000) is True
+        finally:
+            localnet.unsubscribe(on_tick)
+        stats = localnet.peer("pub").stats()
+    assert got == list(range(3000))
+    assert stats["published"]["tick"]["delivered"] == 3000
+
+
+def test_a_batch_with_a_broken_tail_loses_only_that_tail(caplog) -> None:
+    from localnet import _wire
+    from localnet._wire import FrameReader, Kind
+
+    got: list[object] = []
+    with localnet.Peer(name="me") as me:
+
+        @localnet.subscribe("tick")
+        def on_tick(i):
+            got.append(i)
+
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(me.address)
+            hello = _wire.encode_control({"role": "events", "name": "raw", "pid": os.getpid()})
+            batch = b"".join([pickle.dumps(("tick", (1,), {}), 5),
+                              pickle.dumps(42, 5),  # a pickle, but not an event
+                              pickle.dumps(("tick", (2,), {}), 5),
+                              b"\x80\x05garbage"])
+            good = pickle.dumps(("tick", (3,), {}), 5)
+            sock.sendall(_wire.pack_header(Kind.HELLO, 0, len(hello)) + hello
+                         + _wire.pack_header(Kind.EVENT, 4, len(batch)) + batch)
+            reader = FrameReader(sock)
+            assert reader.read(10)[:2] == (Kind.ACK, 4)  # the channel carries on
+            sock.sendall(_wire.pack_header(Kind.EVENT, 5, len(good)) + good)
+            assert reader.read(10)[:2] == (Kind.ACK, 5)
+            sock.close()
+        finally:
+            localnet.unsubscribe(on_tick)
+        assert me.stats().received["tick"].handled == 3
+    assert got == [1, 2, 3]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("malformed event from 'raw'" in m for m in messages)
+    assert any("cannot be rebuilt (the rest of a" in m for m in messages)
 
 
 def test_subscriber_that_leaves_right_after_handling_still_acknowledges(spawn) -> None:
