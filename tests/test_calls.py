@@ -6,7 +6,6 @@ import datetime
 import threading
 
 import pytest
-from helpers import wait_until
 
 import localnet
 from localnet._peer import CHANNELS_PER_PEER
@@ -45,6 +44,7 @@ def unpicklable_result():
 
 @localnet.connect()
 def block(token):
+    say("BLOCKING", token)
     release.wait(30)
     return token
 
@@ -248,7 +248,7 @@ def test_peer_that_dies_during_a_call_raises_connection_lost(server) -> None:
 
         t = threading.Thread(target=blocked)
         t.start()
-        wait_until(lambda: localnet.info("server") and server.pid, what="the call to start")
+        server.expect("BLOCKING x")  # the call is running in the server
         server.kill9()
         t.join(10)
         assert len(outcome) == 1 and isinstance(outcome[0], localnet.ConnectionLost)
