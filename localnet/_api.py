@@ -157,7 +157,11 @@ class Event(Generic[P]):
         if type(out) is not tuple or len(out) != 2 or type(out[0]) is not tuple \
                 or type(out[1]) is not dict:
             out = self._check(out)
-        current_peer().publish(self.name, out[0], out[1])
+        try:
+            peer = _live[-1]  # current_peer(), inlined for the common case
+        except IndexError:
+            peer = current_peer()
+        peer.publish(self.name, out[0], out[1])
         return out
 
     def _check(self, out: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -129,6 +129,9 @@ class State(Enum):
     CLOSED = "CLOSED"
 
 
+_RUNNING = State.RUNNING  # for the hot paths: an enum member lookup costs 0.1 µs
+
+
 def _env_bool(name: str) -> bool | None:
     raw = os.environ.get(name)
     if raw is None:
@@ -470,7 +473,7 @@ class Peer:
         Raises :class:`SerializationError` (nothing is sent) when an argument
         does not pickle.
         """
-        if self.state is not State.RUNNING:
+        if self.state is not _RUNNING:
             self._require_running()
         payload = _serial.dumps_call(event, args, kwargs, "an argument of event",
                                      self.shm_threshold)
@@ -530,7 +533,7 @@ class Peer:
         Raises the remote exception, or PeerNotFound, ConnectionLost, Timeout,
         SerializationError (before anything is sent).
         """
-        if self.state is not State.RUNNING:
+        if self.state is not _RUNNING:
             self._require_running()
         name = target if type(target) is str else target.name  # type: ignore[union-attr]
         try:
