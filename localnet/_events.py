@@ -341,15 +341,15 @@ def _batches(bodies: list[bytes], seqs: list[int]) -> list[bytes]:
 
 
 def fan_out(lock: threading.Lock, outboxes: tuple[Outbox, ...], event: str, seq: int,
-            frame: bytes) -> None:
+            body: bytes) -> None:
     """Queue one event's plain pickle for every outbox sharing ``lock``, in one acquisition."""
     with lock:
         for outbox in outboxes:
             if outbox.closed or outbox.retiring or len(outbox._seqs) >= outbox.limit:
-                outbox._put(event, seq, frame)  # the slow path: drop, or wait for room
+                outbox._put(event, seq, body)  # the slow path: drop, or wait for room
                 continue
             outbox.seq = seq
-            outbox._frames.append(frame)
+            outbox._frames.append(body)
             outbox._seqs.append(seq)
             outbox._events.append(event)
             if outbox._writer_idle:

@@ -575,13 +575,6 @@ class Peer:
                 channel.taken(ident)
         raise _serial.loads_exception(body)
 
-    def _dumps_call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                    what: str) -> bytes | _serial.Payload:
-        payload = _serial.dumps_call(name, args, kwargs, what, self.shm_threshold)
-        if len(payload) > self.max_frame:
-            self._too_big(payload, f"{what} {name!r}")
-        return payload
-
     def _too_big(self, payload: bytes | _serial.Payload, what: str) -> None:
         if len(payload) > self.max_frame:
             if isinstance(payload, _serial.Payload):

@@ -70,47 +70,22 @@ def _plain(value: Any, depth: int = 3) -> int:
             else 2
     if depth == 0:
         return 0
-    kind = 1
-    if t in _CONTAINERS:
-        if len(value) > _SMALL:
-            return 0
-        for item in value:
-            if type(item) not in _SCALARS:
-                sub = _plain(item, depth - 1)
-                if not sub:
-                    return 0
-                kind = max(kind, sub)
-        return kind
+    if (t is not dict and t not in _CONTAINERS) or len(value) > _SMALL:
+        return 0
+    items = value
     if t is dict:
-        if len(value) > _SMALL:
-            return 0
-        for key, item in value.items():
+        for key in value:
             if type(key) not in _SCALARS:
                 return 0
-            if type(item) not in _SCALARS:
-                sub = _plain(item, depth - 1)
-                if not sub:
-                    return 0
-                kind = max(kind, sub)
-        return kind
-    return 0
-    if t in _CONTAINERS:
-        if len(value) > _SMALL:
-            return False
-        for item in value:
-            if type(item) not in _SCALARS and not _plain(item, depth - 1):
-                return False
-        return True
-    if t is dict:
-        if len(value) > _SMALL:
-            return False
-        for key, item in value.items():
-            if type(key) not in _SCALARS:
-                return False
-            if type(item) not in _SCALARS and not _plain(item, depth - 1):
-                return False
-        return True
-    return False
+        items = value.values()
+    kind = 1
+    for item in items:
+        if type(item) not in _SCALARS:
+            sub = _plain(item, depth - 1)
+            if not sub:
+                return 0
+            kind = max(kind, sub)
+    return kind
 
 
 def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:

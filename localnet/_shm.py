@@ -202,10 +202,6 @@ class Pool:
             segment.close()
         return remaining
 
-    def idle_bytes(self) -> int:
-        with self._lock:
-            return sum(s.size for v in self._free.values() for s in v)
-
 
 POOL = Pool()
 

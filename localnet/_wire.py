@@ -195,10 +195,6 @@ class FrameReader:
         self._poll: select.poll | None = None
         self._with_fds = with_fds
 
-    def buffered(self) -> int:
-        """Bytes already read from the socket and not yet returned."""
-        return self._end - self._start
-
     def drain(self) -> list[Frame]:
         """Every whole frame already buffered, without reading the socket.
 
