@@ -3,10 +3,10 @@
 A trigger pickles its event once and appends the bytes to the outbox of
 every subscriber whose subscription matches this publisher; it never waits
 for the network.  Each outbox has a writer thread, which sends whatever has
-queued up in one ``sendall``, packed into EVENT frames of up to
-``EVENT_BATCH`` bytes each (so a burst of events costs a few system calls and
-a few frame headers, not one each), and an acknowledgement reader, which
-counts what the subscriber has handled.
+queued up in one ``sendall``, packed into batch frames of up to
+``EVENT_BATCH`` bytes each (:func:`~localnet._wire.pack_batch`: a burst of
+events costs a few system calls and a few frame headers, not one each), and
+an acknowledgement reader, which counts what the subscriber has handled.
 
 Bounds (per subscriber): at most ``limit`` events may be queued or in flight
 unacknowledged.  When an outbox is full, a trigger waits up to ``block``
@@ -25,7 +25,6 @@ never acknowledged: the subscriber died or left first).
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 import socket
 import threading
@@ -38,20 +37,16 @@ from . import _liveness
 from ._serial import Payload
 from ._signals import spawn_thread
 from ._wire import (
-    EVENT_BATCH,
-    HEADER,
-    VERSION,
     FrameReader,
     Kind,
     ProtocolError,
     encode_control,
+    pack_batch,
     send_frame,
     send_raw_with_fds,
 )
 
 logger = logging.getLogger("localnet.events")
-_pack = HEADER.pack
-_EVENT = int(Kind.EVENT)
 
 
 class Outbox:
@@ -212,19 +207,19 @@ class Outbox:
               payloads: bool) -> None:
         """Send queued events: runs of plain pickles as batch frames, payloads whole."""
         if not payloads:  # the common case: plain pickles only
-            sock.sendall(b"".join(_batches(frames, seqs)))  # type: ignore[arg-type]
+            sock.sendall(b"".join(pack_batch(frames, seqs)))  # type: ignore[arg-type]
             return
         start = 0
         for i, frame in enumerate(frames):
             if type(frame) is bytes:
                 continue
             if start < i:
-                sock.sendall(b"".join(_batches(frames[start:i], seqs[start:i])))  # type: ignore[arg-type]
+                sock.sendall(b"".join(pack_batch(frames[start:i], seqs[start:i])))  # type: ignore[arg-type]
             assert isinstance(frame, Payload)
             send_raw_with_fds(sock, frame.body, frame.fds)
             start = i + 1
         if start < len(frames):
-            sock.sendall(b"".join(_batches(frames[start:], seqs[start:])))  # type: ignore[arg-type]
+            sock.sendall(b"".join(pack_batch(frames[start:], seqs[start:])))  # type: ignore[arg-type]
 
     def _ack_loop(self, sock: socket.socket) -> None:
         reader = FrameReader(sock, 1024, with_fds=False)
@@ -321,23 +316,6 @@ class Outbox:
                 result[event] = (delivered + failed + pending[event], delivered,
                                  self._dropped.get(event, 0), failed)
             return result
-
-
-def _batches(bodies: list[bytes], seqs: list[int]) -> list[bytes]:
-    """Headers and bodies of the EVENT frames carrying ``bodies``, to be joined.
-
-    Consecutive bodies share a frame up to EVENT_BATCH bytes (a larger body
-    travels alone); each frame's id is the sequence of its last event.
-    """
-    ends = list(itertools.accumulate(map(len, bodies)))  # running sizes, in C
-    parts: list[bytes] = []
-    start, base, n = 0, 0, len(bodies)
-    while start < n:
-        end = max(bisect.bisect_right(ends, base + EVENT_BATCH, start), start + 1)
-        parts.append(_pack(VERSION, _EVENT, 0, ends[end - 1] - base, seqs[end - 1]))
-        parts += bodies[start:end]
-        base, start = ends[end - 1], end
-    return parts
 
 
 def fan_out(lock: threading.Lock, outboxes: tuple[Outbox, ...], event: str, seq: int,

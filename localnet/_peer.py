@@ -23,11 +23,10 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from io import BytesIO
-from pickle import Unpickler
+from itertools import accumulate, pairwise
 from typing import Any
 
 from . import _liveness, _paths, _serial, _shm
@@ -36,7 +35,7 @@ from ._events import Outbox, fan_out
 from ._registry_client import RegistryClient
 from ._remote import CallChannel, NotSent, RemotePeer
 from ._server import Server
-from ._wire import DEFAULT_MAX_FRAME, Frame, Kind
+from ._wire import BATCH_MARK, DEFAULT_MAX_FRAME, Frame, Kind, unpack_batch
 from ._wire import pack_header as _pack_header
 from .errors import (
     ConfigurationError,
@@ -688,28 +687,31 @@ class Peer:
         pid = int(publisher.get("pid", 0))
         cache: dict[str, tuple[EventContext, tuple[Callable[..., Any], ...], list[int]]] = {}
         table = [CATALOG.by_event]
-        received, handling = self._received, _handling
+        received, handling, loads = self._received, _handling, pickle.loads
 
-        def unpickled(frames: list[Frame]) -> Iterator[Any]:
-            # Each frame holds one payload, or a batch of plain pickles back to back.
+        def unpickled(frames: list[Frame]) -> list[Any]:
+            # A frame holds one payload, or a batch of plain ones (_wire.pack_batch).
+            messages: list[Any] = []
             for _, _, body, fds in frames:
-                if fds or not body or body[0] != 0x80:  # shared memory (or garbage)
+                if fds or not body or body[0] != BATCH_MARK:  # one payload
                     try:
-                        yield _serial.loads(body, "an event", fds)
+                        messages.append(_serial.loads(body, "an event", fds))
                     except Exception:
                         logger.exception("dropping an event from %r that cannot be rebuilt",
                                          name)
                     continue
-                load = Unpickler(BytesIO(body)).load
-                while True:
+                try:
+                    first, sizes = unpack_batch(body)
+                except ValueError as exc:
+                    logger.error("dropping a malformed batch of events from %r: %s", name, exc)
+                    continue
+                for start, end in pairwise(accumulate(sizes, initial=first)):
                     try:
-                        yield load()
-                    except EOFError:  # the end of the batch
-                        break
+                        messages.append(loads(body[start:end]))
                     except Exception:
-                        logger.exception("dropping events from %r that cannot be rebuilt "
-                                         "(the rest of a %d-byte batch)", name, len(body))
-                        break
+                        logger.exception("dropping an event from %r that cannot be rebuilt",
+                                         name)
+            return messages
 
         def receive(frames: list[Frame]) -> None:
             current = None

@@ -28,9 +28,9 @@ CALL             caller → callee           payload of (connection, args, kwarg
 REPLY            callee → caller           payload of the result
 ERROR            callee → caller           payload of (exception, traceback text)
 EVENT            publisher → subscriber    payload of (event, args, kwargs), or
-                                           several plain ones back to back (a
-                                           batch, at most ``EVENT_BATCH`` bytes);
-                                           id = the last event's sequence
+                                           a batch of plain ones (see
+                                           :func:`pack_batch`); id = the last
+                                           event's sequence
 ACK              subscriber → publisher    empty; id = last sequence handled
 REQUEST          peer → registry           pickled (operation, arguments)
 RESPONSE         registry → peer           pickled (ok, value)
@@ -54,9 +54,12 @@ import os
 import select
 import socket
 import struct
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
 from enum import IntEnum
+from itertools import accumulate, repeat
+from operator import add as _add
 from typing import Union
 
 from .errors import ConnectionLost
@@ -73,9 +76,13 @@ DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 MAX_FDS = 64  # per frame; more buffers than this travel in several segments' stead inline
 
 #: A publisher packs consecutive small events to one subscriber into one EVENT
-#: frame of up to this many bytes (plain pickles back to back, read with one
-#: unpickler); a subscriber accepts EVENT frames this large whatever its max_frame.
+#: frame of up to this many bytes (see :func:`pack_batch`); a subscriber accepts
+#: EVENT frames this large whatever its max_frame.
 EVENT_BATCH = 64 * 1024
+#: The first byte of a batch body (a plain payload starts with 0x80, one in
+#: shared memory with ``b"O"``).
+BATCH_MARK = 0x42  # b"B"
+_BATCH_COUNT = struct.Struct("<BI")
 _READ_CHUNK = 256 * 1024
 _SMALL_SEND = 64 * 1024
 _FD_KIND_ANY = -1
@@ -106,6 +113,7 @@ _KINDS = frozenset(int(k) for k in Kind)
 # Only these carry descriptors (shared memory); any other kind declaring some
 # is refused, and what arrived with it is closed.
 _FD_KINDS = frozenset({int(Kind.CALL), int(Kind.REPLY), int(Kind.EVENT)})
+_EVENT = int(Kind.EVENT)
 
 
 def close_fds(fds: Sequence[int]) -> None:
@@ -124,6 +132,59 @@ class ProtocolError(ConnectionLost):
 def pack_header(kind: int, ident: int, length: int, nfds: int = 0) -> bytes:
     """Return the 16-byte header of a frame."""
     return HEADER.pack(VERSION, kind, nfds, length, ident)
+
+
+def pack_batch(bodies: list[bytes], seqs: list[int]) -> list[bytes]:
+    """Headers and bodies of the EVENT frames carrying ``bodies``, to be joined.
+
+    ``bodies`` are plain payloads (whole pickles) and ``seqs`` their event
+    sequences.  Consecutive bodies share a frame of up to ``EVENT_BATCH``
+    bytes, whose body is::
+
+        b"B", count n (u32), n sizes (u32 each), the n pickles back to back
+
+    Each pickle keeps its own memo and is rebuilt on its own (read as one
+    stream, one event's memo references would point into the previous one).
+    A body too large to share a frame travels alone, as a plain payload.
+    Each frame's id is the sequence of its last event.
+    """
+    sizes = list(map(len, bodies))
+    ends = list(accumulate(map(_add, sizes, repeat(4))))  # each body and its size entry
+    room = EVENT_BATCH - _BATCH_COUNT.size
+    parts: list[bytes] = []
+    start, base, n = 0, 0, len(bodies)
+    while start < n:
+        end = bisect_right(ends, base + room, start)
+        if end == start:  # alone, as a plain payload
+            end = start + 1
+            parts += (_pack(VERSION, _EVENT, 0, sizes[start], seqs[start]), bodies[start])
+        else:
+            count = end - start
+            parts.append(_pack(VERSION, _EVENT, 0, _BATCH_COUNT.size + ends[end - 1] - base,
+                               seqs[end - 1]))
+            parts.append(struct.pack(f"<BI{count}I", BATCH_MARK, count, *sizes[start:end]))
+            parts += bodies[start:end]
+        base, start = ends[end - 1], end
+    return parts
+
+
+def unpack_batch(body: Buffer) -> tuple[int, tuple[int, ...]]:
+    """Where the first pickle of a batch body starts, and the pickles' sizes.
+
+    Raises:
+        ValueError: the body is not a batch its table describes exactly.
+    """
+    if len(body) < _BATCH_COUNT.size:
+        raise ValueError("a batch shorter than its count")
+    mark, count = _BATCH_COUNT.unpack_from(body)
+    first = _BATCH_COUNT.size + 4 * count
+    if mark != BATCH_MARK or first > len(body):
+        raise ValueError(f"a batch of {count} events cannot fit in {len(body)} bytes")
+    sizes: tuple[int, ...] = struct.unpack_from(f"<{count}I", body, _BATCH_COUNT.size)
+    if first + sum(sizes) != len(body):
+        raise ValueError(f"a batch's sizes add up to {first + sum(sizes)} bytes, "
+                         f"not {len(body)}")
+    return first, sizes
 
 
 def send_frame(
