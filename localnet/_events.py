@@ -42,6 +42,7 @@ from ._wire import (
     ProtocolError,
     encode_control,
     pack_batch,
+    pack_items,
     send_frame,
     send_raw_with_fds,
 )
@@ -55,8 +56,8 @@ class Outbox:
     Events arrive pickled: the publisher numbers its events with one sequence
     for all subscribers and pickles each once, so queueing one for a
     subscriber is three list appends.  ``_frames`` holds what is not yet
-    written: plain pickles (bytes), which the writer packs into batch frames,
-    and :class:`Payload` frames (shared memory), sent whole.  ``_seqs`` and
+    written: items and whole pickles (bytes), which the writer packs into
+    frames, and :class:`Payload` frames (shared memory), sent whole.  ``_seqs`` and
     ``_events`` list what is queued or unacknowledged, oldest first (so the
     last ``len(_frames)`` sequences are those of ``_frames``); an
     acknowledgement (cumulative) cuts them with one bisect.
@@ -84,6 +85,7 @@ class Outbox:
         self._seqs: list[int] = []  # queued or unacknowledged
         self._events: list[str] = []
         self._payloads: dict[int, Payload] = {}  # the ones in shared memory, by sequence
+        self._mixed = False  # _frames holds more than items
         self.seq = 0  # the last sequence queued here
         self.written = 0  # the last sequence handed to the socket
         self.acked = 0
@@ -110,8 +112,9 @@ class Outbox:
     def _put(self, event: str, seq: int, frame: bytes | Payload) -> bool:
         """Queue one event's frame; False when it was dropped (full or closed).
 
-        ``frame`` is the event's plain pickle, or for shared memory a whole
-        frame in a :class:`Payload` held once for this outbox, which the
+        ``frame`` is the event's item or whole pickle (``dumps_event``), or
+        for shared memory a whole frame in a :class:`Payload` held once for
+        this outbox, which the
         outbox settles when the event is acknowledged, or at once when it is
         dropped.  Called with the lock held.
         """
@@ -127,6 +130,9 @@ class Outbox:
         self._events.append(event)
         if type(frame) is not bytes:
             self._payloads[seq] = frame  # type: ignore[assignment]
+            self._mixed = True
+        elif frame[0] == 0x80:  # a whole pickle, not an item
+            self._mixed = True
         if self._writer_idle:
             self._writer_idle = False
             self._has_work.notify()
@@ -197,29 +203,35 @@ class Outbox:
                     frames, self._frames = self._frames, []
                     seqs = self._seqs[len(self._seqs) - len(frames):]
                     self.written = self.seq
-                    payloads = bool(self._payloads)
-                self._send(sock, frames, seqs, payloads)
+                    mixed, self._mixed = self._mixed, False
+                self._send(sock, frames, seqs, mixed)
         except Exception as exc:
             self._fail(f"connection broken: {exc}")
 
     @staticmethod
     def _send(sock: socket.socket, frames: list[bytes | Payload], seqs: list[int],
-              payloads: bool) -> None:
-        """Send queued events: runs of plain pickles as batch frames, payloads whole."""
-        if not payloads:  # the common case: plain pickles only
-            sock.sendall(b"".join(pack_batch(frames, seqs)))  # type: ignore[arg-type]
+              mixed: bool) -> None:
+        """Send queued events: items as list frames, whole pickles as batch
+        frames, shared-memory payloads alone (each run in its turn)."""
+        if not mixed:  # the common case: items only
+            sock.sendall(b"".join(pack_items(frames, seqs)))  # type: ignore[arg-type]
             return
-        start = 0
-        for i, frame in enumerate(frames):
-            if type(frame) is bytes:
+        start, n = 0, len(frames)
+        while start < n:
+            frame = frames[start]
+            if type(frame) is not bytes:
+                assert isinstance(frame, Payload)
+                send_raw_with_fds(sock, frame.body, frame.fds)
+                start += 1
                 continue
-            if start < i:
-                sock.sendall(b"".join(pack_batch(frames[start:i], seqs[start:i])))  # type: ignore[arg-type]
-            assert isinstance(frame, Payload)
-            send_raw_with_fds(sock, frame.body, frame.fds)
-            start = i + 1
-        if start < len(frames):
-            sock.sendall(b"".join(pack_batch(frames[start:], seqs[start:])))  # type: ignore[arg-type]
+            whole = frame[0] == 0x80
+            end = start + 1
+            while end < n and type(frames[end]) is bytes \
+                    and (frames[end][0] == 0x80) == whole:  # type: ignore[index]
+                end += 1
+            pack = pack_batch if whole else pack_items
+            sock.sendall(b"".join(pack(frames[start:end], seqs[start:end])))  # type: ignore[arg-type]
+            start = end
 
     def _ack_loop(self, sock: socket.socket) -> None:
         reader = FrameReader(sock, 1024, with_fds=False)
@@ -319,15 +331,15 @@ class Outbox:
 
 
 def fan_out(lock: threading.Lock, outboxes: tuple[Outbox, ...], event: str, seq: int,
-            body: bytes) -> None:
-    """Queue one event's plain pickle for every outbox sharing ``lock``, in one acquisition."""
+            item: bytes) -> None:
+    """Queue one event's item for every outbox sharing ``lock``, in one acquisition."""
     with lock:
         for outbox in outboxes:
             if outbox.closed or outbox.retiring or len(outbox._seqs) >= outbox.limit:
-                outbox._put(event, seq, body)  # the slow path: drop, or wait for room
+                outbox._put(event, seq, item)  # the slow path: drop, or wait for room
                 continue
             outbox.seq = seq
-            outbox._frames.append(body)
+            outbox._frames.append(item)
             outbox._seqs.append(seq)
             outbox._events.append(event)
             if outbox._writer_idle:

@@ -35,7 +35,7 @@ from ._events import Outbox, fan_out
 from ._registry_client import RegistryClient
 from ._remote import CallChannel, NotSent, RemotePeer
 from ._server import Server
-from ._wire import BATCH_MARK, DEFAULT_MAX_FRAME, Frame, Kind, unpack_batch
+from ._wire import BATCH_MARK, DEFAULT_MAX_FRAME, ITEMS_MARK, Frame, Kind, unpack_batch
 from ._wire import pack_header as _pack_header
 from .errors import (
     ConfigurationError,
@@ -474,8 +474,7 @@ class Peer:
         """
         if self.state is not _RUNNING:
             self._require_running()
-        payload = _serial.dumps_call(event, args, kwargs, "an argument of event",
-                                     self.shm_threshold)
+        payload = _serial.dumps_event(event, args, kwargs, self.shm_threshold)
         if len(payload) > self.max_frame:
             self._too_big(payload, f"an argument of event {event!r}")
         if event not in self._published:
@@ -485,9 +484,13 @@ class Peer:
         targets = self._routes.get(event)
         # One sequence for all subscribers, so the event is pickled and framed once.
         seq = next(self._event_seq)
-        if type(payload) is bytes:  # a plain pickle: the outboxes frame it, in batches
+        if type(payload) is bytes:  # the outboxes frame it, in batches
             if targets:
-                fan_out(self._outbox_lock, targets, event, seq, payload)
+                if payload[0] != 0x80:  # an item: the common case
+                    fan_out(self._outbox_lock, targets, event, seq, payload)
+                else:
+                    for outbox in targets:
+                        outbox.put(event, seq, payload)
             return
         assert isinstance(payload, _serial.Payload)
         if targets:
@@ -690,9 +693,21 @@ class Peer:
         received, handling, loads = self._received, _handling, pickle.loads
 
         def unpickled(frames: list[Frame]) -> list[Any]:
-            # A frame holds one payload, or a batch of plain ones (_wire.pack_batch).
+            # A frame holds one payload, a list of items (_wire.pack_items), or a
+            # batch of whole pickles (_wire.pack_batch).
             messages: list[Any] = []
             for _, _, body, fds in frames:
+                if not fds and body and body[0] == ITEMS_MARK:  # the common case
+                    try:
+                        items = loads(body[1:])
+                        if type(items) is not list:
+                            raise ValueError(f"{type(items).__name__}, not a list")
+                    except Exception:
+                        logger.exception("dropping a batch of events from %r that cannot "
+                                         "be rebuilt (%d bytes)", name, len(body))
+                    else:
+                        messages += items
+                    continue
                 if fds or not body or body[0] != BATCH_MARK:  # one payload
                     try:
                         messages.append(_serial.loads(body, "an event", fds))

@@ -258,27 +258,53 @@ def _label(what: str, name: str | None) -> str:
     return f"{what} {name!r}" if name is not None else what
 
 
-def dumps_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], what: str,
-               threshold: int | None = None) -> bytes | Payload:
-    """Pickle the ``(name, args, kwargs)`` triple of a call or an event.
-
-    ``what`` is "an argument of" or "an argument of event"; the error names
-    ``name`` after it.
-    """
-    # Fast path: builtin values only, checked argument by argument.
+def _builtins_only(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the C pickler alone pickles these arguments faithfully (no buffers)."""
     for value in args:
         if type(value) not in _SCALARS and _plain(value, 2) != 1:
-            break
-    else:
-        for value in kwargs.values():
-            if type(value) not in _SCALARS and _plain(value, 2) != 1:
-                break
-        else:
-            try:
-                return pickle.dumps((name, args, kwargs), PROTOCOL)
-            except Exception:
-                pass  # cloudpickle below says what is wrong
+            return False
+    for value in kwargs.values():
+        if type(value) not in _SCALARS and _plain(value, 2) != 1:
+            return False
+    return True
+
+
+def dumps_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], what: str,
+               threshold: int | None = None) -> bytes | Payload:
+    """Pickle the ``(name, args, kwargs)`` triple of a call.
+
+    ``what`` is "an argument of"; the error names ``name`` after it.
+    """
+    if _builtins_only(args, kwargs):
+        try:
+            return pickle.dumps((name, args, kwargs), PROTOCOL)
+        except Exception:
+            pass  # cloudpickle below says what is wrong
     return dumps((name, args, kwargs), what, threshold, name)
+
+
+#: Event items longer than this are sent as whole pickles.
+_ITEM_MAX = 16 * 1024
+
+
+def dumps_event(name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                threshold: int | None = None) -> bytes | Payload:
+    """Pickle the ``(name, args, kwargs)`` triple of an event.
+
+    Builtin values make an *item*: a protocol-3 pickle without its PROTO
+    opcode and STOP, which a publisher sends many to a frame as one list
+    (``_wire.pack_items``; protocol 3 because its memo references carry
+    explicit indices).  Anything else is pickled whole, as :func:`dumps`
+    does (a body starting with 0x80, or a :class:`Payload`).
+    """
+    if _builtins_only(args, kwargs):
+        try:
+            data = pickle.dumps((name, args, kwargs), 3)
+        except Exception:
+            pass  # cloudpickle below says what is wrong
+        else:
+            return data[2:-1] if len(data) <= _ITEM_MAX else data
+    return dumps((name, args, kwargs), "an argument of event", threshold, name)
 
 
 def loads(data: bytes | bytearray | memoryview, what: str = "value",

@@ -28,9 +28,9 @@ CALL             caller → callee           payload of (connection, args, kwarg
 REPLY            callee → caller           payload of the result
 ERROR            callee → caller           payload of (exception, traceback text)
 EVENT            publisher → subscriber    payload of (event, args, kwargs), or
-                                           a batch of plain ones (see
-                                           :func:`pack_batch`); id = the last
-                                           event's sequence
+                                           a batch of them (see
+                                           :func:`pack_items`, :func:`pack_batch`);
+                                           id = the last event's sequence
 ACK              subscriber → publisher    empty; id = last sequence handled
 REQUEST          peer → registry           pickled (operation, arguments)
 RESPONSE         registry → peer           pickled (ok, value)
@@ -80,9 +80,16 @@ MAX_FDS = 64  # per frame; more buffers than this travel in several segments' st
 #: EVENT frames this large whatever its max_frame.
 EVENT_BATCH = 64 * 1024
 #: The first byte of a batch body (a plain payload starts with 0x80, one in
-#: shared memory with ``b"O"``).
+#: shared memory with ``b"O"``): a batch of whole pickles, or a list of items.
 BATCH_MARK = 0x42  # b"B"
+ITEMS_MARK = 0x4C  # b"L"
 _BATCH_COUNT = struct.Struct("<BI")
+#: An event *item* is a protocol-3 pickle without its PROTO opcode and STOP
+#: (see _serial.dumps_event); items back to back between these make one list.
+ITEMS_HEAD = b"L\x80\x03("  # mark, PROTO 3, MARK
+ITEMS_TAIL = b"l."  # LIST, STOP
+ITEM_HEAD = b"\x80\x03"  # an item sent alone: PROTO 3, the item, STOP
+ITEM_TAIL = b"."
 _READ_CHUNK = 256 * 1024
 _SMALL_SEND = 64 * 1024
 _FD_KIND_ANY = -1
@@ -134,12 +141,46 @@ def pack_header(kind: int, ident: int, length: int, nfds: int = 0) -> bytes:
     return HEADER.pack(VERSION, kind, nfds, length, ident)
 
 
+def pack_items(items: list[bytes], seqs: list[int]) -> list[bytes]:
+    """Headers and bodies of the EVENT frames carrying event ``items``, to be joined.
+
+    Items (``_serial.dumps_event``) are protocol-3 pickles, whose memo
+    references carry explicit indices: back to back inside one list they
+    still each refer to their own objects, so a frame's body::
+
+        b"L", PROTO 3, MARK, the items, LIST, STOP
+
+    is rebuilt by one ``pickle.loads`` (after the mark) as the list of the
+    events.  Consecutive items share a frame of up to ``EVENT_BATCH`` bytes;
+    an item too large for that travels alone as a plain payload.  Each
+    frame's id is the sequence of its last event.
+    """
+    ends = list(accumulate(map(len, items)))
+    room = EVENT_BATCH - len(ITEMS_HEAD) - len(ITEMS_TAIL)
+    parts: list[bytes] = []
+    start, base, n = 0, 0, len(items)
+    while start < n:
+        end = bisect_right(ends, base + room, start)
+        if end == start:  # alone
+            end = start + 1
+            parts += (_pack(VERSION, _EVENT, 0, len(ITEM_HEAD) + len(items[start])
+                            + len(ITEM_TAIL), seqs[start]), ITEM_HEAD, items[start], ITEM_TAIL)
+        else:
+            parts += (_pack(VERSION, _EVENT, 0, len(ITEMS_HEAD) + ends[end - 1] - base
+                            + len(ITEMS_TAIL), seqs[end - 1]), ITEMS_HEAD)
+            parts += items[start:end]
+            parts.append(ITEMS_TAIL)
+        base, start = ends[end - 1], end
+    return parts
+
+
 def pack_batch(bodies: list[bytes], seqs: list[int]) -> list[bytes]:
     """Headers and bodies of the EVENT frames carrying ``bodies``, to be joined.
 
-    ``bodies`` are plain payloads (whole pickles) and ``seqs`` their event
-    sequences.  Consecutive bodies share a frame of up to ``EVENT_BATCH``
-    bytes, whose body is::
+    ``bodies`` are plain payloads (whole pickles, as cloudpickle makes them
+    for what is not an item) and ``seqs`` their event sequences.
+    Consecutive bodies share a frame of up to ``EVENT_BATCH`` bytes, whose
+    body is::
 
         b"B", count n (u32), n sizes (u32 each), the n pickles back to back
 
