@@ -8,6 +8,7 @@ with arbitrary fields (bad versions, unknown kinds, too many declared
 descriptors, lengths at and far beyond the limit, such as 2**31), truncated
 frames, valid headers with garbage bodies, HELLOs with odd roles and JSON
 types, CALL and EVENT payloads that are valid pickles of the wrong shape,
+batch EVENT frames (lists of such events, size tables that do not add up),
 registry requests with wrong JSON types and nested junk, and byte-level
 mutations of all of these -- optionally shuts down its write side, and reads
 until end of stream or a short deadline.
@@ -145,6 +146,7 @@ def deep_call(depth: int) -> bytes:
 # mutated pickle cannot reach a GLOBAL opcode that imports something real.
 SAFE_TEXT = st.text(alphabet="xyzXYZ019 _-", max_size=8)
 U64 = st.integers(0, 2**64 - 1)
+U32 = st.integers(0, 2**32 - 1)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), SAFE_TEXT,
                     st.binary(max_size=16))
 values = st.recursive(
@@ -223,6 +225,26 @@ def payloads(objects: st.SearchStrategy) -> st.SearchStrategy:
     )
 
 
+@st.composite
+def event_batch(draw: st.DrawFn) -> bytes:
+    """The body of a batch EVENT frame: b"L" and one pickle of a list of events,
+    or b"B" with a size table (sometimes one size wrong) and the pickles."""
+    objects = draw(st.lists(event_objects, max_size=6))
+    if draw(st.booleans()):
+        body = b"L" + pickle.dumps(objects, draw(st.integers(0, 5)))
+    else:
+        bodies = [pickle.dumps(o, draw(st.integers(0, 5))) for o in objects]
+        sizes = [len(b) for b in bodies]
+        if sizes and draw(st.booleans()):
+            sizes[draw(st.integers(0, len(sizes) - 1))] = draw(U32)
+        count = draw(st.sampled_from([len(sizes)] * 3 + [len(sizes) + 1, 2**32 - 1]))
+        body = (struct.pack("<BI", 0x42, count) + struct.pack(f"<{len(sizes)}I", *sizes)
+                + b"".join(bodies))
+    if draw(st.integers(0, 3)) == 0:
+        body = draw(mutated(body))
+    return body
+
+
 def lengths(limit: int) -> st.SearchStrategy:
     return st.one_of(st.integers(0, 64),
                      st.sampled_from([limit - 1, limit, limit + 1, 2**31, 2**32 - 1,
@@ -279,6 +301,8 @@ class Session:
 def peer_frames(draw: st.DrawFn, role: str) -> bytes:
     own, objects = (Kind.CALL, call_objects) if role == "call" else (Kind.EVENT, event_objects)
     choice = draw(st.integers(0, 9))
+    if choice < 2 and role == "events":
+        return frame(own, draw(event_batch()), draw(U64))
     if choice < 6:
         return frame(own, draw(payloads(objects)), draw(U64))
     if choice == 6 and role == "call":
