@@ -31,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from itertools import groupby
 from typing import Any
 
 from . import _liveness
@@ -57,10 +58,10 @@ class Outbox:
     for all subscribers and pickles each once, so queueing one for a
     subscriber is three list appends.  ``_frames`` holds what is not yet
     written: items and whole pickles (bytes), which the writer packs into
-    frames, and :class:`Payload` frames (shared memory), sent whole.  ``_seqs`` and
-    ``_events`` list what is queued or unacknowledged, oldest first (so the
-    last ``len(_frames)`` sequences are those of ``_frames``); an
-    acknowledgement (cumulative) cuts them with one bisect.
+    frames, and :class:`Payload` frames (shared memory), sent whole.
+    ``_seqs`` and ``_events`` list what is queued or unacknowledged, oldest
+    first (so the last ``len(_frames)`` sequences are those of ``_frames``);
+    an acknowledgement (cumulative) cuts them with one bisect.
     """
 
     def __init__(self, entry: dict[str, Any], hello: dict[str, Any], limit: int, block: float,
@@ -114,9 +115,8 @@ class Outbox:
 
         ``frame`` is the event's item or whole pickle (``dumps_event``), or
         for shared memory a whole frame in a :class:`Payload` held once for
-        this outbox, which the
-        outbox settles when the event is acknowledged, or at once when it is
-        dropped.  Called with the lock held.
+        this outbox, which the outbox settles when the event is acknowledged,
+        or at once when it is dropped.  Called with the lock held.
         """
         if self.closed or self.retiring or (len(self._seqs) >= self.limit
                                             and not self._wait_for_room()):
@@ -128,11 +128,11 @@ class Outbox:
         self._frames.append(frame)
         self._seqs.append(seq)
         self._events.append(event)
-        if type(frame) is not bytes:
-            self._payloads[seq] = frame  # type: ignore[assignment]
+        kind = _kind(frame)
+        if kind != _ITEM:
             self._mixed = True
-        elif frame[0] == 0x80:  # a whole pickle, not an item
-            self._mixed = True
+            if kind == _PAYLOAD:
+                self._payloads[seq] = frame  # type: ignore[assignment]
         if self._writer_idle:
             self._writer_idle = False
             self._has_work.notify()
@@ -216,21 +216,15 @@ class Outbox:
         if not mixed:  # the common case: items only
             sock.sendall(b"".join(pack_items(frames, seqs)))  # type: ignore[arg-type]
             return
-        start, n = 0, len(frames)
-        while start < n:
-            frame = frames[start]
-            if type(frame) is not bytes:
-                assert isinstance(frame, Payload)
-                send_raw_with_fds(sock, frame.body, frame.fds)
-                start += 1
-                continue
-            whole = frame[0] == 0x80
-            end = start + 1
-            while end < n and type(frames[end]) is bytes \
-                    and (frames[end][0] == 0x80) == whole:  # type: ignore[index]
-                end += 1
-            pack = pack_batch if whole else pack_items
-            sock.sendall(b"".join(pack(frames[start:end], seqs[start:end])))  # type: ignore[arg-type]
+        start = 0
+        for kind, run in groupby(frames, key=_kind):
+            end = start + len(list(run))
+            if kind == _PAYLOAD:
+                for payload in frames[start:end]:
+                    send_raw_with_fds(sock, payload.body, payload.fds)  # type: ignore[union-attr]
+            else:
+                pack = pack_items if kind == _ITEM else pack_batch
+                sock.sendall(b"".join(pack(frames[start:end], seqs[start:end])))  # type: ignore[arg-type]
             start = end
 
     def _ack_loop(self, sock: socket.socket) -> None:
@@ -328,6 +322,16 @@ class Outbox:
                 result[event] = (delivered + failed + pending[event], delivered,
                                  self._dropped.get(event, 0), failed)
             return result
+
+
+_ITEM, _WHOLE, _PAYLOAD = range(3)
+
+
+def _kind(frame: bytes | Payload) -> int:
+    """What a queued frame is: an item, a whole pickle, or a shared-memory payload."""
+    if type(frame) is not bytes:
+        return _PAYLOAD
+    return _WHOLE if frame[0] == 0x80 else _ITEM
 
 
 def fan_out(lock: threading.Lock, outboxes: tuple[Outbox, ...], event: str, seq: int,

@@ -297,21 +297,13 @@ def dumps_event(name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
     explicit indices).  Anything else is pickled whole, as :func:`dumps`
     does (a body starting with 0x80, or a :class:`Payload`).
     """
-    # _builtins_only(), inlined: this runs once per trigger
-    for value in args:
-        if type(value) not in _SCALARS and _plain(value, 2) != 1:
-            break
-    else:
-        for value in kwargs.values():
-            if type(value) not in _SCALARS and _plain(value, 2) != 1:
-                break
+    if _builtins_only(args, kwargs):
+        try:
+            data = pickle.dumps((name, args, kwargs), 3)
+        except Exception:
+            pass  # cloudpickle below says what is wrong
         else:
-            try:
-                data = pickle.dumps((name, args, kwargs), 3)
-            except Exception:
-                pass  # cloudpickle below says what is wrong
-            else:
-                return data[2:-1] if len(data) <= _ITEM_MAX else data
+            return data[2:-1] if len(data) <= _ITEM_MAX else data
     return dumps((name, args, kwargs), "an argument of event", threshold, name)
 
 

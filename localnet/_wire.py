@@ -56,7 +56,7 @@ import socket
 import struct
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from enum import IntEnum
 from itertools import accumulate, repeat
 from operator import add as _add
@@ -141,6 +141,25 @@ def pack_header(kind: int, ident: int, length: int, nfds: int = 0) -> bytes:
     return HEADER.pack(VERSION, kind, nfds, length, ident)
 
 
+def _runs(sizes: list[int], each: int, room: int) -> Iterator[tuple[int, int, int]]:
+    """Split consecutive bodies into frames: ``(start, end, nbytes)`` per frame.
+
+    A body takes its size plus ``each`` bytes (its entry in a table); a
+    frame holds at most ``room`` such bytes, ``nbytes`` of them.  A body too
+    large for that makes a frame of its own, with ``nbytes`` 0.
+    """
+    ends = list(accumulate(map(_add, sizes, repeat(each))) if each else accumulate(sizes))
+    start, base, n = 0, 0, len(sizes)
+    while start < n:
+        end = bisect_right(ends, base + room, start)
+        if end == start:
+            end = start + 1
+            yield start, end, 0
+        else:
+            yield start, end, ends[end - 1] - base
+        base, start = ends[end - 1], end
+
+
 def pack_items(items: list[bytes], seqs: list[int]) -> list[bytes]:
     """Headers and bodies of the EVENT frames carrying event ``items``, to be joined.
 
@@ -155,22 +174,17 @@ def pack_items(items: list[bytes], seqs: list[int]) -> list[bytes]:
     an item too large for that travels alone as a plain payload.  Each
     frame's id is the sequence of its last event.
     """
-    ends = list(accumulate(map(len, items)))
-    room = EVENT_BATCH - len(ITEMS_HEAD) - len(ITEMS_TAIL)
     parts: list[bytes] = []
-    start, base, n = 0, 0, len(items)
-    while start < n:
-        end = bisect_right(ends, base + room, start)
-        if end == start:  # alone
-            end = start + 1
+    room = EVENT_BATCH - len(ITEMS_HEAD) - len(ITEMS_TAIL)
+    for start, end, nbytes in _runs(list(map(len, items)), 0, room):
+        if not nbytes:  # alone
             parts += (_pack(VERSION, _EVENT, 0, len(ITEM_HEAD) + len(items[start])
                             + len(ITEM_TAIL), seqs[start]), ITEM_HEAD, items[start], ITEM_TAIL)
-        else:
-            parts += (_pack(VERSION, _EVENT, 0, len(ITEMS_HEAD) + ends[end - 1] - base
-                            + len(ITEMS_TAIL), seqs[end - 1]), ITEMS_HEAD)
-            parts += items[start:end]
-            parts.append(ITEMS_TAIL)
-        base, start = ends[end - 1], end
+            continue
+        parts += (_pack(VERSION, _EVENT, 0, len(ITEMS_HEAD) + nbytes + len(ITEMS_TAIL),
+                        seqs[end - 1]), ITEMS_HEAD)
+        parts += items[start:end]
+        parts.append(ITEMS_TAIL)
     return parts
 
 
@@ -190,22 +204,15 @@ def pack_batch(bodies: list[bytes], seqs: list[int]) -> list[bytes]:
     Each frame's id is the sequence of its last event.
     """
     sizes = list(map(len, bodies))
-    ends = list(accumulate(map(_add, sizes, repeat(4))))  # each body and its size entry
-    room = EVENT_BATCH - _BATCH_COUNT.size
     parts: list[bytes] = []
-    start, base, n = 0, 0, len(bodies)
-    while start < n:
-        end = bisect_right(ends, base + room, start)
-        if end == start:  # alone, as a plain payload
-            end = start + 1
+    for start, end, nbytes in _runs(sizes, 4, EVENT_BATCH - _BATCH_COUNT.size):
+        if not nbytes:  # alone, as a plain payload
             parts += (_pack(VERSION, _EVENT, 0, sizes[start], seqs[start]), bodies[start])
-        else:
-            count = end - start
-            parts.append(_pack(VERSION, _EVENT, 0, _BATCH_COUNT.size + ends[end - 1] - base,
-                               seqs[end - 1]))
-            parts.append(struct.pack(f"<BI{count}I", BATCH_MARK, count, *sizes[start:end]))
-            parts += bodies[start:end]
-        base, start = ends[end - 1], end
+            continue
+        count = end - start
+        parts.append(_pack(VERSION, _EVENT, 0, _BATCH_COUNT.size + nbytes, seqs[end - 1]))
+        parts.append(struct.pack(f"<BI{count}I", BATCH_MARK, count, *sizes[start:end]))
+        parts += bodies[start:end]
     return parts
 
 

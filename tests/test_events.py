@@ -8,6 +8,7 @@ import os
 import pickle
 import signal
 import socket
+import textwrap
 import threading
 
 import pytest
@@ -87,6 +88,28 @@ def publisher(spawn, name: str = "pub", group: str | None = None, hub: bool = Fa
 
 def subscriber(spawn, name: str, **filters):
     return spawn(SUBSCRIBER, args=[name, json.dumps(filters)])
+
+
+def burst_publisher(spawn, events: list[str], fire: str, preamble: str = "") -> None:
+    """Start a publisher "pub" with the ``events`` and ``burst(count)``, which
+    runs ``fire`` (Python lines, with ``i``) for each i < count, then flushes."""
+    script = preamble + "".join(f"""
+@localnet.event({name!r})
+def {name}(*args, **kwargs):
+    return args, kwargs
+""" for name in events) + """
+@localnet.connect()
+def burst(count):
+    for i in range(count):
+""" + textwrap.indent(textwrap.dedent(fire).strip(), " " * 8) + """
+    peer.flush(20)
+    return count
+
+peer = localnet.Peer(name="pub")
+peer.start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+    spawn(script)
 
 
 def received(name: str) -> list[tuple[str, int]]:
@@ -462,26 +485,7 @@ def test_handlers_know_which_publisher_sent_the_event(spawn) -> None:
 def test_events_of_several_names_in_one_burst_each_see_their_own_context(spawn) -> None:
     # Fired back to back, the events reach the subscriber in batches that mix
     # both names; each handler must still see its own event in current_event().
-    spawn("""
-@localnet.event("tick")
-def tick(*args, **kwargs):
-    return args, kwargs
-
-@localnet.event("tock")
-def tock(*args, **kwargs):
-    return args, kwargs
-
-@localnet.connect()
-def burst(count):
-    for i in range(count):
-        (tick if i % 2 else tock)(i)
-    peer.flush(20)
-    return count
-
-peer = localnet.Peer(name="pub")
-peer.start()
-localnet.serve_forever(peer, ready=lambda: say("READY"))
-""")
+    burst_publisher(spawn, ["tick", "tock"], "(tick if i % 2 else tock)(i)")
     seen: list[tuple[str, str, int]] = []
     with localnet.Peer(name="me") as me:
 
@@ -665,24 +669,11 @@ def test_batched_events_with_shared_objects_arrive_intact(spawn) -> None:
     # A pickle refers back to an object it holds twice (a memo reference);
     # events packed into one frame must each be rebuilt on their own, never
     # with a reference into the previous event.
-    spawn("""
-@localnet.event("pair")
-def pair(*args, **kwargs):
-    return args, kwargs
-
-@localnet.connect()
-def burst(count):
-    for i in range(count):
+    burst_publisher(spawn, ["pair"], """
         text = f"text-{i}-" * 3
         items = [i, text]
         pair(i, text, text, items, items, label=text)
-    peer.flush(20)
-    return count
-
-peer = localnet.Peer(name="pub")
-peer.start()
-localnet.serve_forever(peer, ready=lambda: say("READY"))
-""")
+    """)
     wrong: list[int] = []
     seen: list[int] = []
     with localnet.Peer(name="me"):
@@ -706,30 +697,17 @@ def test_items_whole_pickles_and_large_events_keep_their_order(spawn) -> None:
     # Builtin values travel as list items, other values (here a class defined
     # in the publisher's script) as whole cloudpickles, large ones alone:
     # a burst mixing all three must arrive complete and in order.
-    spawn("""
-class Point:
-    def __init__(self, x):
-        self.x = x
-
-@localnet.event("mixed")
-def mixed(*args, **kwargs):
-    return args, kwargs
-
-@localnet.connect()
-def burst(count):
-    for i in range(count):
+    burst_publisher(spawn, ["mixed"], """
         if i % 3 == 1:
             mixed(i, Point(i))
         elif i % 100 == 2:
             mixed(i, "z" * 40000)
         else:
             mixed(i, f"v{i}")
-    peer.flush(20)
-    return count
-
-peer = localnet.Peer(name="pub")
-peer.start()
-localnet.serve_forever(peer, ready=lambda: say("READY"))
+    """, preamble="""
+class Point:
+    def __init__(self, x):
+        self.x = x
 """)
     got: list[tuple[int, object]] = []
     with localnet.Peer(name="me"):
