@@ -49,6 +49,9 @@ from .errors import (
 
 logger = logging.getLogger("localnet.peer")
 
+_encode_item = _serial.encode_item
+_ITEM_MAX = _serial.ITEM_MAX
+
 _counter = itertools.count()
 _REPLY, _EVENT = int(Kind.REPLY), int(Kind.EVENT)
 CHANNELS_PER_PEER = 8  # connections to one peer before calling threads share them
@@ -474,7 +477,11 @@ class Peer:
         """
         if self.state is not _RUNNING:
             self._require_running()
-        payload = _serial.dumps_event(event, args, kwargs, self.shm_threshold)
+        payload: bytes | _serial.Payload | None = None
+        if _encode_item is not None:
+            payload = _encode_item(event, args, kwargs, _ITEM_MAX)
+        if payload is None:
+            payload = _serial.dumps_event(event, args, kwargs, self.shm_threshold)
         if len(payload) > self.max_frame:
             self._too_big(payload, f"an argument of event {event!r}")
         if event not in self._published:

@@ -36,12 +36,20 @@ import pickle
 import struct
 import threading
 from collections import ChainMap
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
 from . import _shm
 from .errors import RemoteError, SerializationError
+
+Encoder = Callable[[str, tuple[Any, ...], dict[str, Any], int], "bytes | None"]
+_encode_item: Encoder | None
+try:  # the optional C encoder (setup.py); without it events go through the C pickler
+    from ._speedups import encode_item as _encode_item
+except ImportError:
+    _encode_item = None
 
 PROTOCOL = 5
 
@@ -284,7 +292,13 @@ def dumps_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], what: s
 
 
 #: Event items longer than this are sent as whole pickles.
-_ITEM_MAX = 16 * 1024
+ITEM_MAX = 16 * 1024
+
+#: ``encode_item(name, args, kwargs, ITEM_MAX)``: the item of an event of
+#: plain values, written directly (C, :mod:`localnet._speedups`), or None
+#: when a value is not one it handles - then :func:`dumps_event` decides.
+#: None itself when the extension is not built.
+encode_item: Encoder | None = _encode_item
 
 
 def dumps_event(name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -303,7 +317,7 @@ def dumps_event(name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
         except Exception:
             pass  # cloudpickle below says what is wrong
         else:
-            return data[2:-1] if len(data) <= _ITEM_MAX else data
+            return data[2:-1] if len(data) <= ITEM_MAX else data
     return dumps((name, args, kwargs), "an argument of event", threshold, name)
 
 

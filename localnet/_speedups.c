@@ -1,0 +1,351 @@
+/* localnet._speedups: the event trigger's item encoder, in C.
+ *
+ * Optional: setup.py builds it when a compiler is at hand, and localnet runs
+ * without it (localnet/_serial.py then pickles every event with the C
+ * pickler).  One function:
+ *
+ *   encode_item(name, args, kwargs, limit) -> bytes | None
+ *
+ * The bytes are an *item*: the protocol-3 pickle of ``(name, args, kwargs)``
+ * without its PROTO opcode and STOP, as ``pickle.dumps(triple, 3)[2:-1]``
+ * would give, but written without a memo (no BINPUT), so any number of items
+ * can stand back to back inside one pickled list (_wire.pack_items).
+ *
+ * Only values whose pickle is unambiguous are encoded: exact None, bool,
+ * int (64-bit), float, str, bytes, and tuples, lists and dicts of those
+ * (dict keys: exact str, int, float, bytes, bool or None).  Anything else -
+ * a subclass, a set, a NumPy array, a function, a list that appears twice
+ * (pickle would keep it one object), nesting deeper than MAX_DEPTH - and an
+ * item longer than ``limit`` bytes return None: the caller pickles the
+ * event itself, which keeps pickle's exact semantics.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#define MAX_DEPTH 8
+#define MAX_SEEN 64
+
+typedef struct {
+    char *buf;
+    Py_ssize_t len;
+    Py_ssize_t cap;
+    Py_ssize_t limit;
+    char local[512];
+    PyObject *seen[MAX_SEEN]; /* lists and dicts met so far (borrowed) */
+    int nseen;
+} Writer;
+
+/* 0 on success, -1 when the item would exceed its limit (or memory ran out,
+ * with an exception set). */
+static int
+reserve(Writer *w, Py_ssize_t n)
+{
+    if (w->len + n <= w->cap)
+        return 0;
+    if (w->len + n > w->limit)
+        return -1;
+    Py_ssize_t cap = w->cap * 2;
+    while (cap < w->len + n)
+        cap *= 2;
+    char *grown;
+    if (w->buf == w->local) {
+        grown = PyMem_Malloc(cap);
+        if (grown != NULL)
+            memcpy(grown, w->local, w->len);
+    }
+    else {
+        grown = PyMem_Realloc(w->buf, cap);
+    }
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    w->buf = grown;
+    w->cap = cap;
+    return 0;
+}
+
+static inline int
+put1(Writer *w, char c)
+{
+    if (reserve(w, 1) < 0)
+        return -1;
+    w->buf[w->len++] = c;
+    return 0;
+}
+
+static inline int
+put(Writer *w, const char *s, Py_ssize_t n)
+{
+    if (reserve(w, n) < 0)
+        return -1;
+    memcpy(w->buf + w->len, s, n);
+    w->len += n;
+    return 0;
+}
+
+static inline void
+le32(char *out, uint32_t v)
+{
+    out[0] = (char)(v & 0xff);
+    out[1] = (char)((v >> 8) & 0xff);
+    out[2] = (char)((v >> 16) & 0xff);
+    out[3] = (char)((v >> 24) & 0xff);
+}
+
+static int
+put_sized(Writer *w, char small_op, char big_op, const char *data, Py_ssize_t n)
+{
+    char head[5];
+    if (n < 256 && small_op) {
+        head[0] = small_op;
+        head[1] = (char)n;
+        if (put(w, head, 2) < 0)
+            return -1;
+    }
+    else {
+        if (n > 0xffffffffLL)
+            return -1;
+        head[0] = big_op;
+        le32(head + 1, (uint32_t)n);
+        if (put(w, head, 5) < 0)
+            return -1;
+    }
+    return put(w, data, n);
+}
+
+static int
+put_long(Writer *w, PyObject *obj)
+{
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (overflow || (v == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return -1;
+    }
+    char out[10];
+    if (v >= 0 && v < 256) {
+        out[0] = 'K'; /* BININT1 */
+        out[1] = (char)v;
+        return put(w, out, 2);
+    }
+    if (v >= 0 && v < 65536) {
+        out[0] = 'M'; /* BININT2 */
+        out[1] = (char)(v & 0xff);
+        out[2] = (char)(v >> 8);
+        return put(w, out, 3);
+    }
+    if (v >= -2147483648LL && v <= 2147483647LL) {
+        out[0] = 'J'; /* BININT: signed, little-endian */
+        le32(out + 1, (uint32_t)(int32_t)v);
+        return put(w, out, 5);
+    }
+    /* LONG1: eight bytes of two's complement, little-endian */
+    unsigned long long u = (unsigned long long)v;
+    out[0] = (char)0x8a;
+    out[1] = 8;
+    for (int i = 0; i < 8; i++)
+        out[2 + i] = (char)((u >> (8 * i)) & 0xff);
+    return put(w, out, 10);
+}
+
+static int
+put_float(Writer *w, PyObject *obj)
+{
+    char out[9];
+    out[0] = 'G'; /* BINFLOAT: big-endian IEEE 754 double */
+#if PY_VERSION_HEX >= 0x030B0000
+    if (PyFloat_Pack8(PyFloat_AS_DOUBLE(obj), out + 1, 0) < 0) {
+#else
+    if (_PyFloat_Pack8(PyFloat_AS_DOUBLE(obj), (unsigned char *)out + 1, 0) < 0) {
+#endif
+        PyErr_Clear();
+        return -1;
+    }
+    return put(w, out, 9);
+}
+
+static int
+put_str(Writer *w, PyObject *obj)
+{
+    Py_ssize_t n;
+    const char *data = PyUnicode_AsUTF8AndSize(obj, &n);
+    if (data == NULL) { /* lone surrogates: the pickler encodes those */
+        PyErr_Clear();
+        return -1;
+    }
+    return put_sized(w, 0, 'X', data, n); /* BINUNICODE */
+}
+
+static int
+remember(Writer *w, PyObject *obj)
+{
+    for (int i = 0; i < w->nseen; i++) {
+        if (w->seen[i] == obj)
+            return -1; /* shared (or recursive): pickle keeps it one object */
+    }
+    if (w->nseen == MAX_SEEN)
+        return -1;
+    w->seen[w->nseen++] = obj;
+    return 0;
+}
+
+static int put_value(Writer *w, PyObject *obj, int depth);
+
+static int
+put_key(Writer *w, PyObject *key)
+{
+    PyTypeObject *t = Py_TYPE(key);
+    if (t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type
+            || t == &PyBytes_Type || t == &PyBool_Type || key == Py_None)
+        return put_value(w, key, 0);
+    return -1;
+}
+
+static int
+put_value(Writer *w, PyObject *obj, int depth)
+{
+    PyTypeObject *t = Py_TYPE(obj);
+    if (t == &PyUnicode_Type)
+        return put_str(w, obj);
+    if (t == &PyLong_Type)
+        return put_long(w, obj);
+    if (obj == Py_None)
+        return put1(w, 'N');
+    if (t == &PyBool_Type)
+        return put1(w, obj == Py_True ? (char)0x88 : (char)0x89); /* NEWTRUE, NEWFALSE */
+    if (t == &PyFloat_Type)
+        return put_float(w, obj);
+    if (t == &PyBytes_Type) /* SHORT_BINBYTES, BINBYTES */
+        return put_sized(w, 'C', 'B', PyBytes_AS_STRING(obj), PyBytes_GET_SIZE(obj));
+    if (depth >= MAX_DEPTH)
+        return -1;
+    if (t == &PyTuple_Type) {
+        Py_ssize_t n = PyTuple_GET_SIZE(obj);
+        if (n == 0)
+            return put1(w, ')'); /* EMPTY_TUPLE */
+        if (remember(w, obj) < 0)
+            return -1;
+        if (n > 3 && put1(w, '(') < 0) /* MARK */
+            return -1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (put_value(w, PyTuple_GET_ITEM(obj, i), depth + 1) < 0)
+                return -1;
+        }
+        /* TUPLE1, TUPLE2, TUPLE3, TUPLE */
+        static const char ops[4] = {0, (char)0x85, (char)0x86, (char)0x87};
+        return put1(w, n > 3 ? 't' : ops[n]);
+    }
+    if (t == &PyList_Type) {
+        if (remember(w, obj) < 0 || put1(w, ']') < 0) /* EMPTY_LIST */
+            return -1;
+        Py_ssize_t n = PyList_GET_SIZE(obj);
+        if (n == 0)
+            return 0;
+        if (put1(w, '(') < 0)
+            return -1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (i >= PyList_GET_SIZE(obj)) /* (cannot shrink: no Python code runs) */
+                return -1;
+            if (put_value(w, PyList_GET_ITEM(obj, i), depth + 1) < 0)
+                return -1;
+        }
+        return put1(w, 'e'); /* APPENDS */
+    }
+    if (t == &PyDict_Type) {
+        if (remember(w, obj) < 0 || put1(w, '}') < 0) /* EMPTY_DICT */
+            return -1;
+        if (PyDict_GET_SIZE(obj) == 0)
+            return 0;
+        if (put1(w, '(') < 0)
+            return -1;
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(obj, &pos, &key, &value)) {
+            if (put_key(w, key) < 0 || put_value(w, value, depth + 1) < 0)
+                return -1;
+        }
+        return put1(w, 'u'); /* SETITEMS */
+    }
+    return -1;
+}
+
+PyDoc_STRVAR(encode_item_doc,
+"encode_item(name, args, kwargs, limit, /)\n--\n\n"
+"The protocol-3 item of event ``(name, args, kwargs)`` (a pickle without\n"
+"PROTO and STOP, and without memo opcodes), or None when a value is not\n"
+"one this encoder handles or the item would exceed ``limit`` bytes.");
+
+static PyObject *
+encode_item(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 4) {
+        PyErr_Format(PyExc_TypeError, "encode_item() takes 4 arguments (%zd given)", argc);
+        return NULL;
+    }
+    PyObject *name = argv[0], *args = argv[1], *kwargs = argv[2];
+    Py_ssize_t limit = PyLong_AsSsize_t(argv[3]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyUnicode_CheckExact(name) || !PyTuple_CheckExact(args) || !PyDict_CheckExact(kwargs))
+        Py_RETURN_NONE;
+
+    Writer w;
+    w.buf = w.local;
+    w.len = 0;
+    w.cap = sizeof(w.local);
+    w.limit = limit;
+    w.nseen = 0;
+    int failed = put_str(&w, name) < 0;
+    /* the triple's own args tuple: always its three-opcode form */
+    if (!failed) {
+        Py_ssize_t n = PyTuple_GET_SIZE(args);
+        if (n == 0) {
+            failed = put1(&w, ')') < 0;
+        }
+        else {
+            failed = (n > 3 && put1(&w, '(') < 0);
+            for (Py_ssize_t i = 0; !failed && i < n; i++)
+                failed = put_value(&w, PyTuple_GET_ITEM(args, i), 1) < 0;
+            if (!failed) {
+                static const char ops[4] = {0, (char)0x85, (char)0x86, (char)0x87};
+                failed = put1(&w, n > 3 ? 't' : ops[n]) < 0;
+            }
+        }
+    }
+    if (!failed)
+        failed = put_value(&w, kwargs, 0) < 0;
+    if (!failed)
+        failed = put1(&w, (char)0x87) < 0; /* TUPLE3 */
+
+    if (!failed && w.len > limit)
+        failed = 1;
+    PyObject *result = NULL;
+    if (!failed)
+        result = PyBytes_FromStringAndSize(w.buf, w.len);
+    else if (!PyErr_Occurred())
+        result = Py_NewRef(Py_None);
+    if (w.buf != w.local)
+        PyMem_Free(w.buf);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"encode_item", (PyCFunction)(void (*)(void))encode_item, METH_FASTCALL, encode_item_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "localnet._speedups",
+    "The event trigger's item encoder, in C (optional; see _serial.dumps_event).",
+    0,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModuleDef_Init(&module);
+}

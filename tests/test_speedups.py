@@ -1,0 +1,169 @@
+"""The optional C item encoder (localnet/_speedups.c) against the pickler it stands in for."""
+
+from __future__ import annotations
+
+import enum
+import os
+import pickle
+import shutil
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import localnet
+from localnet import _serial, _wire
+
+HAVE_COMPILER = shutil.which(str(sysconfig.get_config_var("CC") or "cc").split()[0]) is not None
+encode_item = _serial.encode_item
+needs_encoder = pytest.mark.skipif(encode_item is None, reason="localnet._speedups is not built")
+LIMIT = _serial.ITEM_MAX
+
+
+def test_the_encoder_is_built_where_a_compiler_is() -> None:
+    # setup.py builds it optionally: a silent build failure would only show as lost speed
+    if not HAVE_COMPILER:
+        pytest.skip("no C compiler here; localnet runs in pure Python")
+    assert encode_item is not None
+
+
+def _load(item: bytes) -> Any:
+    return pickle.loads(b"\x80\x03" + item + b".")
+
+
+def _shape(value: Any) -> Any:
+    """``value`` with every type spelled out, so that 1, 1.0 and True differ."""
+    if isinstance(value, (tuple, list)):
+        return type(value).__name__, [_shape(v) for v in value]
+    if isinstance(value, dict):
+        return "dict", [(_shape(k), _shape(v)) for k, v in value.items()]
+    if isinstance(value, float) and value != value:
+        return "float", "nan"
+    return type(value).__name__, value
+
+
+scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+           | st.floats(allow_nan=True) | st.text(max_size=40) | st.binary(max_size=300))
+keys = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=10) | st.binary(
+    max_size=10)
+values = st.recursive(
+    scalars,
+    lambda inner: (st.lists(inner, max_size=6) | st.lists(inner, max_size=6).map(tuple)
+                   | st.dictionaries(keys, inner, max_size=5)),
+    max_leaves=30,
+)
+
+
+@needs_encoder
+@settings(max_examples=400, deadline=None)
+@given(name=st.text(max_size=20), args=st.lists(values, max_size=6).map(tuple),
+       kwargs=st.dictionaries(st.text(max_size=10), values, max_size=4))
+def test_items_load_as_the_pickler_would_rebuild_them(name, args, kwargs) -> None:
+    item = encode_item(name, args, kwargs, 1 << 20)
+    assert item is not None
+    assert _shape(_load(item)) == _shape((name, args, kwargs))
+    assert _shape(_load(item)) == _shape(pickle.loads(pickle.dumps((name, args, kwargs), 3)))
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Text(str):
+    pass
+
+
+@needs_encoder
+@pytest.mark.parametrize("value", [
+    2**63, -(2**63) - 1,  # beyond 64 bits: the pickler's LONG
+    Color.RED, Text("x"),  # subclasses keep their type only through the pickler
+    {1, 2}, frozenset({1}), 1j, bytearray(b"x"), memoryview(b"x"), object(),
+    "\ud800",  # a lone surrogate
+    [[[[[[[[[[1]]]]]]]]]],  # deeper than the encoder goes
+    {(1, 2): "tuple key"},
+], ids=repr)
+def test_values_the_encoder_leaves_to_the_pickler(value) -> None:
+    assert encode_item("ev", (value,), {}, LIMIT) is None
+    assert encode_item("ev", (), {"k": value}, LIMIT) is None
+
+
+@needs_encoder
+def test_shared_and_recursive_containers_are_left_to_the_pickler() -> None:
+    items = [1, 2]
+    assert encode_item("ev", (items, items), {}, LIMIT) is None  # pickle keeps them one object
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    assert encode_item("ev", (cycle,), {}, LIMIT) is None
+    assert encode_item("ev", ([1, 2], [1, 2]), {}, LIMIT) is not None  # equal, not the same
+
+
+@needs_encoder
+def test_items_over_the_limit_are_left_to_the_pickler() -> None:
+    assert encode_item("ev", ("x" * 100,), {}, 64) is None
+    assert encode_item("ev", (b"y" * 5000,), {}, 4096) is None
+    item = encode_item("ev", (b"y" * 5000,), {}, 8192)
+    assert item is not None and _load(item) == ("ev", (b"y" * 5000,), {})
+
+
+@needs_encoder
+def test_bad_arguments() -> None:
+    assert encode_item(b"not a str", (), {}, LIMIT) is None
+    assert encode_item("ev", [1], {}, LIMIT) is None
+    with pytest.raises(TypeError):
+        encode_item("ev", (), {})  # type: ignore[call-arg]
+
+
+@needs_encoder
+def test_encoded_and_pickled_items_share_a_list_frame() -> None:
+    events = [("a", (i, "x" * i, [i] * 3), {"k": {"n": i}}) for i in range(50)]
+    items = []
+    for i, (name, args, kwargs) in enumerate(events):
+        if i % 2:
+            items.append(encode_item(name, args, kwargs, LIMIT))
+        else:
+            items.append(pickle.dumps((name, args, kwargs), 3)[2:-1])
+    data = b"".join(_wire.pack_items(items, list(range(1, 51))))
+    body = data[_wire.HEADER_SIZE:]
+    assert body[0] == _wire.ITEMS_MARK
+    assert pickle.loads(body[1:]) == events
+
+
+def test_events_travel_without_the_encoder(spawn, tmp_path: Path) -> None:
+    # Where the extension is not built: the same publisher, pickling every event.
+    # (sitecustomize runs before the child's script imports localnet.)
+    (tmp_path / "sitecustomize.py").write_text(
+        'import sys\nsys.modules["localnet._speedups"] = None  # as if it had not been built\n')
+    received: list[tuple[int, str, dict[str, Any]]] = []
+    spawn("""
+import localnet._serial
+assert localnet._serial.encode_item is None
+
+@localnet.event("tick")
+def tick(*args, **kwargs):
+    return args, kwargs
+
+@localnet.connect()
+def burst(count):
+    for i in range(count):
+        tick(i, "payload", extra={"n": [i]})
+    peer.flush(20)
+    return count
+
+peer = localnet.Peer(name="pub")
+peer.start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+""", PYTHONPATH=os.pathsep.join([str(tmp_path), spawn.env()["PYTHONPATH"]]))
+    with localnet.Peer(name="me"):
+
+        @localnet.subscribe("tick")
+        def on_tick(i, text, extra):
+            received.append((i, text, extra))
+
+        try:
+            assert localnet.peer("pub").burst(2000) == 2000
+        finally:
+            localnet.unsubscribe(on_tick)
+    assert received == [(i, "payload", {"n": [i]}) for i in range(2000)]
