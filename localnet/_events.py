@@ -24,7 +24,6 @@ never acknowledged: the subscriber died or left first).
 
 from __future__ import annotations
 
-import bisect
 import logging
 import socket
 import threading
@@ -32,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 from . import _liveness
@@ -43,6 +43,7 @@ from ._wire import (
     ProtocolError,
     encode_control,
     pack_batch,
+    pack_header,
     pack_items,
     send_frame,
     send_raw_with_fds,
@@ -54,19 +55,26 @@ logger = logging.getLogger("localnet.events")
 class Outbox:
     """Events queued for, and in flight to, one subscriber peer.
 
-    Events arrive pickled: the publisher numbers its events with one sequence
-    for all subscribers and pickles each once, so queueing one for a
-    subscriber is three list appends.  ``_frames`` holds what is not yet
-    written: items and whole pickles (bytes), which the writer packs into
-    frames, and :class:`Payload` frames (shared memory), sent whole.
-    ``_seqs`` and ``_events`` list what is queued or unacknowledged, oldest
-    first (so the last ``len(_frames)`` sequences are those of ``_frames``);
-    an acknowledgement (cumulative) cuts them with one bisect.
+    ``_queue`` lists the events queued or unacknowledged, oldest first, as
+    ``(event, frame)`` pairs; its first ``_written`` entries were handed to
+    the socket.  A frame is an item or a whole pickle (bytes), which the
+    writer packs into batch frames, or a :class:`Payload` (shared memory),
+    sent alone.  Each outbox numbers its channel's events 1, 2, 3 ...: the
+    entry at index i is event ``_base + i + 1``, and an acknowledgement
+    (cumulative) cuts its events from the front.
+
+    The trigger side appends to ``_queue`` without the lock (:func:`fan_out`;
+    ``list.append`` is atomic): the writer and the acknowledgement reader,
+    which hold the lock, only cut from the front and read below the length
+    they saw, so an append never moves what they index.  Everything else -
+    shared-memory payloads, whole pickles, a full, congested, retiring or
+    closed outbox - goes through :meth:`put`, under the lock.  (Two threads
+    triggering at once may each see room for one more event: the bound is
+    ``limit`` plus at most one event per such thread.)
     """
 
     def __init__(self, entry: dict[str, Any], hello: dict[str, Any], limit: int, block: float,
-                 on_dead: Callable[[Outbox, str], None],
-                 lock: threading.Lock | None = None) -> None:
+                 on_dead: Callable[[Outbox, str], None]) -> None:
         self.name = str(entry["name"])
         self.pid = int(entry["pid"])
         self.started = float(entry["started"])
@@ -76,20 +84,15 @@ class Outbox:
         self.limit = limit
         self.block = block
         self._on_dead = on_dead
-        # One lock may serve all of a publisher's outboxes: fan_out() then
-        # queues an event for every subscriber under a single acquisition.
-        lock = lock if lock is not None else threading.Lock()
+        lock = self._lock = threading.Lock()
         self._has_work = threading.Condition(lock)
         self._has_room = threading.Condition(lock)
-        self._lock = lock
-        self._frames: list[bytes | Payload] = []  # queued, not yet written
-        self._seqs: list[int] = []  # queued or unacknowledged
-        self._events: list[str] = []
-        self._payloads: dict[int, Payload] = {}  # the ones in shared memory, by sequence
-        self._mixed = False  # _frames holds more than items
-        self.seq = 0  # the last sequence queued here
-        self.written = 0  # the last sequence handed to the socket
-        self.acked = 0
+        self._queue: list[tuple[str, bytes | Payload]] = []
+        self._base = 0  # the last event cut from the queue (acknowledged)
+        self._written = 0  # entries of _queue handed to the socket
+        self._payloads = 0  # shared-memory payloads in _queue
+        self._mixed = False  # unwritten entries hold more than items
+        self.accepting = True  # neither closed nor retiring: fan_out may append
         self._congested = False
         self._writer_idle = False
         self.closed = False
@@ -102,53 +105,63 @@ class Outbox:
 
     def __repr__(self) -> str:
         state = "CLOSED" if self.closed else "CONGESTED" if self._congested else "OPEN"
-        return (f"<Outbox to {self.name!r} queued={self.seq} acked={self.acked} "
-                f"pending={len(self._seqs)} [{state}]>")
+        return (f"<Outbox to {self.name!r} queued={self._base + len(self._queue)} "
+                f"acked={self._base} pending={len(self._queue)} [{state}]>")
+
+    @property
+    def acked(self) -> int:
+        """The number of events this subscriber has acknowledged."""
+        return self._base
 
     # -- the trigger side ---------------------------------------------------
-    def put(self, event: str, seq: int, frame: bytes | Payload) -> bool:
-        with self._lock:
-            return self._put(event, seq, frame)
-
-    def _put(self, event: str, seq: int, frame: bytes | Payload) -> bool:
+    def put(self, event: str, frame: bytes | Payload) -> bool:
         """Queue one event's frame; False when it was dropped (full or closed).
 
         ``frame`` is the event's item or whole pickle (``dumps_event``), or
-        for shared memory a whole frame in a :class:`Payload` held once for
-        this outbox, which the outbox settles when the event is acknowledged,
-        or at once when it is dropped.  Called with the lock held.
+        for shared memory a :class:`Payload` held once for this outbox,
+        which the outbox settles when the event is acknowledged, or at once
+        when it is dropped.
         """
-        if self.closed or self.retiring or (len(self._seqs) >= self.limit
-                                            and not self._wait_for_room()):
-            self._dropped[event] = self._dropped.get(event, 0) + 1
+        with self._lock:
+            if self.closed or self.retiring or (len(self._queue) >= self.limit
+                                                and not self._wait_for_room()):
+                self._dropped[event] = self._dropped.get(event, 0) + 1
+                if type(frame) is not bytes:
+                    frame.settle()  # type: ignore[union-attr]
+                return False
+            self._queue.append((event, frame))
             if type(frame) is not bytes:
-                frame.settle()  # type: ignore[union-attr]
-            return False
-        self.seq = seq
-        self._frames.append(frame)
-        self._seqs.append(seq)
-        self._events.append(event)
-        kind = _kind(frame)
-        if kind != _ITEM:
-            self._mixed = True
-            if kind == _PAYLOAD:
-                self._payloads[seq] = frame  # type: ignore[assignment]
-        if self._writer_idle:
-            self._writer_idle = False
-            self._has_work.notify()
-        return True
+                self._payloads += 1
+                self._mixed = True
+            elif frame[0] == 0x80:
+                self._mixed = True
+            if self._writer_idle:
+                self._writer_idle = False
+                self._has_work.notify()
+            return True
+
+    def wake(self) -> None:
+        """Wake the writer if it waits for work (fan_out saw it idle)."""
+        with self._lock:
+            if self._writer_idle:
+                self._writer_idle = False
+                self._has_work.notify()
+
+    def mark(self) -> int:
+        """The sequence of the last event queued here."""
+        with self._lock:
+            return self._base + len(self._queue)
 
     def _wait_for_room(self) -> bool:
-        # (with a shared lock, waiting here lets the other outboxes proceed)
         # called with the lock held and the outbox full
         if not self._congested and self.block > 0:
             deadline = time.monotonic() + self.block
-            while len(self._seqs) >= self.limit and not self.closed:
+            while len(self._queue) >= self.limit and not self.closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._has_room.wait(remaining)
-            if len(self._seqs) < self.limit and not self.closed:
+            if len(self._queue) < self.limit and not self.closed:
                 return True
         if not self._congested:
             self._congested = True
@@ -157,10 +170,9 @@ class Outbox:
         return False
 
     def wait_delivered(self, seq: int, deadline: float) -> bool:
-        """Wait until event ``seq`` was acknowledged (or can never be)."""
+        """Wait until event ``seq`` (see :meth:`mark`) was acknowledged (or can never be)."""
         with self._lock:
-            while self.acked < seq and self._seqs and self._seqs[0] <= seq \
-                    and not self.closed:
+            while self._base < seq and not self.closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -192,39 +204,48 @@ class Outbox:
                 return
             self._sock = sock
         spawn_thread(self._ack_loop, sock, name="localnet-acks")
+        queue = self._queue
         try:
             while True:
                 with self._lock:
-                    while not self._frames and not self.closed:
-                        self._writer_idle = True
+                    # Idle first, then look: a trigger that appends and then sees
+                    # the writer busy knows the writer will see its event.
+                    self._writer_idle = True
+                    while len(queue) <= self._written and not self.closed:
                         self._has_work.wait()
+                    self._writer_idle = False
                     if self.closed:
                         return
-                    frames, self._frames = self._frames, []
-                    seqs = self._seqs[len(self._seqs) - len(frames):]
-                    self.written = self.seq
+                    end = len(queue)
+                    entries = queue[self._written:end]
+                    first = self._base + self._written + 1
+                    self._written = end
                     mixed, self._mixed = self._mixed, False
-                self._send(sock, frames, seqs, mixed)
+                self._send(sock, entries, first, mixed)
         except Exception as exc:
             self._fail(f"connection broken: {exc}")
 
     @staticmethod
-    def _send(sock: socket.socket, frames: list[bytes | Payload], seqs: list[int],
+    def _send(sock: socket.socket, entries: list[tuple[str, bytes | Payload]], first: int,
               mixed: bool) -> None:
-        """Send queued events: items as list frames, whole pickles as batch
-        frames, shared-memory payloads alone (each run in its turn)."""
+        """Send events ``first``, ``first + 1``, ...: items as list frames,
+        whole pickles as batch frames, shared-memory payloads alone (each run
+        in its turn)."""
+        frames: list[Any] = list(map(_frame_of, entries))
         if not mixed:  # the common case: items only
-            sock.sendall(b"".join(pack_items(frames, seqs)))  # type: ignore[arg-type]
+            sock.sendall(b"".join(pack_items(frames, first)))
             return
         start = 0
         for kind, run in groupby(frames, key=_kind):
             end = start + len(list(run))
             if kind == _PAYLOAD:
-                for payload in frames[start:end]:
-                    send_raw_with_fds(sock, payload.body, payload.fds)  # type: ignore[union-attr]
+                for seq, payload in enumerate(frames[start:end], first + start):
+                    body, fds = payload.body, payload.fds
+                    send_raw_with_fds(sock, pack_header(Kind.EVENT, seq, len(body), len(fds))
+                                      + body, fds)
             else:
                 pack = pack_items if kind == _ITEM else pack_batch
-                sock.sendall(b"".join(pack(frames[start:end], seqs[start:end])))  # type: ignore[arg-type]
+                sock.sendall(b"".join(pack(frames[start:end], first + start)))
             start = end
 
     def _ack_loop(self, sock: socket.socket) -> None:
@@ -239,30 +260,31 @@ class Outbox:
             sock.close()
 
     def _read_acks(self, reader: FrameReader) -> None:
+        queue = self._queue
         while True:
             kind, seq, _, _ = reader.read()
             if kind != Kind.ACK:
                 raise ProtocolError(f"unexpected {Kind(kind).name} frame from a subscriber")
-            if seq > self.written:
-                raise ProtocolError(f"the subscriber acknowledged event {seq}, "
-                                    f"which was never sent")
             settle: list[Payload] = []
             with self._lock:
-                if seq > self.acked:
-                    self.acked = seq
-                n = bisect.bisect_right(self._seqs, seq)
-                if n:
-                    del self._seqs[:n]
-                    self._delivered.update(self._events[:n])  # counted in C
-                    del self._events[:n]
-                if self._payloads:
-                    for done in [s for s in self._payloads if s <= seq]:
-                        settle.append(self._payloads.pop(done))
-                if self._congested and len(self._seqs) <= self.limit // 2:
+                n = seq - self._base
+                if n > self._written:
+                    raise ProtocolError(f"the subscriber acknowledged event {seq}, "
+                                        f"which was never sent")
+                if n > 0:
+                    done = queue[:n]
+                    del queue[:n]
+                    self._base = seq
+                    self._written -= n
+                    self._delivered.update(map(_event_of, done))  # counted in C
+                    if self._payloads:
+                        settle = [f for _, f in done if type(f) is not bytes]  # type: ignore[misc]
+                        self._payloads -= len(settle)
+                if self._congested and len(queue) <= self.limit // 2:
                     self._congested = False
                     logger.info("subscriber %r caught up", self.name)
                 self._has_room.notify_all()
-                settled = self.retiring and not self._seqs
+                settled = self.retiring and not queue
             for payload in settle:
                 payload.settle()
             if settled:
@@ -279,7 +301,8 @@ class Outbox:
             if self.closed:
                 return
             self.retiring = True
-            settled = not self._seqs
+            self.accepting = False
+            settled = not self._queue
         if settled:
             self.close()
 
@@ -296,14 +319,17 @@ class Outbox:
             if self.closed:
                 return False
             self.closed = True
-            self._failed.update(self._events)
-            self._frames, self._seqs, self._events = [], [], []
-            payloads, self._payloads = list(self._payloads.values()), {}
+            self.accepting = False
+            entries = self._queue[:]
+            del self._queue[:]  # (never replaced: fan_out may hold it)
+            self._failed.update(map(_event_of, entries))
+            payloads = [f for _, f in entries if type(f) is not bytes]
+            self._payloads = 0
             self._has_work.notify_all()
             self._has_room.notify_all()
             sock = self._sock
         for payload in payloads:
-            payload.abandon()  # its fate is unknown: never reuse its segments
+            payload.abandon()  # type: ignore[union-attr]  # its fate is unknown: never reuse its segments
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes the acknowledgement reader, which closes it
@@ -314,17 +340,22 @@ class Outbox:
     def totals(self) -> dict[str, tuple[int, int, int, int]]:
         """Per event: (sent, delivered, dropped, failed)."""
         with self._lock:
-            pending = Counter(self._events)
-            events = set(pending) | set(self._delivered) | set(self._failed) | set(self._dropped)
+            pending = Counter(map(_event_of, self._queue))
+            failed = self._failed
+            if self.closed:  # appended by a trigger that raced with close()
+                failed, pending = failed + pending, Counter()
+            events = set(pending) | set(self._delivered) | set(failed) | set(self._dropped)
             result = {}
             for event in events:
-                delivered, failed = self._delivered[event], self._failed[event]
-                result[event] = (delivered + failed + pending[event], delivered,
-                                 self._dropped.get(event, 0), failed)
+                delivered, lost = self._delivered[event], failed[event]
+                result[event] = (delivered + lost + pending[event], delivered,
+                                 self._dropped.get(event, 0), lost)
             return result
 
 
 _ITEM, _WHOLE, _PAYLOAD = range(3)
+_event_of = itemgetter(0)
+_frame_of = itemgetter(1)
 
 
 def _kind(frame: bytes | Payload) -> int:
@@ -334,18 +365,15 @@ def _kind(frame: bytes | Payload) -> int:
     return _WHOLE if frame[0] == 0x80 else _ITEM
 
 
-def fan_out(lock: threading.Lock, outboxes: tuple[Outbox, ...], event: str, seq: int,
-            item: bytes) -> None:
-    """Queue one event's item for every outbox sharing ``lock``, in one acquisition."""
-    with lock:
-        for outbox in outboxes:
-            if outbox.closed or outbox.retiring or len(outbox._seqs) >= outbox.limit:
-                outbox._put(event, seq, item)  # the slow path: drop, or wait for room
-                continue
-            outbox.seq = seq
-            outbox._frames.append(item)
-            outbox._seqs.append(seq)
-            outbox._events.append(event)
+def fan_out(outboxes: tuple[Outbox, ...], event: str, item: bytes) -> None:
+    """Queue one event's item for every outbox, without taking their locks
+    (see :class:`Outbox`); a full or closing outbox takes the locked path."""
+    entry = (event, item)
+    for outbox in outboxes:
+        queue = outbox._queue
+        if outbox.accepting and len(queue) < outbox.limit:
+            queue.append(entry)
             if outbox._writer_idle:
-                outbox._writer_idle = False
-                outbox._has_work.notify()
+                outbox.wake()
+        else:
+            outbox.put(event, item)  # drop, or wait for room

@@ -36,7 +36,6 @@ from ._registry_client import RegistryClient
 from ._remote import CallChannel, NotSent, RemotePeer
 from ._server import Server
 from ._wire import BATCH_MARK, DEFAULT_MAX_FRAME, ITEMS_MARK, Frame, Kind, unpack_batch
-from ._wire import pack_header as _pack_header
 from .errors import (
     ConfigurationError,
     ConnectionLost,
@@ -53,7 +52,7 @@ _encode_item = _serial.encode_item
 _ITEM_MAX = _serial.ITEM_MAX
 
 _counter = itertools.count()
-_REPLY, _EVENT = int(Kind.REPLY), int(Kind.EVENT)
+_REPLY = int(Kind.REPLY)
 CHANNELS_PER_PEER = 8  # connections to one peer before calling threads share them
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -258,8 +257,6 @@ class Peer:
         self._settled: dict[tuple[str, str], list[int]] = {}  # (event, subscriber) -> counts
         self._received: dict[str, list[int]] = {}
         self._stoppers: list[Callable[[], None]] = []  # serve_forever() waits
-        self._event_seq = itertools.count(1)
-        self._outbox_lock = threading.Lock()  # shared by this peer's outboxes
         self._counts = [0, 0, 0]  # calls made, calls served, call errors
 
     def __repr__(self) -> str:
@@ -445,7 +442,7 @@ class Peer:
             if outbox is None:
                 hello = {"role": "events", **self._identity}
                 outbox = Outbox(self._entries[name], hello, self.event_queue,
-                                self.event_block, self._outbox_died, self._outbox_lock)
+                                self.event_block, self._outbox_died)
                 self._outboxes[name] = outbox
             for event in wanted:
                 routes.setdefault(event, []).append(outbox)
@@ -489,23 +486,19 @@ class Peer:
                 self._published.add(event)
                 self._rebuild_routes()
         targets = self._routes.get(event)
-        # One sequence for all subscribers, so the event is pickled and framed once.
-        seq = next(self._event_seq)
-        if type(payload) is bytes:  # the outboxes frame it, in batches
+        if type(payload) is bytes:  # pickled once; the outboxes frame it, in batches
             if targets:
                 if payload[0] != 0x80:  # an item: the common case
-                    fan_out(self._outbox_lock, targets, event, seq, payload)
+                    fan_out(targets, event, payload)
                 else:
                     for outbox in targets:
-                        outbox.put(event, seq, payload)
+                        outbox.put(event, payload)
             return
         assert isinstance(payload, _serial.Payload)
         if targets:
-            payload.body = _pack_header(_EVENT, seq, len(payload.body),
-                                        len(payload.fds)) + payload.body
             payload.hold(len(targets))  # one per outbox; the buffers are written once
             for outbox in targets:
-                outbox.put(event, seq, payload)
+                outbox.put(event, payload)
         payload.settle()
 
     def subscribers(self, event: str | None = None) -> list[str]:
@@ -528,7 +521,7 @@ class Peer:
         """
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         with self._lock:
-            marks = [(outbox, outbox.seq) for outbox in self._outboxes.values()]
+            marks = [(outbox, outbox.mark()) for outbox in self._outboxes.values()]
         for outbox, seq in marks:
             if not outbox.wait_delivered(seq, deadline):
                 raise Timeout(f"subscriber {outbox.name!r} had not handled every event "

@@ -160,7 +160,7 @@ def _runs(sizes: list[int], each: int, room: int) -> Iterator[tuple[int, int, in
         base, start = ends[end - 1], end
 
 
-def pack_items(items: list[bytes], seqs: list[int]) -> list[bytes]:
+def pack_items(items: list[bytes], first: int) -> list[bytes]:
     """Headers and bodies of the EVENT frames carrying event ``items``, to be joined.
 
     Items (``_serial.dumps_event``) are protocol-3 pickles, whose memo
@@ -171,28 +171,29 @@ def pack_items(items: list[bytes], seqs: list[int]) -> list[bytes]:
 
     is rebuilt by one ``pickle.loads`` (after the mark) as the list of the
     events.  Consecutive items share a frame of up to ``EVENT_BATCH`` bytes;
-    an item too large for that travels alone as a plain payload.  Each
-    frame's id is the sequence of its last event.
+    an item too large for that travels alone as a plain payload.  The
+    items are events ``first``, ``first + 1``, ...; each frame's id is the
+    sequence of its last event.
     """
     parts: list[bytes] = []
     room = EVENT_BATCH - len(ITEMS_HEAD) - len(ITEMS_TAIL)
     for start, end, nbytes in _runs(list(map(len, items)), 0, room):
         if not nbytes:  # alone
             parts += (_pack(VERSION, _EVENT, 0, len(ITEM_HEAD) + len(items[start])
-                            + len(ITEM_TAIL), seqs[start]), ITEM_HEAD, items[start], ITEM_TAIL)
+                            + len(ITEM_TAIL), first + start), ITEM_HEAD, items[start], ITEM_TAIL)
             continue
         parts += (_pack(VERSION, _EVENT, 0, len(ITEMS_HEAD) + nbytes + len(ITEMS_TAIL),
-                        seqs[end - 1]), ITEMS_HEAD)
+                        first + end - 1), ITEMS_HEAD)
         parts += items[start:end]
         parts.append(ITEMS_TAIL)
     return parts
 
 
-def pack_batch(bodies: list[bytes], seqs: list[int]) -> list[bytes]:
+def pack_batch(bodies: list[bytes], first: int) -> list[bytes]:
     """Headers and bodies of the EVENT frames carrying ``bodies``, to be joined.
 
     ``bodies`` are plain payloads (whole pickles, as cloudpickle makes them
-    for what is not an item) and ``seqs`` their event sequences.
+    for what is not an item) of events ``first``, ``first + 1``, ....
     Consecutive bodies share a frame of up to ``EVENT_BATCH`` bytes, whose
     body is::
 
@@ -207,10 +208,10 @@ def pack_batch(bodies: list[bytes], seqs: list[int]) -> list[bytes]:
     parts: list[bytes] = []
     for start, end, nbytes in _runs(sizes, 4, EVENT_BATCH - _BATCH_COUNT.size):
         if not nbytes:  # alone, as a plain payload
-            parts += (_pack(VERSION, _EVENT, 0, sizes[start], seqs[start]), bodies[start])
+            parts += (_pack(VERSION, _EVENT, 0, sizes[start], first + start), bodies[start])
             continue
         count = end - start
-        parts.append(_pack(VERSION, _EVENT, 0, _BATCH_COUNT.size + nbytes, seqs[end - 1]))
+        parts.append(_pack(VERSION, _EVENT, 0, _BATCH_COUNT.size + nbytes, first + end - 1))
         parts.append(struct.pack(f"<BI{count}I", BATCH_MARK, count, *sizes[start:end]))
         parts += bodies[start:end]
     return parts

@@ -548,9 +548,9 @@ def test_a_broken_event_in_a_batch_loses_only_itself(caplog) -> None:
                       pickle.dumps(42, 5),  # a pickle, but not an event
                       b"\x80\x05garbage",
                       pickle.dumps(("tick", (2,), {}), 5)]
-            batch = b"".join(_wire.pack_batch(bodies, [1, 2, 3, 4]))
+            batch = b"".join(_wire.pack_batch(bodies, 1))
             # a table that promises more bytes than the frame holds: the whole frame goes
-            bad_body = b"".join(_wire.pack_batch([pickle.dumps(("tick", (9,), {}), 5)], [5]))
+            bad_body = b"".join(_wire.pack_batch([pickle.dumps(("tick", (9,), {}), 5)], 5))
             bad_body = bad_body[_wire.HEADER_SIZE:-1]
             bad = _wire.pack_header(Kind.EVENT, 5, len(bad_body)) + bad_body
             # a list frame with a broken item: the whole frame goes
@@ -584,7 +584,7 @@ def test_batch_frames_carry_each_pickle_whole() -> None:
     bodies = [pickle.dumps(("tick", (i, "x" * (i % 50)), {}), 5) for i in range(5000)]
     bodies.insert(10, pickle.dumps(("big", (b"y" * (_wire.EVENT_BATCH + 10),), {}), 5))
     seqs = list(range(1, len(bodies) + 1))
-    data = b"".join(_wire.pack_batch(bodies, seqs))
+    data = b"".join(_wire.pack_batch(bodies, 1))
     got, ids, offset = [], [], 0
     while offset < len(data):
         _, kind, _, length, ident = _wire.HEADER.unpack_from(data, offset)
@@ -737,10 +737,10 @@ def test_item_frames_rebuild_as_lists_of_events() -> None:
     big = _serial.dumps_event("big", ("y" * (_wire.EVENT_BATCH + 10),), {})
     assert type(big) is bytes and big[0] == 0x80  # too large for an item: a whole pickle
     huge = ("big", ("y" * (_wire.EVENT_BATCH + 10),), {})
-    lone = b"".join(_wire.pack_items([pickle.dumps(huge, 3)[2:-1]], [7]))
+    lone = b"".join(_wire.pack_items([pickle.dumps(huge, 3)[2:-1]], 7))
     assert _wire.HEADER.unpack_from(lone)[4] == 7
     assert pickle.loads(lone[_wire.HEADER_SIZE:]) == huge  # alone, as a whole pickle
-    data = b"".join(_wire.pack_items(items, list(range(1, len(items) + 1))))
+    data = b"".join(_wire.pack_items(items, 1))
     got, offset, frames = [], 0, 0
     while offset < len(data):
         _, kind, _, length, ident = _wire.HEADER.unpack_from(data, offset)
