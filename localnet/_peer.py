@@ -53,6 +53,7 @@ _ITEM_MAX = _serial.ITEM_MAX
 
 _counter = itertools.count()
 _REPLY = int(Kind.REPLY)
+_NO_RUN = object()  # equal to no event name
 CHANNELS_PER_PEER = 8  # connections to one peer before calling threads share them
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -729,46 +730,56 @@ class Peer:
             return messages
 
         def receive(frames: list[Frame]) -> None:
-            current = None
+            # Consecutive events of one name form a run: its handlers are looked
+            # up once, and its counts kept in locals until the run ends.
+            run: object = _NO_RUN
+            handlers: tuple[Callable[..., Any], ...] = ()
+            counts = [0, 0, 0]
+            n = handled = 0
             try:
                 for message in unpickled(frames):
                     try:
                         event, args, kwargs = message
-                        entry = cache.get(event)
                     except (TypeError, ValueError):
                         logger.error("dropping a malformed event from %r", name)
                         continue
-                    if table[0] is not CATALOG.by_event:  # subscriptions changed: start afresh
-                        table[0] = CATALOG.by_event
-                        cache.clear()
-                        entry = None
-                    if entry is None:
-                        if type(event) is not str:
-                            logger.error("dropping a malformed event from %r", name)
-                            continue
-                        handlers = tuple(s.handler for s in table[0].get(event, ())
-                                         if s.accepts(name, group, hub))
-                        counts = received.setdefault(event, [0, 0, 0])
-                        entry = cache[event] = (EventContext(event, name, pid, group, hub),
-                                                handlers, counts)
-                    if entry is not current:
-                        current = entry
-                        handling.context = entry[0]
-                    counts = entry[2]
-                    counts[0] += 1
-                    for handler in entry[1]:
+                    # (checked per event: a handler may unsubscribe itself)
+                    if event != run or table[0] is not CATALOG.by_event:
+                        counts[0] += n
+                        counts[1] += handled
+                        n = handled = 0
+                        run = _NO_RUN
+                        if table[0] is not CATALOG.by_event:  # subscriptions changed
+                            table[0] = CATALOG.by_event
+                            cache.clear()
+                        entry = cache.get(event) if type(event) is str else None
+                        if entry is None:
+                            if type(event) is not str:
+                                logger.error("dropping a malformed event from %r", name)
+                                continue
+                            handlers = tuple(s.handler for s in table[0].get(event, ())
+                                             if s.accepts(name, group, hub))
+                            counts = received.setdefault(event, [0, 0, 0])
+                            entry = cache[event] = (EventContext(event, name, pid, group, hub),
+                                                    handlers, counts)
+                        handling.context, handlers, counts = entry
+                        run = event
+                    n += 1
+                    for handler in handlers:
                         try:
                             if kwargs:
                                 handler(*args, **kwargs)
                             else:
                                 handler(*args)
-                            counts[1] += 1
+                            handled += 1
                         except Exception:
                             counts[2] += 1
                             logger.exception("handler %s for event %r from %r raised",
                                              getattr(handler, "__qualname__", handler), event,
                                              name)
             finally:
+                counts[0] += n
+                counts[1] += handled
                 handling.context = None
 
         return receive

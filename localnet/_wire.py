@@ -175,9 +175,14 @@ def pack_items(items: list[bytes], first: int) -> list[bytes]:
     items are events ``first``, ``first + 1``, ...; each frame's id is the
     sequence of its last event.
     """
-    parts: list[bytes] = []
     room = EVENT_BATCH - len(ITEMS_HEAD) - len(ITEMS_TAIL)
-    for start, end, nbytes in _runs(list(map(len, items)), 0, room):
+    sizes = list(map(len, items))
+    nbytes = sum(sizes)
+    if nbytes <= room and items:  # the common case: one frame
+        return [_pack(VERSION, _EVENT, 0, len(ITEMS_HEAD) + nbytes + len(ITEMS_TAIL),
+                      first + len(items) - 1), ITEMS_HEAD, *items, ITEMS_TAIL]
+    parts: list[bytes] = []
+    for start, end, nbytes in _runs(sizes, 0, room):
         if not nbytes:  # alone
             parts += (_pack(VERSION, _EVENT, 0, len(ITEM_HEAD) + len(items[start])
                             + len(ITEM_TAIL), first + start), ITEM_HEAD, items[start], ITEM_TAIL)

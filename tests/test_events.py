@@ -261,6 +261,32 @@ def test_unsubscribe_stops_delivery(spawn) -> None:
         assert localnet.peer("pub").outboxes() == []  # the publisher was told
 
 
+def test_a_handler_that_unsubscribes_itself_is_not_called_again(spawn) -> None:
+    # A burst arrives in few batches; the catalog is checked per event, so the
+    # rest of the batch no longer reaches the handler, and the other one still runs.
+    burst_publisher(spawn, ["tick"], "tick(i)")
+    once: list[int] = []
+    every: list[int] = []
+    with localnet.Peer(name="me") as me:
+
+        @localnet.subscribe("tick")
+        def on_first(i):
+            once.append(i)
+            localnet.unsubscribe(on_first)
+
+        @localnet.subscribe("tick")
+        def on_each(i):
+            every.append(i)
+
+        try:
+            assert localnet.peer("pub").burst(2000) == 2000
+        finally:
+            localnet.unsubscribe(on_each)
+        assert me.stats().received["tick"].handled == 2001
+    assert once == [0]
+    assert every == list(range(2000))
+
+
 # -- delivery ----------------------------------------------------------------------
 
 def test_events_arrive_in_order_and_flush_waits_for_handlers(spawn) -> None:
