@@ -23,10 +23,10 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from itertools import accumulate, pairwise
+from itertools import accumulate, chain, pairwise
 from typing import Any
 
 from . import _liveness, _paths, _serial, _shm
@@ -693,10 +693,10 @@ class Peer:
         table = [CATALOG.by_event]
         received, handling, loads = self._received, _handling, pickle.loads
 
-        def unpickled(frames: list[Frame]) -> list[Any]:
+        def unpickled(frames: list[Frame]) -> Iterator[list[Any]]:
             # A frame holds one payload, a list of items (_wire.pack_items), or a
-            # batch of whole pickles (_wire.pack_batch).
-            messages: list[Any] = []
+            # batch of whole pickles (_wire.pack_batch).  Its events are rebuilt
+            # when the previous frame's were handled (see ITEMS_PER_FRAME).
             for _, _, body, fds in frames:
                 if not fds and body and body[0] == ITEMS_MARK:  # the common case
                     try:
@@ -706,28 +706,33 @@ class Peer:
                     except Exception:
                         logger.exception("dropping a batch of events from %r that cannot "
                                          "be rebuilt (%d bytes)", name, len(body))
-                    else:
-                        messages += items
+                        continue
+                    yield items
+                    del items
                     continue
                 if fds or not body or body[0] != BATCH_MARK:  # one payload
                     try:
-                        messages.append(_serial.loads(body, "an event", fds))
+                        message = _serial.loads(body, "an event", fds)
                     except Exception:
                         logger.exception("dropping an event from %r that cannot be rebuilt",
                                          name)
+                        continue
+                    yield [message]
                     continue
                 try:
                     first, sizes = unpack_batch(body)
                 except ValueError as exc:
                     logger.error("dropping a malformed batch of events from %r: %s", name, exc)
                     continue
+                messages: list[Any] = []
                 for start, end in pairwise(accumulate(sizes, initial=first)):
                     try:
                         messages.append(loads(body[start:end]))
                     except Exception:
                         logger.exception("dropping an event from %r that cannot be rebuilt",
                                          name)
-            return messages
+                yield messages
+                del messages
 
         def receive(frames: list[Frame]) -> None:
             # Consecutive events of one name form a run: its handlers are looked
@@ -737,7 +742,7 @@ class Peer:
             counts = [0, 0, 0]
             n = handled = 0
             try:
-                for message in unpickled(frames):
+                for message in chain.from_iterable(unpickled(frames)):
                     try:
                         event, args, kwargs = message
                     except (TypeError, ValueError):

@@ -79,6 +79,11 @@ MAX_FDS = 64  # per frame; more buffers than this travel in several segments' st
 #: frame of up to this many bytes (see :func:`pack_batch`); a subscriber accepts
 #: EVENT frames this large whatever its max_frame.
 EVENT_BATCH = 64 * 1024
+#: At most this many events to a list frame (:func:`pack_items`).  A subscriber
+#: rebuilds a frame's events at once and frees them once handled: about two
+#: new containers an event, which stays under the collector's first threshold
+#: (700 by default), so a burst does not set off garbage collections.
+ITEMS_PER_FRAME = 256
 #: The first byte of a batch body (a plain payload starts with 0x80, one in
 #: shared memory with ``b"O"``): a batch of whole pickles, or a list of items.
 BATCH_MARK = 0x42  # b"B"
@@ -170,27 +175,34 @@ def pack_items(items: list[bytes], first: int) -> list[bytes]:
         b"L", PROTO 3, MARK, the items, LIST, STOP
 
     is rebuilt by one ``pickle.loads`` (after the mark) as the list of the
-    events.  Consecutive items share a frame of up to ``EVENT_BATCH`` bytes;
+    events.  Consecutive items share a frame of up to ``EVENT_BATCH`` bytes
+    and ``ITEMS_PER_FRAME`` items;
     an item too large for that travels alone as a plain payload.  The
     items are events ``first``, ``first + 1``, ...; each frame's id is the
     sequence of its last event.
     """
     room = EVENT_BATCH - len(ITEMS_HEAD) - len(ITEMS_TAIL)
-    sizes = list(map(len, items))
-    nbytes = sum(sizes)
-    if nbytes <= room and items:  # the common case: one frame
-        return [_pack(VERSION, _EVENT, 0, len(ITEMS_HEAD) + nbytes + len(ITEMS_TAIL),
-                      first + len(items) - 1), ITEMS_HEAD, *items, ITEMS_TAIL]
     parts: list[bytes] = []
-    for start, end, nbytes in _runs(sizes, 0, room):
-        if not nbytes:  # alone
-            parts += (_pack(VERSION, _EVENT, 0, len(ITEM_HEAD) + len(items[start])
-                            + len(ITEM_TAIL), first + start), ITEM_HEAD, items[start], ITEM_TAIL)
+    for low in range(0, len(items), ITEMS_PER_FRAME):
+        chunk = items[low:low + ITEMS_PER_FRAME]
+        sizes = list(map(len, chunk))
+        nbytes = sum(sizes)
+        if nbytes <= room:  # the common case
+            parts += (_pack(VERSION, _EVENT, 0, len(ITEMS_HEAD) + nbytes + len(ITEMS_TAIL),
+                            first + low + len(chunk) - 1), ITEMS_HEAD)
+            parts += chunk
+            parts.append(ITEMS_TAIL)
             continue
-        parts += (_pack(VERSION, _EVENT, 0, len(ITEMS_HEAD) + nbytes + len(ITEMS_TAIL),
-                        first + end - 1), ITEMS_HEAD)
-        parts += items[start:end]
-        parts.append(ITEMS_TAIL)
+        for start, end, nbytes in _runs(sizes, 0, room):
+            if not nbytes:  # alone
+                parts += (_pack(VERSION, _EVENT, 0, len(ITEM_HEAD) + len(chunk[start])
+                                + len(ITEM_TAIL), first + low + start),
+                          ITEM_HEAD, chunk[start], ITEM_TAIL)
+                continue
+            parts += (_pack(VERSION, _EVENT, 0, len(ITEMS_HEAD) + nbytes + len(ITEMS_TAIL),
+                            first + low + end - 1), ITEMS_HEAD)
+            parts += chunk[start:end]
+            parts.append(ITEMS_TAIL)
     return parts
 
 

@@ -773,10 +773,21 @@ def test_item_frames_rebuild_as_lists_of_events() -> None:
         body = data[offset + _wire.HEADER_SIZE: offset + _wire.HEADER_SIZE + length]
         assert kind == Kind.EVENT and length <= _wire.EVENT_BATCH and body[0] == _wire.ITEMS_MARK
         batch = pickle.loads(body[1:])
+        assert 0 < len(batch) <= _wire.ITEMS_PER_FRAME
         got += batch
         assert ident == len(got)
         frames += 1
         offset += _wire.HEADER_SIZE + length
-    assert got == events and frames > 3
+    assert got == events and frames >= len(events) / _wire.ITEMS_PER_FRAME
+    # a long run of large items fills frames by bytes before the count does
+    wide = [pickle.dumps(("w", ("z" * 1000,), {}), 3)[2:-1] for _ in range(300)]
+    sizes = []
+    data = b"".join(_wire.pack_items(wide, 1))
+    while data:
+        length = _wire.HEADER.unpack_from(data)[3]
+        sizes.append(len(pickle.loads(data[_wire.HEADER_SIZE + 1: _wire.HEADER_SIZE + length])))
+        assert length <= _wire.EVENT_BATCH
+        data = data[_wire.HEADER_SIZE + length:]
+    assert sum(sizes) == 300 and len(sizes) > 300 // _wire.ITEMS_PER_FRAME + 1
     assert all(args[1] is args[2] for _, args, _ in got)  # shared within an event, as sent
     assert got[0][1][1] is not got[1][1][1]  # and not across events
