@@ -98,6 +98,8 @@ class Outbox:
         self.closed = False
         self.retiring = False
         self._delivered: Counter[str] = Counter()
+        self._events: set[str] = set()  # the events ever routed here (see carry)
+        self._only: str | None = None  # ... when that is one event
         self._dropped: dict[str, int] = {}
         self._failed: Counter[str] = Counter()
         self._sock: socket.socket | None = None
@@ -146,6 +148,16 @@ class Outbox:
             if self._writer_idle:
                 self._writer_idle = False
                 self._has_work.notify()
+
+    def carry(self, events: set[str]) -> None:
+        """Note the events routed to this outbox (before any of them is queued).
+
+        While it only ever carried one event, an acknowledgement counts its
+        events delivered with one addition instead of one count per event.
+        """
+        with self._lock:
+            self._events |= events
+            self._only = next(iter(self._events)) if len(self._events) == 1 else None
 
     def mark(self) -> int:
         """The sequence of the last event queued here."""
@@ -276,7 +288,10 @@ class Outbox:
                     del queue[:n]
                     self._base = seq
                     self._written -= n
-                    self._delivered.update(map(_event_of, done))  # counted in C
+                    if self._only is not None:
+                        self._delivered[self._only] += n
+                    else:
+                        self._delivered.update(map(_event_of, done))  # counted in C
                     if self._payloads:
                         settle = [f for _, f in done if type(f) is not bytes]  # type: ignore[misc]
                         self._payloads -= len(settle)

@@ -226,6 +226,7 @@ class Peer:
                              _env_number("LOCALNET_MAX_FRAME", DEFAULT_MAX_FRAME))
         if self.max_frame < 1024:
             raise ConfigurationError("max_frame must be at least 1024 bytes")
+        self._item_max = min(_ITEM_MAX, self.max_frame)
         if event_queue < 1 or event_block < 0 or linger < 0 or max_workers < 1:
             raise ConfigurationError("event_queue and max_workers must be positive; "
                                      "event_block and linger must not be negative")
@@ -445,6 +446,7 @@ class Peer:
                 outbox = Outbox(self._entries[name], hello, self.event_queue,
                                 self.event_block, self._outbox_died)
                 self._outboxes[name] = outbox
+            outbox.carry(wanted)
             for event in wanted:
                 routes.setdefault(event, []).append(outbox)
         self._routes = {event: tuple(boxes) for event, boxes in routes.items()}
@@ -475,21 +477,24 @@ class Peer:
         """
         if self.state is not _RUNNING:
             self._require_running()
-        payload: bytes | _serial.Payload | None = None
         if _encode_item is not None:
-            payload = _encode_item(event, args, kwargs, _ITEM_MAX)
-        if payload is None:
-            payload = _serial.dumps_event(event, args, kwargs, self.shm_threshold)
+            item = _encode_item(event, args, kwargs, self._item_max)
+            if item is not None:  # the common case: an item of plain values
+                targets = self._routes.get(event)
+                if targets is None and event not in self._published:
+                    targets = self._first_trigger(event)
+                if targets:
+                    fan_out(targets, event, item)
+                return
+        payload = _serial.dumps_event(event, args, kwargs, self.shm_threshold)
         if len(payload) > self.max_frame:
             self._too_big(payload, f"an argument of event {event!r}")
-        if event not in self._published:
-            with self._lock:
-                self._published.add(event)
-                self._rebuild_routes()
         targets = self._routes.get(event)
+        if targets is None and event not in self._published:
+            targets = self._first_trigger(event)
         if type(payload) is bytes:  # pickled once; the outboxes frame it, in batches
             if targets:
-                if payload[0] != 0x80:  # an item: the common case
+                if payload[0] != 0x80:  # an item
                     fan_out(targets, event, payload)
                 else:
                     for outbox in targets:
@@ -501,6 +506,13 @@ class Peer:
             for outbox in targets:
                 outbox.put(event, payload)
         payload.settle()
+
+    def _first_trigger(self, event: str) -> tuple[Outbox, ...] | None:
+        """Route an event triggered here for the first time; its outboxes are made now."""
+        with self._lock:
+            self._published.add(event)
+            self._rebuild_routes()
+            return self._routes.get(event)
 
     def subscribers(self, event: str | None = None) -> list[str]:
         """Names of the live peers this peer's events (or ``event``) now go to.

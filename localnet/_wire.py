@@ -185,14 +185,12 @@ def pack_items(items: list[bytes], first: int) -> list[bytes]:
     parts: list[bytes] = []
     for low in range(0, len(items), ITEMS_PER_FRAME):
         chunk = items[low:low + ITEMS_PER_FRAME]
-        sizes = list(map(len, chunk))
-        nbytes = sum(sizes)
-        if nbytes <= room:  # the common case
-            parts += (_pack(VERSION, _EVENT, 0, len(ITEMS_HEAD) + nbytes + len(ITEMS_TAIL),
-                            first + low + len(chunk) - 1), ITEMS_HEAD)
-            parts += chunk
-            parts.append(ITEMS_TAIL)
+        body = b"".join(chunk)
+        if len(body) <= room:  # the common case
+            parts += (_pack(VERSION, _EVENT, 0, len(ITEMS_HEAD) + len(body) + len(ITEMS_TAIL),
+                            first + low + len(chunk) - 1), ITEMS_HEAD, body, ITEMS_TAIL)
             continue
+        sizes = list(map(len, chunk))
         for start, end, nbytes in _runs(sizes, 0, room):
             if not nbytes:  # alone
                 parts += (_pack(VERSION, _EVENT, 0, len(ITEM_HEAD) + len(chunk[start])
