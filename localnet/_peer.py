@@ -428,16 +428,19 @@ class Peer:
         if self._outboxes.get(outbox.name) is outbox:
             del self._outboxes[outbox.name]
 
-    def _rebuild_routes(self) -> None:
-        """Routes for the events this peer has published; their outboxes are made here.
+    def _rebuild_routes(self, published: set[str] | None = None) -> None:
+        """Routes for the events this peer has published (or ``published``, which
+        then replaces that set once the routes are in place); their outboxes are made here.
 
         A subscriber gets a connection from a publisher only once that
         publisher triggers one of its events: a hundred peers subscribed to
         everything do not open ten thousand idle channels between them.
         """
+        if published is None:
+            published = self._published
         routes: dict[str, list[Outbox]] = {}
         for name, events in self._wanted.items():
-            wanted = events & self._published
+            wanted = events & published
             if not wanted:
                 continue
             outbox = self._outboxes.get(name)
@@ -450,6 +453,7 @@ class Peer:
             for event in wanted:
                 routes.setdefault(event, []).append(outbox)
         self._routes = {event: tuple(boxes) for event, boxes in routes.items()}
+        self._published = published
 
     def _outbox_died(self, outbox: Outbox, reason: str) -> None:
         alive = _liveness.is_alive(outbox.pid, outbox.started)
@@ -508,10 +512,14 @@ class Peer:
         payload.settle()
 
     def _first_trigger(self, event: str) -> tuple[Outbox, ...] | None:
-        """Route an event triggered here for the first time; its outboxes are made now."""
+        """Route an event triggered here for the first time; its outboxes are made now.
+
+        The event joins the published set only once its routes are in place: a
+        trigger on another thread meanwhile comes here too and waits for them.
+        """
         with self._lock:
-            self._published.add(event)
-            self._rebuild_routes()
+            if event not in self._published:
+                self._rebuild_routes(self._published | {event})
             return self._routes.get(event)
 
     def subscribers(self, event: str | None = None) -> list[str]:

@@ -303,6 +303,33 @@ def test_events_arrive_in_order_and_flush_waits_for_handlers(spawn) -> None:
         assert stats["subscribers"]["s2"]["delivered"] == 2000
 
 
+def test_threads_triggering_at_once_lose_nothing_and_keep_their_order(spawn) -> None:
+    # Triggers append to the outboxes without a lock: four threads at once,
+    # two subscribers, each thread's events in order, every count consistent.
+    burst_publisher(spawn, ["tick"], """
+        threads = [threading.Thread(target=lambda t=t: [tick(i, source=f"t{t}")
+                                                        for i in range(count)])
+                   for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        break
+    """)
+    for name in ("s1", "s2"):
+        subscriber(spawn, name)
+    with localnet.Peer(name="driver"):
+        # (4 x 2,000 events stay under the 10,000 a subscriber may have queued)
+        assert localnet.peer("pub").burst(2000) == 2000
+        for name in ("s1", "s2"):
+            got = received(name)
+            assert len(got) == 8000
+            for t in range(4):
+                assert [i for source, i in got if source == f"t{t}"] == list(range(2000))
+            stats = localnet.peer(name).stats()
+            assert stats["received"]["tick"]["handled"] == 8000
+
+
 def test_trigger_does_not_wait_for_the_subscriber(spawn) -> None:
     slow = spawn(SUBSCRIBER.replace("    with lock:\n        got.append",
                                     "    release.wait(30)\n    with lock:\n        got.append")
