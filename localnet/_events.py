@@ -1,12 +1,13 @@
 """The publishing side: one outbox per subscriber peer.
 
 A trigger pickles its event once and appends the bytes to the outbox of
-every subscriber whose subscription matches this publisher; it never waits
-for the network.  Each outbox has a writer thread, which sends whatever has
-queued up in one ``sendall``, packed into batch frames of up to
-``EVENT_BATCH`` bytes each (:func:`~localnet._wire.pack_batch`: a burst of
-events costs a few system calls and a few frame headers, not one each), and
-an acknowledgement reader, which counts what the subscriber has handled.
+every subscriber whose subscription matches this publisher, without a lock
+(:func:`fan_out`); it never waits for the network.  Each outbox has a writer
+thread, which sends whatever has queued up in one ``sendall``, packed into
+frames of up to ``EVENT_BATCH`` bytes each (:func:`~localnet._wire.pack_items`,
+:func:`~localnet._wire.pack_batch`: a burst of events costs a few system
+calls and a few frame headers, not one each), and an acknowledgement reader,
+which counts what the subscriber has handled.
 
 Bounds (per subscriber): at most ``limit`` events may be queued or in flight
 unacknowledged.  When an outbox is full, a trigger waits up to ``block``
@@ -67,8 +68,8 @@ class Outbox:
     ``list.append`` is atomic): the writer and the acknowledgement reader,
     which hold the lock, only cut from the front and read below the length
     they saw, so an append never moves what they index.  Everything else -
-    shared-memory payloads, whole pickles, a full, congested, retiring or
-    closed outbox - goes through :meth:`put`, under the lock.  (Two threads
+    shared-memory payloads, whole pickles, a full, retiring or closed
+    outbox - goes through :meth:`put`, under the lock.  (Two threads
     triggering at once may each see room for one more event: the bound is
     ``limit`` plus at most one event per such thread.)
     """

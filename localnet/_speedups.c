@@ -278,7 +278,7 @@ PyDoc_STRVAR(encode_item_doc,
 "one this encoder handles or the item would exceed ``limit`` bytes.");
 
 static PyObject *
-encode_item(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+encode_item(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
 {
     if (argc != 4) {
         PyErr_Format(PyExc_TypeError, "encode_item() takes 4 arguments (%zd given)", argc);
@@ -342,6 +342,10 @@ static struct PyModuleDef module = {
     "The event trigger's item encoder, in C (optional; see _serial.dumps_event).",
     0,
     methods,
+    NULL, /* m_slots */
+    NULL, /* m_traverse */
+    NULL, /* m_clear */
+    NULL, /* m_free */
 };
 
 PyMODINIT_FUNC

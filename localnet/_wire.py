@@ -30,7 +30,8 @@ ERROR            callee → caller           payload of (exception, traceback te
 EVENT            publisher → subscriber    payload of (event, args, kwargs), or
                                            a batch of them (see
                                            :func:`pack_items`, :func:`pack_batch`);
-                                           id = the last event's sequence
+                                           id = the last event's sequence (each
+                                           channel numbers its events 1, 2, ...)
 ACK              subscriber → publisher    empty; id = last sequence handled
 REQUEST          peer → registry           pickled (operation, arguments)
 RESPONSE         registry → peer           pickled (ok, value)
