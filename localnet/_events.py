@@ -133,22 +133,24 @@ class Outbox:
                     frame.settle()  # type: ignore[union-attr]
                 return False
             self._queue.append((event, frame))
-            if type(frame) is not bytes:
+            kind = _kind(frame)
+            if kind != _ITEM:
+                self._mixed = True
+            if kind == _PAYLOAD:
                 self._payloads += 1
-                self._mixed = True
-            elif frame[0] == 0x80:
-                self._mixed = True
-            if self._writer_idle:
-                self._writer_idle = False
-                self._has_work.notify()
+            self._notify_writer()
             return True
 
     def wake(self) -> None:
         """Wake the writer if it waits for work (fan_out saw it idle)."""
         with self._lock:
-            if self._writer_idle:
-                self._writer_idle = False
-                self._has_work.notify()
+            self._notify_writer()
+
+    def _notify_writer(self) -> None:
+        # called with the lock held
+        if self._writer_idle:
+            self._writer_idle = False
+            self._has_work.notify()
 
     def carry(self, events: set[str]) -> None:
         """Note the events routed to this outbox (before any of them is queued).
@@ -294,7 +296,7 @@ class Outbox:
                     else:
                         self._delivered.update(map(_event_of, done))  # counted in C
                     if self._payloads:
-                        settle = [f for _, f in done if type(f) is not bytes]  # type: ignore[misc]
+                        settle = _payloads_in(done)
                         self._payloads -= len(settle)
                 if self._congested and len(queue) <= self.limit // 2:
                     self._congested = False
@@ -339,13 +341,13 @@ class Outbox:
             entries = self._queue[:]
             del self._queue[:]  # (never replaced: fan_out may hold it)
             self._failed.update(map(_event_of, entries))
-            payloads = [f for _, f in entries if type(f) is not bytes]
+            payloads = _payloads_in(entries)
             self._payloads = 0
             self._has_work.notify_all()
             self._has_room.notify_all()
             sock = self._sock
         for payload in payloads:
-            payload.abandon()  # type: ignore[union-attr]  # its fate is unknown: never reuse its segments
+            payload.abandon()  # its fate is unknown: never reuse its segments
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes the acknowledgement reader, which closes it
@@ -379,6 +381,11 @@ def _kind(frame: bytes | Payload) -> int:
     if type(frame) is not bytes:
         return _PAYLOAD
     return _WHOLE if frame[0] == 0x80 else _ITEM
+
+
+def _payloads_in(entries: list[tuple[str, bytes | Payload]]) -> list[Payload]:
+    """The shared-memory payloads among queued entries."""
+    return [frame for _, frame in entries if type(frame) is not bytes]  # type: ignore[misc]
 
 
 def fan_out(outboxes: tuple[Outbox, ...], event: str, item: bytes) -> None:

@@ -481,21 +481,18 @@ class Peer:
         """
         if self.state is not _RUNNING:
             self._require_running()
+        targets = self._routes.get(event)
+        if targets is None and event not in self._published:
+            targets = self._first_trigger(event)
         if _encode_item is not None:
             item = _encode_item(event, args, kwargs, self._item_max)
             if item is not None:  # the common case: an item of plain values
-                targets = self._routes.get(event)
-                if targets is None and event not in self._published:
-                    targets = self._first_trigger(event)
                 if targets:
                     fan_out(targets, event, item)
                 return
         payload = _serial.dumps_event(event, args, kwargs, self.shm_threshold)
         if len(payload) > self.max_frame:
             self._too_big(payload, f"an argument of event {event!r}")
-        targets = self._routes.get(event)
-        if targets is None and event not in self._published:
-            targets = self._first_trigger(event)
         if type(payload) is bytes:  # pickled once; the outboxes frame it, in batches
             if targets:
                 if payload[0] != 0x80:  # an item

@@ -44,12 +44,15 @@ import cloudpickle
 from . import _shm
 from .errors import RemoteError, SerializationError
 
-Encoder = Callable[[str, tuple[Any, ...], dict[str, Any], int], "bytes | None"]
-_encode_item: Encoder | None
-try:  # the optional C encoder (setup.py); without it events go through the C pickler
-    from ._speedups import encode_item as _encode_item
+#: ``encode_item(name, args, kwargs, limit)``: the item of an event of plain
+#: values, written directly (C, :mod:`localnet._speedups`, built optionally by
+#: setup.py), or None when a value is not one it handles - then
+#: :func:`dumps_event` decides.  None itself when the extension is not built.
+encode_item: Callable[[str, tuple[Any, ...], dict[str, Any], int], bytes | None] | None
+try:
+    from ._speedups import encode_item
 except ImportError:
-    _encode_item = None
+    encode_item = None
 
 PROTOCOL = 5
 
@@ -293,12 +296,6 @@ def dumps_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], what: s
 
 #: Event items longer than this are sent as whole pickles.
 ITEM_MAX = 16 * 1024
-
-#: ``encode_item(name, args, kwargs, ITEM_MAX)``: the item of an event of
-#: plain values, written directly (C, :mod:`localnet._speedups`), or None
-#: when a value is not one it handles - then :func:`dumps_event` decides.
-#: None itself when the extension is not built.
-encode_item: Encoder | None = _encode_item
 
 
 def dumps_event(name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
