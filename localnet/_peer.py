@@ -18,7 +18,6 @@ import getpass
 import itertools
 import logging
 import os
-import pickle
 import sys
 import threading
 import time
@@ -680,7 +679,7 @@ class Peer:
                 connection, args, kwargs = _serial.loads(body, "the call's arguments", fds)
             else:
                 try:
-                    connection, args, kwargs = pickle.loads(body)
+                    connection, args, kwargs = _serial.unpickle(body)
                 except Exception:
                     connection, args, kwargs = _serial.loads(body, "the call's arguments")
             func = CATALOG.connections.get(connection)
@@ -708,7 +707,7 @@ class Peer:
         pid = int(publisher.get("pid", 0))
         cache: dict[str, tuple[EventContext, tuple[Callable[..., Any], ...], list[int]]] = {}
         table = [CATALOG.by_event]
-        received, handling, loads = self._received, _handling, pickle.loads
+        received, handling, loads = self._received, _handling, _serial.unpickle
 
         def unpickled(frames: list[Frame]) -> Iterator[list[Any]]:
             # A frame holds one payload, a list of items (_wire.pack_items), or a

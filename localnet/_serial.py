@@ -49,10 +49,12 @@ from .errors import RemoteError, SerializationError
 #: setup.py), or None when a value is not one it handles - then
 #: :func:`dumps_event` decides.  None itself when the extension is not built.
 encode_item: Callable[[str, tuple[Any, ...], dict[str, Any], int], bytes | None] | None
+_memo_bound: Callable[[bytes | bytearray | memoryview], int] | None
 try:
     from ._speedups import encode_item
+    from ._speedups import memo_bound as _memo_bound
 except ImportError:
-    encode_item = None
+    encode_item = _memo_bound = None
 
 PROTOCOL = 5
 
@@ -318,6 +320,20 @@ def dumps_event(name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
     return dumps((name, args, kwargs), "an argument of event", threshold, name)
 
 
+def unpickle(data: bytes | bytearray | memoryview, buffers: Any = None) -> Any:
+    """``pickle.loads`` for what arrived from another process.
+
+    The C unpickler sizes its memo by the largest index a pickle names and
+    zeroes it: a few bytes naming index 10**9 make it allocate gigabytes.  A
+    real pickle's memo indices are below its length, so one naming a larger
+    index is refused (``ValueError``) before it is read.  (The check needs
+    :mod:`localnet._speedups`; without it pickles are read unchecked.)
+    """
+    if _memo_bound is not None and _memo_bound(data) >= len(data):
+        raise ValueError("a memo index beyond the pickle's own length")
+    return pickle.loads(data, buffers=buffers)
+
+
 def loads(data: bytes | bytearray | memoryview, what: str = "value",
           fds: list[int] | None = None, name: str | None = None) -> Any:
     """Rebuild an object from :func:`dumps` output; takes ownership of ``fds``.
@@ -330,7 +346,7 @@ def loads(data: bytes | bytearray | memoryview, what: str = "value",
             return _loads_shared(memoryview(data), fds or [])
         if fds:
             _close(fds)
-        return pickle.loads(data)
+        return unpickle(data)
     except Exception as exc:
         raise SerializationError(
             f"cannot rebuild {_label(what, name)}: {type(exc).__name__}: {exc}"
@@ -356,7 +372,7 @@ def _loads_shared(view: memoryview, fds: list[int]) -> Any:
         if idx >= len(mappings) or offset + length > len(mappings[idx]):
             raise ValueError("a shared-memory buffer lies outside its segment")
         buffers.append(memoryview(mappings[idx])[offset: offset + length])
-    return pickle.loads(view[start:], buffers=buffers)
+    return unpickle(view[start:], buffers=buffers)
 
 
 def _close(fds: list[int]) -> None:
@@ -390,13 +406,13 @@ def dumps_exception(exc: BaseException, traceback_text: str) -> bytes:
 def loads_exception(data: bytes | bytearray | memoryview) -> BaseException:
     """Rebuild what :func:`dumps_exception` pickled, with ``remote_traceback`` set."""
     try:
-        type_name, message, traceback_text, pickled = pickle.loads(data)
+        type_name, message, traceback_text, pickled = unpickle(data)
     except Exception as exc:
         return RemoteError("unknown", f"unreadable remote error ({exc})")
     exc_obj: BaseException | None = None
     if pickled is not None:
         try:
-            exc_obj = pickle.loads(pickled)
+            exc_obj = unpickle(pickled)
         except Exception:
             exc_obj = None
     if not isinstance(exc_obj, BaseException):

@@ -1,8 +1,9 @@
-/* localnet._speedups: the event trigger's item encoder, in C.
+/* localnet._speedups: the event trigger's item encoder, and a guard for the
+ * unpickler, in C.
  *
  * Optional: setup.py builds it when a compiler is at hand, and localnet runs
  * without it (localnet/_serial.py then pickles every event with the C
- * pickler).  One function:
+ * pickler, and unpickles without the guard).  Two functions; the first:
  *
  *   encode_item(name, args, kwargs, limit) -> bytes | None
  *
@@ -331,8 +332,171 @@ encode_item(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
     return result;
 }
 
+/* -- memo_bound ------------------------------------------------------------
+ *
+ * The C unpickler keeps its memo in an array as long as the largest index a
+ * PUT, BINPUT or LONG_BINPUT names, and zeroes it: a 20-byte pickle naming
+ * index 900,000,000 makes it allocate and touch 7 GB.  A pickle's real memo
+ * indices are below its length (each PUT takes at least two bytes), so
+ * localnet refuses one whose largest index is not (_serial.unpickle).  This
+ * walks the opcodes without building anything.
+ */
+
+static Py_ssize_t
+line_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
+{
+    const void *nl = memchr(p + i, '\n', (size_t)(n - i));
+    return nl == NULL ? -1 : (const unsigned char *)nl - p;
+}
+
+static inline uint32_t
+rd32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16)
+        | ((uint32_t)p[3] << 24);
+}
+
+static inline uint64_t
+rd64(const unsigned char *p)
+{
+    return (uint64_t)rd32(p) | ((uint64_t)rd32(p + 4) << 32);
+}
+
+/* The largest memo index the pickle at p[0:n] names before its STOP, -1 for
+ * none; a PUT index too long to read counts as n.  Walking ends early at an
+ * unknown opcode or truncated data, where the unpickler fails too. */
+static Py_ssize_t
+largest_memo_index(const unsigned char *p, Py_ssize_t n)
+{
+    Py_ssize_t i = 0, largest = -1;
+    while (i < n) {
+        unsigned char op = p[i++];
+        Py_ssize_t need = 0; /* fixed argument bytes */
+        Py_ssize_t end;
+        switch (op) {
+        case '.': /* STOP */
+            return largest;
+        /* no argument */
+        case '(': case '0': case '1': case '2': case 'N': case 'R': case 'a':
+        case 'b': case 'd': case '}': case 'e': case 'l': case ']': case 'o':
+        case 's': case 't': case ')': case 'u': case 'Q': case 0x81: case 0x85:
+        case 0x86: case 0x87: case 0x88: case 0x89: case 0x8f: case 0x90:
+        case 0x91: case 0x92: case 0x93: case 0x94: case 0x97: case 0x98:
+            break;
+        case 'q': /* BINPUT */
+            if (i + 1 > n)
+                return largest;
+            if ((Py_ssize_t)p[i] > largest)
+                largest = p[i];
+            need = 1;
+            break;
+        case 'r': /* LONG_BINPUT */
+            if (i + 4 > n)
+                return largest;
+            if ((Py_ssize_t)rd32(p + i) > largest)
+                largest = (Py_ssize_t)rd32(p + i);
+            need = 4;
+            break;
+        case 'p': { /* PUT: a decimal line */
+            end = line_end(p, i, n);
+            if (end < 0)
+                return largest;
+            Py_ssize_t value = 0, digits = 0;
+            for (Py_ssize_t j = i; j < end; j++) {
+                if (p[j] >= '0' && p[j] <= '9') {
+                    if (++digits > 12) {
+                        value = n; /* whatever it is, it is too large */
+                        break;
+                    }
+                    value = value * 10 + (p[j] - '0');
+                }
+            }
+            if (value > largest)
+                largest = value;
+            i = end + 1;
+            continue;
+        }
+        /* one line */
+        case 'I': case 'L': case 'F': case 'S': case 'V': case 'P': case 'g':
+            end = line_end(p, i, n);
+            if (end < 0)
+                return largest;
+            i = end + 1;
+            continue;
+        /* two lines */
+        case 'c': case 'i':
+            end = line_end(p, i, n);
+            if (end < 0)
+                return largest;
+            end = line_end(p, end + 1, n);
+            if (end < 0)
+                return largest;
+            i = end + 1;
+            continue;
+        /* fixed arguments */
+        case 'K': case 'h': case 0x80: case 0x82:
+            need = 1;
+            break;
+        case 'M': case 0x83:
+            need = 2;
+            break;
+        case 'J': case 'j': case 0x84:
+            need = 4;
+            break;
+        case 'G': case 0x95:
+            need = 8;
+            break;
+        /* counted: a 1-byte length */
+        case 'U': case 'C': case 0x8c: case 0x8a:
+            if (i + 1 > n)
+                return largest;
+            need = 1 + (Py_ssize_t)p[i];
+            break;
+        /* counted: a 4-byte length */
+        case 'T': case 'X': case 'B': case 0x8b:
+            if (i + 4 > n)
+                return largest;
+            need = 4 + (Py_ssize_t)rd32(p + i);
+            break;
+        /* counted: an 8-byte length */
+        case 0x8d: case 0x8e: case 0x96: {
+            if (i + 8 > n)
+                return largest;
+            uint64_t len = rd64(p + i);
+            if (len > (uint64_t)(n - i))
+                return largest;
+            need = 8 + (Py_ssize_t)len;
+            break;
+        }
+        default:
+            return largest; /* the unpickler refuses it too */
+        }
+        if (need > n - i)
+            return largest;
+        i += need;
+    }
+    return largest;
+}
+
+PyDoc_STRVAR(memo_bound_doc,
+"memo_bound(data, /)\n--\n\n"
+"The largest memo index (PUT, BINPUT, LONG_BINPUT) the pickle ``data`` names\n"
+"before its STOP, or -1 for none.");
+
+static PyObject *
+memo_bound(PyObject *Py_UNUSED(module), PyObject *data)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t largest = largest_memo_index((const unsigned char *)view.buf, view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(largest);
+}
+
 static PyMethodDef methods[] = {
     {"encode_item", (PyCFunction)(void (*)(void))encode_item, METH_FASTCALL, encode_item_doc},
+    {"memo_bound", memo_bound, METH_O, memo_bound_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,21 +1,30 @@
-"""The optional C item encoder (localnet/_speedups.c) against the pickler it stands in for."""
+"""The optional C extension (localnet/_speedups.c): the item encoder against the pickler it
+stands in for, and the memo guard against pickletools."""
 
 from __future__ import annotations
 
 import enum
 import os
 import pickle
+import pickletools
 import shutil
+import socket
 import sysconfig
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import localnet
 from localnet import _serial, _wire
+
+try:
+    from localnet import _speedups
+except ImportError:
+    _speedups = None  # type: ignore[assignment]
 
 HAVE_COMPILER = shutil.which(str(sysconfig.get_config_var("CC") or "cc").split()[0]) is not None
 encode_item = _serial.encode_item
@@ -167,3 +176,94 @@ localnet.serve_forever(peer, ready=lambda: say("READY"))
         finally:
             localnet.unsubscribe(on_tick)
     assert received == [(i, "payload", {"n": [i]}) for i in range(2000)]
+
+
+# -- the unpickler's memo guard -----------------------------------------------------
+
+def _largest_put(data: bytes) -> int:
+    """The largest explicit memo index in ``data``, read with pickletools."""
+    largest = -1
+    for opcode, arg, _ in pickletools.genops(data):
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            largest = max(largest, int(arg))
+    return largest
+
+
+needs_guard = pytest.mark.skipif(_serial._memo_bound is None,
+                                 reason="localnet._speedups is not built")
+
+
+@needs_guard
+@settings(max_examples=300, deadline=None)
+@given(value=values, protocol=st.integers(0, 5))
+def test_memo_bound_reads_the_largest_memo_index_of_real_pickles(value, protocol) -> None:
+    data = pickle.dumps([value, value, "text", value], protocol)
+    assert _speedups.memo_bound(data) == _largest_put(data)
+    assert _speedups.memo_bound(data) < len(data)
+    assert _shape(_serial.unpickle(data)) == _shape(pickle.loads(data))
+
+
+@needs_guard
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=64))
+def test_memo_bound_takes_any_bytes(data) -> None:
+    assert _speedups.memo_bound(data) >= -1
+
+
+@needs_guard
+@pytest.mark.parametrize("bomb", [
+    b"\x80\x03K\x01r\x00\x00\x00\x36.",  # LONG_BINPUT 905,969,664
+    b"\x80\x02N" + b"r\xff\xff\xff\x7f" + b".",
+    b"I1\np900000000\n.",  # protocol 0 PUT
+    b"I1\np" + b"9" * 30 + b"\n.",
+    b"\x80\x05\x95\x10\x00\x00\x00\x00\x00\x00\x00K\x01r\x00\x00\x00\x20.",  # inside a FRAME
+], ids=["long_binput", "long_binput_max", "put", "put_long_line", "framed"])
+def test_pickles_naming_memo_indices_beyond_their_length_are_refused(bomb) -> None:
+    with pytest.raises(ValueError, match="memo index"):
+        _serial.unpickle(bomb)
+    with pytest.raises(localnet.SerializationError):
+        _serial.loads(bomb)
+
+
+@needs_guard
+def test_a_memo_bomb_in_events_or_calls_costs_the_peer_no_memory(caplog) -> None:
+    # Unchecked, each of these frames makes the C unpickler allocate and zero
+    # about 7 GB; the peer refuses them, answers or logs, and carries on.
+    bomb_item = b"K\x01r\x00\x00\x00\x36"  # BININT1 1, LONG_BINPUT 905,969,664
+    got: list[int] = []
+    with localnet.Peer(name="me") as me:
+
+        @localnet.subscribe("tick")
+        def on_tick(i):
+            got.append(i)
+
+        try:
+            rss = psutil.Process().memory_info().rss
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(me.address)
+            hello = _wire.encode_control({"role": "events", "name": "raw", "pid": os.getpid()})
+            items = _wire.ITEMS_HEAD + bomb_item + _wire.ITEMS_TAIL
+            good = pickle.dumps(("tick", (1,), {}), 5)
+            sock.sendall(_wire.pack_header(_wire.Kind.HELLO, 0, len(hello)) + hello
+                         + _wire.pack_header(_wire.Kind.EVENT, 1, len(items)) + items
+                         + _wire.pack_header(_wire.Kind.EVENT, 2, len(good)) + good)
+            reader = _wire.FrameReader(sock)
+            acks = [reader.read(10)[:2]]
+            while acks[-1][1] != 2 and len(acks) < 2:
+                acks.append(reader.read(10)[:2])
+            assert acks[-1] == (_wire.Kind.ACK, 2)
+            sock.close()
+            call = b"\x80\x03" + bomb_item + b"."
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(me.address)
+                hello = _wire.encode_control({"role": "call", "name": "raw",
+                                              "pid": os.getpid()})
+                sock.sendall(_wire.pack_header(_wire.Kind.HELLO, 0, len(hello)) + hello
+                             + _wire.pack_header(_wire.Kind.CALL, 5, len(call)) + call)
+                assert _wire.FrameReader(sock).read(10)[:2] == (_wire.Kind.ERROR, 5)
+            assert psutil.Process().memory_info().rss < rss + 100_000_000
+        finally:
+            localnet.unsubscribe(on_tick)
+        assert got == [1]
