@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -203,3 +204,16 @@ def end_pid(pid: int, timeout: float = 10.0) -> None:
             os.waitpid(pid, 0)
     except (psutil.NoSuchProcess, ChildProcessError):
         pass
+
+
+def raw_channel(address: str, role: str) -> socket.socket:
+    """A connection to a peer at ``address`` that has announced ``role`` ("call" or
+    "events") in its HELLO frame, for tests that write frames by hand."""
+    from localnet import _wire
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(address)
+    hello = _wire.encode_control({"role": role, "name": "raw", "pid": os.getpid()})
+    sock.sendall(_wire.pack_header(_wire.Kind.HELLO, 0, len(hello)) + hello)
+    return sock

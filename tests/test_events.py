@@ -7,12 +7,11 @@ import json
 import os
 import pickle
 import signal
-import socket
 import textwrap
 import threading
 
 import pytest
-from helpers import wait_until
+from helpers import raw_channel, wait_until
 
 import localnet
 
@@ -593,10 +592,7 @@ def test_a_broken_event_in_a_batch_loses_only_itself(caplog) -> None:
             got.append(i)
 
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(10)
-            sock.connect(me.address)
-            hello = _wire.encode_control({"role": "events", "name": "raw", "pid": os.getpid()})
+            sock = raw_channel(me.address, "events")
             bodies = [pickle.dumps(("tick", (1,), {}), 5),
                       pickle.dumps(42, 5),  # a pickle, but not an event
                       b"\x80\x05garbage",
@@ -610,7 +606,7 @@ def test_a_broken_event_in_a_batch_loses_only_itself(caplog) -> None:
             broken = _wire.ITEMS_HEAD + b"\x80garbage" + _wire.ITEMS_TAIL
             bad += _wire.pack_header(Kind.EVENT, 6, len(broken)) + broken
             good = pickle.dumps(("tick", (3,), {}), 5)
-            sock.sendall(_wire.pack_header(Kind.HELLO, 0, len(hello)) + hello + batch + bad)
+            sock.sendall(batch + bad)
             reader = FrameReader(sock)
             acks = [reader.read(10)[:2]]
             while acks[-1][1] != 6 and len(acks) < 3:  # the frames may be handled apart

@@ -8,13 +8,13 @@ import os
 import pickle
 import pickletools
 import shutil
-import socket
 import sysconfig
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from helpers import raw_channel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -239,14 +239,10 @@ def test_a_memo_bomb_in_events_or_calls_costs_the_peer_no_memory(caplog) -> None
 
         try:
             rss = psutil.Process().memory_info().rss
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(10)
-            sock.connect(me.address)
-            hello = _wire.encode_control({"role": "events", "name": "raw", "pid": os.getpid()})
+            sock = raw_channel(me.address, "events")
             items = _wire.ITEMS_HEAD + bomb_item + _wire.ITEMS_TAIL
             good = pickle.dumps(("tick", (1,), {}), 5)
-            sock.sendall(_wire.pack_header(_wire.Kind.HELLO, 0, len(hello)) + hello
-                         + _wire.pack_header(_wire.Kind.EVENT, 1, len(items)) + items
+            sock.sendall(_wire.pack_header(_wire.Kind.EVENT, 1, len(items)) + items
                          + _wire.pack_header(_wire.Kind.EVENT, 2, len(good)) + good)
             reader = _wire.FrameReader(sock)
             acks = [reader.read(10)[:2]]
@@ -255,13 +251,8 @@ def test_a_memo_bomb_in_events_or_calls_costs_the_peer_no_memory(caplog) -> None
             assert acks[-1] == (_wire.Kind.ACK, 2)
             sock.close()
             call = b"\x80\x03" + bomb_item + b"."
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(10)
-                sock.connect(me.address)
-                hello = _wire.encode_control({"role": "call", "name": "raw",
-                                              "pid": os.getpid()})
-                sock.sendall(_wire.pack_header(_wire.Kind.HELLO, 0, len(hello)) + hello
-                             + _wire.pack_header(_wire.Kind.CALL, 5, len(call)) + call)
+            with raw_channel(me.address, "call") as sock:
+                sock.sendall(_wire.pack_header(_wire.Kind.CALL, 5, len(call)) + call)
                 assert _wire.FrameReader(sock).read(10)[:2] == (_wire.Kind.ERROR, 5)
             assert psutil.Process().memory_info().rss < rss + 100_000_000
         finally:
