@@ -9,14 +9,14 @@ peer of this process, or starts a *default peer* configured from the
 
 from __future__ import annotations
 
-import atexit
 import functools
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
+from . import _current
 from ._catalog import CATALOG
+from ._current import live as _live
 from ._peer import Peer
 from ._remote import RemotePeer
 from ._signals import Stopper, wait_for_stop
@@ -26,49 +26,23 @@ P = ParamSpec("P")
 R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
 
-_lock = threading.RLock()
-_live: list[Peer] = []
-_default: Peer | None = None
-
-
-def peer_started(peer: Peer) -> None:
-    with _lock:
-        _live.append(peer)
-
-
-def peer_stopped(peer: Peer) -> None:
-    with _lock:
-        if peer in _live:
-            _live.remove(peer)
-
 
 def current_peer() -> Peer:
     """The peer this process's calls and events go through, started on demand."""
-    global _default
     live = _live
     if live:
         try:
             return live[-1]  # the common case needs no lock: list reads are atomic
         except IndexError:
             pass
-    with _lock:
-        if _live:
-            return _live[-1]
-        if _default is None or _default.state.value == "CLOSED":
-            _default = Peer()
-        peer = _default
+    with _current.lock:
+        if live:
+            return live[-1]
+        default = _current.default
+        if default.peer is None or default.peer.state.value == "CLOSED":
+            default.peer = Peer()
+        peer = default.peer
     return peer.start()
-
-
-@atexit.register
-def _close_all() -> None:
-    with _lock:
-        peers = list(reversed(_live))
-    for peer in peers:
-        try:
-            peer.close()
-        except Exception:
-            pass
 
 
 class Connection(Generic[P, R]):
@@ -304,7 +278,7 @@ def info(peer: str | RemotePeer | Peer | None = None) -> PeerInfo:
     else:
         name = peer if isinstance(peer, str) else peer.name
     raw = here.peer(name).describe() if name != here.name else \
-        here._lookup(here.name)  # noqa: SLF001 - the registry's view of ourselves
+        here.lookup(here.name)  # the registry's view of ourselves
     return PeerInfo(
         name=raw["name"], pid=int(raw["pid"]), user=raw.get("user"),
         executable=raw.get("executable"), group=raw.get("group"), hub=bool(raw.get("hub")),

@@ -425,3 +425,17 @@ def loads_exception(data: bytes | bytearray | memoryview) -> BaseException:
     except Exception:
         pass
     return exc_obj
+
+
+def refuse_oversize(payload: bytes | Payload, max_frame: int, what: str) -> None:
+    """Raise :class:`SerializationError` when ``payload`` is over ``max_frame`` inline.
+
+    A refused payload's shared memory is released first.
+    """
+    if len(payload) > max_frame:
+        if isinstance(payload, Payload):
+            payload.settle()
+        raise SerializationError(
+            f"{what} is {len(payload)} bytes inline, over the {max_frame}-byte "
+            "message limit; raise max_frame (LOCALNET_MAX_FRAME), or send large data "
+            "as NumPy arrays/bytearrays so it goes through shared memory")

@@ -61,7 +61,7 @@ class Spawner:
 
 @pytest.fixture(autouse=True)
 def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    from localnet import _api
+    from localnet import _current
 
     directory = Path(tempfile.mkdtemp(prefix="ln-", dir="/tmp"))
     monkeypatch.setenv("LOCALNET_DIR", str(directory))
@@ -72,14 +72,14 @@ def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield directory
 
     problems = []
-    with _api._lock:
-        open_peers = list(_api._live)
+    with _current.lock:
+        open_peers = list(_current.live)
     for peer in open_peers:
         problems.append(f"peer left open: {peer!r}")
         peer.close()
-    if _api._default is not None:
-        _api._default.close()
-        _api._default = None
+    if _current.default.peer is not None:
+        _current.default.peer.close()
+        _current.default.peer = None
     pid = registry_pid(directory)
     if pid is not None:
         end_pid(pid)

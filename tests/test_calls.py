@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import localnet
-from localnet._peer import CHANNELS_PER_PEER
+from localnet._calls import CHANNELS_PER_PEER
 
 SERVER = """
 import threading
@@ -79,9 +79,9 @@ def server(spawn):
 
 def test_plain_call_runs_locally(server) -> None:
     assert echo(3) == ("local", 3)  # no peer: no network, no default peer started
-    from localnet import _api
+    from localnet import _current
 
-    assert _api._default is None
+    assert _current.default.peer is None
 
 
 def test_three_forms_of_remote_call(server) -> None:
@@ -273,9 +273,9 @@ def test_concurrent_callers_use_a_bounded_number_of_connections(server) -> None:
         for t in threads:
             t.join(60)
         assert not errors
-        assert list(me._channels) == ["server"]
+        assert list(me._caller._channels) == ["server"]
         # one connection per calling thread up to the cap; beyond it, shared
-        assert len(me._channels["server"]) == CHANNELS_PER_PEER
+        assert len(me._caller.channels("server")) == CHANNELS_PER_PEER
         assert me.stats().calls_made == 12 * 200
 
 
@@ -287,7 +287,7 @@ def test_threads_beyond_the_cap_multiplex_one_connection(server) -> None:
             t.start()
             t.join(10)
         assert echo(0, peer="server") == 0
-        shared = me._channels["server"]
+        shared = me._caller.channels("server")
         assert len(shared) == CHANNELS_PER_PEER
 
         def worker(n: int) -> None:
@@ -303,7 +303,7 @@ def test_threads_beyond_the_cap_multiplex_one_connection(server) -> None:
         for t in threads:
             t.join(60)
         assert not errors
-        assert me._channels["server"] == shared  # no new connection: they shared
+        assert me._caller.channels("server") == shared  # no new connection: they shared
 
 
 def test_slow_handler_does_not_stall_other_callers(server) -> None:

@@ -284,10 +284,10 @@ def test_many_threads_share_the_default_peer() -> None:
     for t in threads:
         t.join(20)
     assert len(seen) == 4
-    from localnet import _api
+    from localnet import _current
 
-    assert _api._default is not None and _api._default.state.value == "RUNNING"
-    _api._default.close()
+    assert _current.default.peer is not None and _current.default.peer.state.value == "RUNNING"
+    _current.default.peer.close()
 
 
 

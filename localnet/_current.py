@@ -1,0 +1,66 @@
+"""The process's live peers, and which of them is current.
+
+Every started :class:`~localnet.Peer` enters :data:`live` and leaves it when
+it closes; the most recently started one is the *current* peer, through
+which the module-level API (remote calls, triggers, ``peers()``) goes.
+This module sits below both :mod:`localnet._peer` (which enters and leaves
+the list) and :mod:`localnet._api` (which reads it and makes the default
+peer), so neither imports the other back.  A peer's :class:`State` lives here
+too, for the same reason: the parts of a peer check it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._peer import Peer
+
+class State(Enum):
+    """A peer's life: NEW until started, RUNNING, then CLOSED for good."""
+
+    NEW = "NEW"
+    RUNNING = "RUNNING"
+    CLOSED = "CLOSED"
+
+
+RUNNING = State.RUNNING  # for the hot paths: an enum member lookup costs 0.1 µs
+
+lock = threading.RLock()
+#: Started peers of this process, oldest first; read without the lock (list
+#: reads are atomic), changed only with it.
+live: list[Peer] = []
+
+
+class _Default:
+    """The default peer: made on demand from the environment, closed at exit."""
+
+    peer: Peer | None = None
+
+
+default = _Default()
+
+
+def peer_started(peer: Peer) -> None:
+    with lock:
+        live.append(peer)
+
+
+def peer_stopped(peer: Peer) -> None:
+    with lock:
+        if peer in live:
+            live.remove(peer)
+
+
+@atexit.register
+def _close_all() -> None:
+    with lock:
+        peers = list(reversed(live))
+    for peer in peers:
+        try:
+            peer.close()
+        except Exception:
+            pass

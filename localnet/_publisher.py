@@ -1,0 +1,233 @@
+"""The publishing side of a peer: who subscribes to it, and its triggers.
+
+The registry pushes, for every subscription matching this peer, an
+``add``/``remove`` change naming the subscriber; :class:`Publisher` keeps
+them as *routes* (event name -> outboxes).  A subscriber gets an
+:class:`~localnet._events.Outbox` (a connection and a bounded queue) only
+once this peer first triggers one of its events, so a hundred peers
+subscribed to everything do not open ten thousand idle channels between
+them.  Counts of outboxes that closed are folded into ``settled`` so
+``stats()`` stays exact without keeping the outboxes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import _liveness, _serial
+from ._current import RUNNING
+from ._events import Outbox, fan_out
+from ._stats import add_into
+from .errors import Timeout
+
+if TYPE_CHECKING:
+    from ._peer import Peer
+
+logger = logging.getLogger("localnet.peer")
+
+_encode_item = _serial.encode_item
+
+
+class Publisher:
+    """Routes one peer's events to its subscribers."""
+
+    def __init__(self, peer: Peer) -> None:
+        self._peer = peer
+        self._lock = threading.RLock()
+        self._item_max = min(_serial.ITEM_MAX, peer.max_frame)
+        self._outboxes: dict[str, Outbox] = {}
+        self._routes: dict[str, tuple[Outbox, ...]] = {}
+        self._wanted: dict[str, set[str]] = {}  # subscriber name -> events it wants from us
+        self._entries: dict[str, dict[str, Any]] = {}  # subscriber name -> where it listens
+        self._published: set[str] = set()  # events this peer has triggered
+        self._retired: list[Outbox] = []  # closing outboxes, until their counts are final
+        self._settled: dict[tuple[str, str], list[int]] = {}  # (event, subscriber) -> counts
+
+    # -- the registry's pushes: who subscribes to us --------------------------
+    def apply_push(self, changes: list[Any]) -> None:
+        """Apply the registry's subscription changes, in order."""
+        with self._lock:
+            for change in changes:
+                if not (isinstance(change, list) and len(change) == 3):
+                    continue
+                action, event, target = change
+                if action == "add" and isinstance(target, dict):
+                    self._add_route(str(event), target)
+                elif action == "remove":
+                    self._remove_route(str(event), str(target))
+            self._rebuild_routes()
+
+    def _add_route(self, event: str, entry: dict[str, Any]) -> None:
+        name = str(entry["name"])
+        outbox = self._outboxes.get(name)
+        key = (name, int(entry["pid"]), float(entry["started"]), str(entry["address"]))
+        if outbox is not None and (outbox.key != key or outbox.closed or outbox.retiring):
+            self._retire(outbox)
+        self._entries[name] = entry
+        self._wanted.setdefault(name, set()).add(event)
+
+    def _remove_route(self, event: str, name: str) -> None:
+        events = self._wanted.get(name)
+        if events is None:
+            return
+        events.discard(event)
+        if not events:
+            del self._wanted[name]
+            self._entries.pop(name, None)
+            outbox = self._outboxes.pop(name, None)
+            if outbox is not None:
+                self._retire(outbox)
+
+    def _retire(self, outbox: Outbox) -> None:
+        outbox.retire()
+        self._fold_retired()
+        self._retired.append(outbox)
+        if self._outboxes.get(outbox.name) is outbox:
+            del self._outboxes[outbox.name]
+
+    def _rebuild_routes(self, published: set[str] | None = None) -> None:
+        """Routes for the events this peer has published (or ``published``, which
+        then replaces that set once the routes are in place); their outboxes are made here.
+        """
+        if published is None:
+            published = self._published
+        routes: dict[str, list[Outbox]] = {}
+        peer = self._peer
+        for name, events in self._wanted.items():
+            wanted = events & published
+            if not wanted:
+                continue
+            outbox = self._outboxes.get(name)
+            if outbox is None:
+                hello = {"role": "events", **peer.identity}
+                outbox = Outbox(self._entries[name], hello, peer.event_queue,
+                                peer.event_block, self._outbox_died)
+                self._outboxes[name] = outbox
+            outbox.carry(wanted)
+            for event in wanted:
+                routes.setdefault(event, []).append(outbox)
+        self._routes = {event: tuple(boxes) for event, boxes in routes.items()}
+        self._published = published
+
+    def _outbox_died(self, outbox: Outbox, reason: str) -> None:
+        alive = _liveness.is_alive(outbox.pid, outbox.started)
+        if alive and (outbox.retiring or self._peer.state is not RUNNING):
+            logger.debug("subscriber %r left: %s", outbox.name, reason)
+        elif alive:
+            logger.warning("subscriber %r (pid %d) dropped its event channel: %s",
+                           outbox.name, outbox.pid, reason)
+        else:
+            logger.info("subscriber %r (pid %d) died; pruned", outbox.name, outbox.pid)
+        with self._lock:
+            if self._outboxes.get(outbox.name) is outbox:
+                del self._outboxes[outbox.name]
+                self._wanted.pop(outbox.name, None)
+                self._entries.pop(outbox.name, None)
+                self._retired.append(outbox)
+                self._rebuild_routes()
+
+    # -- publishing -------------------------------------------------------------
+    def publish(self, event: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Send one event to every matching subscriber; never waits for them.
+
+        Raises :class:`SerializationError` (nothing is sent) when an argument
+        does not pickle.
+        """
+        peer = self._peer
+        if peer.state is not RUNNING:
+            peer.require_running()
+        targets = self._routes.get(event)
+        if targets is None and event not in self._published:
+            targets = self._first_trigger(event)
+        if _encode_item is not None:
+            item = _encode_item(event, args, kwargs, self._item_max)
+            if item is not None:  # the common case: an item of plain values
+                if targets:
+                    fan_out(targets, event, item)
+                return
+        payload = _serial.dumps_event(event, args, kwargs, peer.shm_threshold)
+        if len(payload) > peer.max_frame:
+            _serial.refuse_oversize(payload, peer.max_frame, f"an argument of event {event!r}")
+        if type(payload) is bytes:  # pickled once; the outboxes frame it, in batches
+            if targets:
+                if payload[0] != 0x80:  # an item
+                    fan_out(targets, event, payload)
+                else:
+                    for outbox in targets:
+                        outbox.put(event, payload)
+            return
+        assert isinstance(payload, _serial.Payload)
+        if targets:
+            payload.hold(len(targets))  # one per outbox; the buffers are written once
+            for outbox in targets:
+                outbox.put(event, payload)
+        payload.settle()
+
+    def _first_trigger(self, event: str) -> tuple[Outbox, ...] | None:
+        """Route an event triggered here for the first time; its outboxes are made now.
+
+        The event joins the published set only once its routes are in place: a
+        trigger on another thread meanwhile comes here too and waits for them.
+        """
+        with self._lock:
+            if event not in self._published:
+                self._rebuild_routes(self._published | {event})
+            return self._routes.get(event)
+
+    def subscribers(self, event: str | None = None) -> list[str]:
+        """Names of the live peers this peer's events (or ``event``) now go to."""
+        with self._lock:
+            return sorted(name for name, events in self._wanted.items()
+                          if event is None or event in events)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every event triggered so far was handled by its subscribers.
+
+        Raises:
+            Timeout: some subscriber had not acknowledged within ``timeout``.
+        """
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        with self._lock:
+            marks = [(outbox, outbox.mark()) for outbox in self._outboxes.values()]
+        for outbox, seq in marks:
+            if not outbox.wait_delivered(seq, deadline):
+                raise Timeout(f"subscriber {outbox.name!r} had not handled every event "
+                              f"within {timeout:g} s")
+
+    def close(self) -> None:
+        """Close every outbox (after ``flush``); their counts stay in ``delivery()``."""
+        with self._lock:
+            outboxes = list(self._outboxes.values())
+            self._retired.extend(outboxes)
+            self._outboxes.clear()
+            self._routes = {}
+        for outbox in outboxes:
+            outbox.close()
+
+    # -- statistics -------------------------------------------------------------
+    def _fold_retired(self) -> None:
+        """Keep only the counts of closed outboxes, not the outboxes (called with the lock)."""
+        still = []
+        for outbox in self._retired:
+            if not outbox.closed:
+                still.append(outbox)
+                continue
+            for event, counts in outbox.totals().items():
+                add_into(self._settled.setdefault((event, outbox.name), [0, 0, 0, 0]), counts)
+        self._retired = still
+
+    def delivery(self) -> Iterator[tuple[str, str, list[int]]]:
+        """``(event, subscriber, [sent, delivered, dropped, failed])`` rows, for stats."""
+        with self._lock:
+            self._fold_retired()
+            outboxes = list(self._outboxes.values()) + self._retired
+            rows = [(event, name, list(counts))
+                    for (event, name), counts in self._settled.items()]
+        yield from rows
+        for outbox in outboxes:
+            for event, counts in outbox.totals().items():
+                yield event, outbox.name, list(counts)
