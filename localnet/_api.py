@@ -20,7 +20,7 @@ from ._current import live as _live
 from ._peer import Peer
 from ._remote import RemotePeer
 from ._signals import Stopper, wait_for_stop
-from .errors import ConfigurationError
+from .errors import ConfigurationError, PeerClosed
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -28,7 +28,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def current_peer() -> Peer:
-    """The peer this process's calls and events go through, started on demand."""
+    """The peer this process's calls and events go through, started on demand.
+
+    Raises :class:`PeerClosed` when the process's last running peer was
+    closed: a default peer is made only while none was ever closed.
+    """
     live = _live
     if live:
         try:
@@ -39,7 +43,12 @@ def current_peer() -> Peer:
         if live:
             return live[-1]
         default = _current.default
-        if default.peer is None or default.peer.state.value == "CLOSED":
+        if default.closed is not None:
+            raise PeerClosed(
+                f"this process's peer {default.closed.name!r} was closed; start a new "
+                "localnet.Peer(...) (or a with block) before calling, triggering or listing "
+                "peers")
+        if default.peer is None:
             default.peer = Peer()
         peer = default.peer
     return peer.start()

@@ -36,9 +36,15 @@ live: list[Peer] = []
 
 
 class _Default:
-    """The default peer: made on demand from the environment, closed at exit."""
+    """The default peer: made on demand from the environment, closed at exit.
+
+    ``closed`` is the peer whose closing left the process with none running:
+    from then on the module-level API raises PeerClosed naming it, rather
+    than quietly starting a default peer under another name.
+    """
 
     peer: Peer | None = None
+    closed: Peer | None = None
 
 
 default = _Default()
@@ -47,12 +53,15 @@ default = _Default()
 def peer_started(peer: Peer) -> None:
     with lock:
         live.append(peer)
+        default.closed = None
 
 
 def peer_stopped(peer: Peer) -> None:
     with lock:
         if peer in live:
             live.remove(peer)
+            if not live:
+                default.closed = peer
 
 
 @atexit.register

@@ -80,6 +80,7 @@ def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     if _current.default.peer is not None:
         _current.default.peer.close()
         _current.default.peer = None
+    _current.default.closed = None
     pid = registry_pid(directory)
     if pid is not None:
         end_pid(pid)

@@ -299,3 +299,36 @@ def test_localnet_debug_logs_to_stderr(spawn) -> None:
     assert child.wait_exit() == 0
     wait_until(lambda: any("localnet.peer" in line and "started" in line
                            for line in child.stderr), timeout=5, what="debug lines")
+
+
+def test_module_api_after_the_only_peer_closed_raises_peer_closed(spawn) -> None:
+    # Once the process's explicit peer is closed, localnet.peers(), a remote
+    # call or a trigger raise PeerClosed instead of quietly starting a
+    # default peer under another name.
+    child = spawn("""
+        @localnet.connect()
+        def echo(x):
+            return x
+
+        @localnet.event("tick")
+        def tick(*args, **kwargs):
+            return args, kwargs
+
+        with localnet.Peer(name="only"):
+            pass
+        for attempt in (lambda: localnet.peers(), lambda: echo(1, peer="only"),
+                        lambda: tick(1)):
+            try:
+                attempt()
+                say("NO ERROR")
+            except localnet.PeerClosed as exc:
+                say("CLOSED", exc)
+        with localnet.Peer(name="again"):   # a new peer works as before
+            say("LISTED", [p.name for p in localnet.peers()])
+        say("END")
+    """, ready=None)
+    lines = child.collect(until="END")
+    assert child.wait_exit() == 0, child.stderr
+    assert len(lines) == 4 and lines[-1] == "LISTED []", lines
+    assert all(line.startswith("CLOSED") and "'only' was closed" in line
+               for line in lines[:3]), lines
