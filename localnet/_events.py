@@ -79,6 +79,8 @@ class Outbox:
         self.name = str(entry["name"])
         self.pid = int(entry["pid"])
         self.started = float(entry["started"])
+        ticks = entry.get("ticks")
+        self.ticks = ticks if type(ticks) is int else None
         self.address = str(entry["address"])
         self.key = (self.name, self.pid, self.started, self.address)
         self._hello = hello

@@ -1,8 +1,17 @@
-"""Process identity and liveness, through psutil.
+"""Process identity and liveness.
 
-A process is identified by its pid *and* its creation time, so a pid the
-kernel has handed to a new process is not mistaken for the old one.  A
-zombie (dead, not yet reaped by its parent) counts as dead.
+A process is identified by its pid *and* when it began, so a pid the kernel
+has handed to a new process is not mistaken for the old one.  A zombie
+(dead, not yet reaped by its parent) counts as dead.
+
+When it began is compared as the kernel's own start time in clock ticks
+since boot (``/proc/<pid>/stat``, field 22), which no wall-clock step moves.
+psutil's creation time is that figure plus the boot time, which the kernel
+derives from the wall clock: a clock step (NTP, a suspended laptop, a VM
+restored) moves every process's creation time at once, and compared within
+a margin it made live peers look dead.  The epoch-seconds creation time is
+still kept (``started``) to show people; where there is no ``/proc``, it is
+the identity, through psutil.
 """
 
 from __future__ import annotations
@@ -16,15 +25,45 @@ import psutil
 # Creation times are floats rounded differently by different calls; anything
 # within this margin is the same process.
 _SAME_START = 0.05
+_PROC = os.path.exists(f"/proc/{os.getpid()}/stat")
 
 
 def create_time(pid: int | None = None) -> float:
-    """The creation time of ``pid`` (this process by default)."""
+    """The creation time of ``pid`` (this process by default), in epoch seconds."""
     return float(psutil.Process(os.getpid() if pid is None else pid).create_time())
 
 
-def is_alive(pid: int, started: float) -> bool:
-    """True when process ``pid`` exists, is not a zombie, and began at ``started``."""
+def _stat(pid: int) -> tuple[str, int] | None:
+    """``(state, start ticks)`` of ``pid`` from ``/proc``; None when it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        # The command name (field 2) may hold spaces and parentheses: the
+        # fields that follow start after its last ')'.
+        fields = raw[raw.rindex(b")") + 2:].split()
+        return fields[0].decode("ascii", "replace"), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def start_ticks(pid: int | None = None) -> int | None:
+    """When ``pid`` (this process by default) began, in clock ticks since boot.
+
+    None where ``/proc`` does not tell (not Linux).
+    """
+    stat = _stat(os.getpid() if pid is None else pid)
+    return None if stat is None else stat[1]
+
+
+def is_alive(pid: int, started: float, ticks: int | None = None) -> bool:
+    """True when process ``pid`` exists, is not a zombie, and is the one that began then.
+
+    ``ticks`` (from :func:`start_ticks`) is compared exactly when given and
+    ``/proc`` is there; otherwise ``started`` (epoch seconds) within a margin.
+    """
+    if ticks is not None and _PROC:
+        stat = _stat(pid)
+        return stat is not None and stat[1] == ticks and stat[0] not in ("Z", "X")
     try:
         proc = psutil.Process(pid)
         if not abs(proc.create_time() - started) <= _SAME_START:  # NaN is never the same

@@ -197,7 +197,8 @@ class Peer:
             self.address = str(directory / f"p-{self.pid}-{next(_counter)}.sock")
             self.since = time.time()
             self._identity = {"name": self.name, "pid": self.pid,
-                              "started": _liveness.create_time(), "group": self.group,
+                              "started": _liveness.create_time(),
+                              "ticks": _liveness.start_ticks(), "group": self.group,
                               "hub": self.hub}
             self._server = Server(self._receiver, self.address)
             self._server.start()
@@ -260,6 +261,7 @@ class Peer:
     def _registration(self) -> dict[str, Any]:
         info = {
             "name": self.name, "pid": self.pid, "started": self._identity["started"],
+            "ticks": self._identity["ticks"],
             "since": self.since, "uid": os.getuid(), "user": _user(),
             "executable": sys.executable, "argv": list(sys.argv), "group": self.group,
             "hub": self.hub, "address": self.address,
@@ -316,7 +318,7 @@ class Peer:
         """The live peer called ``name``; raises :class:`PeerNotFound`."""
         self.require_running()
         info = self.lookup(name)
-        if not _liveness.is_alive(int(info["pid"]), float(info["started"])):
+        if not _liveness.is_alive(int(info["pid"]), float(info["started"]), info.get("ticks")):
             raise PeerNotFound(name)
         return RemotePeer(info, self)
 

@@ -114,7 +114,7 @@ class Publisher:
         self._published = published
 
     def _outbox_died(self, outbox: Outbox, reason: str) -> None:
-        alive = _liveness.is_alive(outbox.pid, outbox.started)
+        alive = _liveness.is_alive(outbox.pid, outbox.started, outbox.ticks)
         if alive and (outbox.retiring or self._peer.state is not RUNNING):
             logger.debug("subscriber %r left: %s", outbox.name, reason)
         elif alive:

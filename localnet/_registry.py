@@ -110,7 +110,7 @@ class _Member:
         return str(self.info["name"])
 
     def subscriber_entry(self) -> dict[str, Any]:
-        keys = ("name", "pid", "started", "address", "group", "hub")
+        keys = ("name", "pid", "started", "ticks", "address", "group", "hub")
         return {k: self.info.get(k) for k in keys}
 
     def public_info(self) -> dict[str, Any]:
@@ -191,6 +191,9 @@ def _parse_info(raw: Any) -> dict[str, Any]:
     if raw["pid"] <= 0 or not math.isfinite(raw["started"]):
         raise RequestError("ProtocolError", "registration info needs a real pid and start time")
     _opt_str(raw.get("group"), "group")
+    ticks = raw.get("ticks")
+    if ticks is not None and (type(ticks) is not int or ticks < 0):
+        raise RequestError("ProtocolError", "'ticks' is a process start time in clock ticks")
     for key in ("connections", "events"):
         value = raw.setdefault(key, [])
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
@@ -421,7 +424,8 @@ class Registry:
         holder = self._members.get(name)
         if holder is not None:
             if not holder.conn.closed and _liveness.is_alive(holder.info["pid"],
-                                                             holder.info["started"]):
+                                                             holder.info["started"],
+                                                             holder.info.get("ticks")):
                 raise RequestError("NameTaken", f"peer name {name!r} is taken",
                                    name=name, pid=holder.info["pid"])
             logger.info("reclaiming name %r from dead pid %s", name, holder.info["pid"])
@@ -556,7 +560,7 @@ class Registry:
         keep = []
         now = time.monotonic()
         for until, info in departed:
-            if not _liveness.is_alive(info["pid"], info["started"]):
+            if not _liveness.is_alive(info["pid"], info["started"], info.get("ticks")):
                 self._remove_socket(str(info["address"]), int(info["pid"]))
             elif now < until:
                 keep.append((until, info))
@@ -568,7 +572,8 @@ class Registry:
             with self._lock:
                 members = list(self._members.values())
             dead = [m for m in members
-                    if not _liveness.is_alive(m.info["pid"], m.info["started"])]
+                    if not _liveness.is_alive(m.info["pid"], m.info["started"],
+                                              m.info.get("ticks"))]
             if dead:
                 with self._lock:
                     for member in dead:
