@@ -403,19 +403,29 @@ def dumps_exception(exc: BaseException, traceback_text: str) -> bytes:
     return pickle.dumps((type_name, message, traceback_text, pickled), PROTOCOL)
 
 
-def loads_exception(data: bytes | bytearray | memoryview) -> BaseException:
-    """Rebuild what :func:`dumps_exception` pickled, with ``remote_traceback`` set."""
+def loads_exception(data: bytes | bytearray | memoryview) -> Exception:
+    """Rebuild what :func:`dumps_exception` pickled, with ``remote_traceback`` set.
+
+    Only an ``Exception`` is rebuilt as itself; anything else arrives as a
+    :class:`RemoteError` naming its type.
+    """
     try:
         type_name, message, traceback_text, pickled = unpickle(data)
     except Exception as exc:
         return RemoteError("unknown", f"unreadable remote error ({exc})")
-    exc_obj: BaseException | None = None
+    rebuilt: object = None
     if pickled is not None:
         try:
-            exc_obj = unpickle(pickled)
+            rebuilt = unpickle(pickled)
         except Exception:
-            exc_obj = None
-    if not isinstance(exc_obj, BaseException):
+            rebuilt = None
+    exc_obj: Exception
+    if isinstance(rebuilt, Exception):
+        exc_obj = rebuilt
+    else:
+        # Not rebuilt, or a BaseException that is no Exception (SystemExit,
+        # KeyboardInterrupt, ...): raised here it would end this process, or
+        # stop it like a Ctrl-C, for something that happened in another one.
         exc_obj = RemoteError(type_name, message, traceback_text)
     try:
         exc_obj.remote_traceback = traceback_text  # type: ignore[attr-defined]

@@ -104,6 +104,10 @@ class SerializationError(LocalnetError):
 class RemoteError(LocalnetError):
     """An exception raised in another peer that could not be rebuilt here.
 
+    Also how a remote ``BaseException`` that is not an ``Exception`` arrives
+    (``SystemExit`` from ``sys.exit()`` in a connection, ``KeyboardInterrupt``):
+    it ends the remote call, never the caller's process.
+
     ``type_name`` is the remote exception's qualified type name and
     ``remote_traceback`` the remote traceback text.
     """
