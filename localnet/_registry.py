@@ -103,7 +103,8 @@ class _Member:
     conn: _Conn
     info: dict[str, Any]
     subs: dict[str, _Sub] = field(default_factory=dict)
-    told: set[tuple[str, str]] = field(default_factory=set)
+    # (event, subscriber name) -> the subscriber process it was told about
+    told: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -112,6 +113,12 @@ class _Member:
     def subscriber_entry(self) -> dict[str, Any]:
         keys = ("name", "pid", "started", "ticks", "address", "group", "hub")
         return {k: self.info.get(k) for k in keys}
+
+    @property
+    def identity(self) -> tuple[Any, ...]:
+        """Which process holds the name: a name taken over is another subscriber."""
+        return (self.info["pid"], self.info["started"], self.info.get("ticks"),
+                self.info["address"])
 
     def public_info(self) -> dict[str, Any]:
         info = dict(self.info)
@@ -500,30 +507,38 @@ class Registry:
         return (member.public_info() if member is not None else None), []
 
     # -- the subscription table -----------------------------------------
-    def _desired(self, publisher: _Member) -> dict[tuple[str, str], dict[str, Any]]:
+    def _desired(self, publisher: _Member) -> dict[tuple[str, str], _Member]:
         """Every (event, subscriber) pair whose subscription matches ``publisher``."""
-        wanted: dict[tuple[str, str], dict[str, Any]] = {}
+        wanted: dict[tuple[str, str], _Member] = {}
         for subscriber in self._members.values():
             for sub in subscriber.subs.values():
                 key = (sub.event, subscriber.name)
                 if key not in wanted and sub.matches(publisher.info):
-                    wanted[key] = subscriber.subscriber_entry()
+                    wanted[key] = subscriber
         return wanted
 
     def _sync(self) -> _Waits:
-        """Push to every publisher the difference between what it knows and what matches."""
+        """Push to every publisher the difference between what it knows and what matches.
+
+        A pair is compared by name *and* process: when a new process took a
+        name over before the old holder's departure was pushed, the publisher
+        is told to remove the old one and add the new one, in that order.
+        """
         waits = []
         for publisher in self._members.values():
             if publisher.conn.closed:
                 continue
             desired = self._desired(publisher)
+            told = publisher.told
             changes: list[list[Any]] = [
-                ["remove", event, name] for (event, name) in publisher.told - desired.keys()
+                ["remove", event, name] for (event, name), identity in told.items()
+                if (event, name) not in desired or desired[(event, name)].identity != identity
             ]
-            changes += [["add", event, desired[(event, name)]]
-                        for (event, name) in desired.keys() - publisher.told]
+            changes += [["add", event, subscriber.subscriber_entry()]
+                        for (event, name), subscriber in desired.items()
+                        if told.get((event, name)) != subscriber.identity]
             if changes:
-                publisher.told = set(desired)
+                publisher.told = {key: s.identity for key, s in desired.items()}
                 waits.append((publisher.conn, publisher.conn.push(changes)))
         return waits
 
