@@ -99,8 +99,23 @@ class Catalog:
             self._subs[sub.id] = sub
             self._rebuild()
             listeners = list(self._listeners)
-        for listener in listeners:
-            listener.catalog_changed(sub, [])
+        told = []
+        try:
+            for listener in listeners:
+                listener.catalog_changed(sub, [])
+                told.append(listener)
+        except BaseException:
+            # Failed (the registry did not confirm in time): it must have no
+            # effect, now or later, so a retry does not run the handler twice.
+            with self._lock:
+                self._subs.pop(sub.id, None)
+                self._rebuild()
+            for listener in told:
+                try:
+                    listener.catalog_changed(None, [sub])
+                except Exception:
+                    pass
+            raise
         return sub
 
     def remove_subscriptions(self, match: Callable[[Subscription], bool]) -> list[Subscription]:

@@ -279,7 +279,15 @@ class Peer:
             return
         try:
             if added is not None:
-                registry.request("subscribe", sub=added.describe())
+                try:
+                    registry.request("subscribe", sub=added.describe())
+                except BaseException:
+                    # The request may still be queued at a registry that is
+                    # stopped, not dead: undo it behind it, so a subscribe
+                    # that raised never takes effect later (the catalog
+                    # forgets it too).
+                    registry.request_nowait("unsubscribe", id=added.id)
+                    raise
             for sub in removed:
                 registry.request("unsubscribe", id=sub.id)
             if added is None and not removed:

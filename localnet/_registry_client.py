@@ -368,6 +368,24 @@ class RegistryClient:
                 _raise_for(reply)
             return reply.get("value")
 
+    def request_nowait(self, op: str, **args: Any) -> None:
+        """Send one request without waiting for its answer (nor for a reconnection).
+
+        It is queued behind every request sent before it, so it can undo
+        one that timed out while the registry was stopped.  A registry that
+        is gone needs no undoing: the peer registers its state afresh with
+        the next one.
+        """
+        with self._lock:
+            sock = self._sock
+            if sock is None or self._closing:
+                return
+            self._next_id += 1
+            try:
+                send_frame(sock, Kind.REQUEST, self._next_id, encode_control([op, args]))
+            except OSError:
+                pass
+
     def close(self, timeout: float = 2.0) -> None:
         """Unregister and disconnect; idempotent."""
         if self._closing:

@@ -214,3 +214,69 @@ def test_calls_under_faults_return_or_fail_within_their_timeout(spawn) -> None:
           f"SIGKILL and restart: " + ", ".join(f"{k} {sum(1 for x, _ in outcomes if x == k)}"
                                                for k in sorted(kinds))
           + f"; slowest {slowest:.2f} s (timeout {timeout} s)")
+
+
+FAILED_SUBSCRIBER = """
+handled = []
+
+def on_tick(n):
+    handled.append(n)
+
+@localnet.connect()
+def count():
+    return len(handled)
+
+peer = localnet.Peer(name="sub").start()
+say("READY")
+for command in sys.stdin:
+    try:
+        localnet.subscribe("tick")(on_tick)
+        say("SUBSCRIBED")
+    except localnet.LocalnetError as exc:
+        say("FAILED", type(exc).__name__)
+"""
+
+TICKER = """
+@localnet.event("tick")
+def tick(*args, **kwargs):
+    return args, kwargs
+
+@localnet.connect()
+def fire(n):
+    for i in range(n):
+        tick(i)
+    peer.flush(10)
+    return n
+
+peer = localnet.Peer(name="pub").start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_a_subscribe_that_failed_during_a_registry_outage_never_takes_effect(
+        spawn, runtime_dir) -> None:
+    # The registry is stopped (SIGSTOP), not dead: the subscribe request sits
+    # in its socket.  It used to raise RegistryUnavailable, then take effect
+    # when the registry resumed, and a retry made the handler run twice.
+    spawn(TICKER)
+    subscriber = spawn(FAILED_SUBSCRIBER)
+    registry = registry_pid(runtime_dir)
+    assert registry is not None
+    with localnet.Peer(name="observer"):
+        os.kill(registry, signal.SIGSTOP)
+        try:
+            subscriber.send("subscribe")
+            assert subscriber.expect("FAILED", timeout=30) \
+                == "FAILED RegistryUnavailable"
+        finally:
+            os.kill(registry, signal.SIGCONT)
+        # The registry has processed the queued subscribe and its undoing:
+        wait_until(lambda: localnet.info("sub").subscriptions == (), timeout=10,
+                   what="the failed subscription to be gone from the registry")
+        assert localnet.peer("pub").fire(50) == 50
+        assert localnet.peer("sub").count() == 0
+        subscriber.send("subscribe")  # the retry
+        assert subscriber.expect("SUBSCRIBED", timeout=15) == "SUBSCRIBED"
+        assert len(localnet.info("sub").subscriptions) == 1
+        assert localnet.peer("pub").fire(50) == 50
+        assert localnet.peer("sub").count() == 50  # once per event, not twice
