@@ -60,13 +60,21 @@ logger = logging.getLogger("localnet.registry")
 
 PUSH_ACK_TIMEOUT = 2.0  # how long a subscribe waits for one publisher's acknowledgement
 SWEEP_INTERVAL = 0.5  # psutil liveness sweep
-RECOVERY_GRACE = 2.0  # after replacing a dead registry, lookups wait this long for a name
+RECOVERY_GRACE = 2.0  # after replacing a dead registry, how long joins wait for the others
 SEND_TIMEOUT = 2.0  # a peer that does not drain its socket for this long is dropped
 DEFAULT_IDLE_EXIT = 30.0  # a spawned registry exits after this long with no peers
 
 
 _Waits = list[tuple["_Conn", threading.Event]]
+# Operations answered only once the peers expected after a registry restart
+# are back (see Registry._await_recovery); a peer's own re-registration says
+# "again" and is not held.
+_AFTER_RECOVERY = frozenset({"register", "subscribe", "list"})
 _Answer = tuple[Any, _Waits]
+
+
+_DONE = threading.Event()
+_DONE.set()
 
 
 class RequestError(Exception):
@@ -164,6 +172,15 @@ class _Conn:
             pass
 
 
+def _requester(conn: _Conn, args: dict[str, Any]) -> int | None:
+    """The pid of the process behind a request, as far as it says."""
+    if conn.member is not None:
+        return int(conn.member.info["pid"])
+    info = args.get("info")
+    pid = info.get("pid") if isinstance(info, dict) else None
+    return pid if type(pid) is int else None
+
+
 def _opt_str(value: Any, what: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -226,6 +243,10 @@ class Registry:
         self._lock = threading.Lock()
         self._registered = threading.Condition(self._lock)
         self._recovering_until = 0.0
+        # After replacing a dead registry: pid -> None until that live peer
+        # registered again, then the event set once it applied its first
+        # push (its routes to the subscribers known by then).
+        self._expected: dict[int, threading.Event | None] = {}
         self._members: dict[str, _Member] = {}
         self._conns: set[_Conn] = set()
         self._stopping = threading.Event()
@@ -266,18 +287,60 @@ class Registry:
             self._recovering_until = time.monotonic() + RECOVERY_GRACE
             logger.info("replacing a registry that died; peers are expected back")
         pid_file.write_text(f"{os.getpid()}\n")
-        self._remove_stale_sockets()
+        live = self._remove_stale_sockets()
+        if self._recovering_until:
+            self._expected = dict.fromkeys(live - {os.getpid()})
         return True
 
-    def _remove_stale_sockets(self) -> None:
-        """Remove socket files left by peers whose process no longer exists."""
+    def _remove_stale_sockets(self) -> set[int]:
+        """Remove socket files left by peers whose process no longer exists.
+
+        Returns the pids of the processes whose socket files remain.
+        """
+        live = set()
         for path in self.directory.glob("p-*.sock"):
             try:
                 pid = int(path.name.split("-")[1])
             except (IndexError, ValueError):
                 continue
-            if not psutil.pid_exists(pid):
+            if psutil.pid_exists(pid):
+                live.add(pid)
+            else:
                 self._remove_socket(str(path))
+        return live
+
+    def _await_recovery(self, requester: int | None) -> None:
+        """After a registry restart, wait until the peers that were live are back.
+
+        A peer that joins, subscribes or lists right after a registry
+        restart must not be answered before the live publishers registered
+        again and applied their routes: events they trigger after the
+        answer would otherwise not reach the newcomer.  Bounded by
+        ``RECOVERY_GRACE`` from the registry's start; peers that die
+        meanwhile are not waited for, nor is the requester's own process
+        (a new peer's socket file may predate the registry).
+        """
+        with self._lock:
+            while True:
+                remaining = self._recovering_until - time.monotonic()
+                if remaining <= 0 or not self._expected:
+                    if self._expected:
+                        logger.warning("peers %s did not register again in time; going on",
+                                       sorted(p for p, e in self._expected.items()
+                                              if e is None or not e.is_set()))
+                    self._expected.clear()
+                    return
+                for pid in [p for p, e in self._expected.items() if e is None]:
+                    if not psutil.pid_exists(pid):
+                        del self._expected[pid]  # died meanwhile: nothing to wait for
+                waiting = [e for p, e in self._expected.items() if p != requester]
+                if None not in waiting:
+                    applied = [e for e in waiting if e is not None]
+                    break
+                self._registered.wait(min(remaining, 0.05))
+        for done in applied:
+            if not done.wait(max(0.0, self._recovering_until - time.monotonic())):
+                return
 
     def serve_forever(self) -> None:
         """Accept peers until :meth:`stop` or SIGINT/SIGTERM; call :meth:`acquire` first.
@@ -393,6 +456,8 @@ class Registry:
             handler = getattr(self, f"_op_{op}", None)
             if handler is None:
                 raise RequestError("ProtocolError", f"unknown registry operation {op!r}")
+            if self._expected and op in _AFTER_RECOVERY and not args.get("again"):
+                self._await_recovery(_requester(conn, args))
             with self._lock:
                 value, waits = handler(conn, args)
             deadline = time.monotonic() + PUSH_ACK_TIMEOUT
@@ -445,6 +510,10 @@ class Registry:
         # The new peer's own table goes out as its first push, under the lock,
         # so that it is ordered before every later change.
         waits = self._sync()
+        if info["pid"] in self._expected:
+            own = [done for target, done in waits if target is conn]
+            self._expected[info["pid"]] = own[-1] if own else _DONE
+            self._registered.notify_all()
         logger.debug("registered %r (pid %s)", name, info["pid"])
         return None, waits
 

@@ -40,7 +40,6 @@ from .errors import (
     NameTaken,
     PeerClosed,
     RegistryUnavailable,
-    Timeout,
 )
 
 logger = logging.getLogger("localnet.registry")
@@ -213,32 +212,51 @@ class RegistryClient:
     def start(self, timeout: float) -> None:
         """Connect (spawning the registry if needed) and register.
 
-        Raises NameTaken, RegistryUnavailable or Timeout.
+        Raises NameTaken or RegistryUnavailable.
         """
         deadline = time.monotonic() + timeout
-        sock = connect_registry(self.directory, timeout)
-        try:
-            reader = self._handshake(sock, deadline)
-        except BaseException:
-            sock.close()
-            raise
+        delay = 0.0
+        while True:
+            sock = connect_registry(self.directory, max(0.05, deadline - time.monotonic()))
+            try:
+                reader = self._handshake(sock, deadline)
+                break
+            except (OSError, EOFError, ConnectionLost) as exc:
+                # The registry died under us (killed while we registered):
+                # a new one is started on the next round, as after a crash.
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise RegistryUnavailable(
+                        f"the registry in {self.directory} kept failing while this peer "
+                        f"registered: {exc}") from exc
+            except BaseException:
+                sock.close()
+                raise
+            delay = min(max(delay * 2, 0.01), 0.2)
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))  # back off, bounded
         self._thread = spawn_thread(self._run, sock, reader, name="localnet-registry-client")
 
-    def _handshake(self, sock: socket.socket, deadline: float) -> FrameReader:
-        """Register on a fresh connection; pushes that arrive first are applied."""
+    def _handshake(self, sock: socket.socket, deadline: float,
+                   again: bool = False) -> FrameReader:
+        """Register on a fresh connection; pushes that arrive first are applied.
+
+        ``again``: registering with a new registry after the old one died
+        (the registry holds new peers' answers until those are back).
+        """
         reader = FrameReader(sock, with_fds=False)
         send_frame(sock, Kind.HELLO, 0, encode_control({"role": "registry-client"}))
-        send_frame(sock, Kind.REQUEST, 0, encode_control(["register", self._registration()]))
+        send_frame(sock, Kind.REQUEST, 0,
+                   encode_control(["register", {**self._registration(), "again": again}]))
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Timeout("the registry did not answer the registration in time")
+                raise RegistryUnavailable("the registry did not answer the registration in time")
             try:
                 kind, ident, body, _ = reader.read(remaining)
             except TimeoutError:
                 continue
             except EOFError as exc:
-                raise RegistryUnavailable("the registry closed the connection") from exc
+                raise ConnectionLost("the registry closed the connection") from exc
             if kind == Kind.PUSH:
                 self._apply_push(sock, ident, body)
             elif kind == Kind.RESPONSE and ident == 0:
@@ -308,7 +326,7 @@ class RegistryClient:
                 logger.warning("cannot restart the registry yet: %s", exc)
             else:
                 try:
-                    return sock, self._handshake(sock, time.monotonic() + 5.0)
+                    return sock, self._handshake(sock, time.monotonic() + 5.0, again=True)
                 except (LocalnetError, OSError) as exc:
                     sock.close()
                     logger.warning("cannot register again yet: %s", exc)

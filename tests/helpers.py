@@ -217,3 +217,75 @@ def raw_channel(address: str, role: str) -> socket.socket:
     hello = _wire.encode_control({"role": role, "name": "raw", "pid": os.getpid()})
     sock.sendall(_wire.pack_header(_wire.Kind.HELLO, 0, len(hello)) + hello)
     return sock
+
+
+# Scripts shared by the fault tests of tests/reliability.  STREAM_PUBLISHER
+# (peer "pub") triggers numbered "seq" events non-stop and tells how many it
+# has triggered (``triggered()``).  JOINER takes the name given as its first
+# argument (retrying on NameTaken, as a hot standby would), asks "pub" how
+# many events it had triggered once start() returned (or, with a second
+# argument "late", once its run-time subscribe returned), and prints
+# ``RESULT <missing> <first few>`` for the 300 events from there.
+STREAM_PUBLISHER = """
+import threading
+count = [0]
+running = threading.Event()
+running.set()
+
+@localnet.event("seq")
+def seq(*args, **kwargs):
+    return args, kwargs
+
+@localnet.connect()
+def triggered():
+    return count[0]
+
+def stream():
+    while running.is_set():
+        seq(count[0])
+        count[0] += 1
+        if count[0] % 20 == 0:
+            time.sleep(0.002)  # ~10,000 events/s: a busy, not a flooded, stream
+
+peer = localnet.Peer(name="pub").start()
+threading.Thread(target=stream, daemon=True).start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+running.clear()
+"""
+
+JOINER = """
+import threading
+got = set()
+changed = threading.Condition()
+
+@localnet.subscribe("seq")
+def on_seq(n):
+    with changed:
+        got.add(n)
+        changed.notify_all()
+
+late = sys.argv[2:] == ["late"]  # subscribe at run time, after start()
+if late:
+    localnet.unsubscribe(on_seq)
+peer = localnet.Peer(name=sys.argv[1])
+say("WAITING")
+deadline = time.monotonic() + 30
+while True:
+    try:
+        peer.start()
+        break
+    except localnet.NameTaken:
+        if time.monotonic() > deadline:
+            say("RESULT gave up")
+            sys.exit(1)
+        time.sleep(0.005)  # the standby's retry pace, as a user would write it
+if late:
+    localnet.subscribe("seq")(on_seq)
+first = localnet.peer("pub").triggered()  # every event from here on is after start()
+wanted = set(range(first, first + 300))
+with changed:
+    changed.wait_for(lambda: wanted <= got, timeout=8)
+    missing = sorted(wanted - got)
+say("RESULT", len(missing), missing[:5])
+threading.Event().wait(60)  # hold the name until killed
+"""
