@@ -20,6 +20,7 @@ from ._catalog import CATALOG
 from ._peer import Peer
 from ._remote import RemotePeer
 from ._signals import Stopper, wait_for_stop
+from ._timeouts import check_timeout
 from .errors import ConfigurationError
 
 P = ParamSpec("P")
@@ -93,9 +94,12 @@ class Connection(Generic[P, R]):
     def on(self, peer: str | RemotePeer, timeout: float | None = None) -> Callable[P, R]:
         """A callable that runs this connection in ``peer``.
 
-        Raises (when called): the remote exception, PeerNotFound,
-        UnknownConnection, Timeout, ConnectionLost, SerializationError.
+        Raises ConfigurationError at once when ``timeout`` is not None or a
+        positive number of seconds.  Raises (when called): the remote
+        exception, PeerNotFound, UnknownConnection, Timeout, ConnectionLost,
+        SerializationError.
         """
+        timeout = check_timeout(timeout)
         name = self.name
 
         def remote(*args: P.args, **kwargs: P.kwargs) -> R:

@@ -24,6 +24,7 @@ import time
 from typing import Any, Protocol
 
 from . import _liveness
+from ._timeouts import check_timeout
 from ._wire import DEFAULT_MAX_FRAME, FrameReader, Kind, ProtocolError, encode_control, send_frame
 from .errors import ConnectionLost, Timeout, UnknownConnection
 
@@ -302,8 +303,12 @@ class RemotePeer:
 
     def call(self, connection: str, *args: Any, timeout: float | None = None,
              **kwargs: Any) -> Any:
-        """Call ``connection`` in this peer and return its result."""
-        return self._via.call(self, connection, args, kwargs, timeout)
+        """Call ``connection`` in this peer and return its result.
+
+        Raises ConfigurationError, before anything is sent, when ``timeout``
+        is not None or a positive number of seconds.
+        """
+        return self._via.call(self, connection, args, kwargs, check_timeout(timeout))
 
     def __getattr__(self, connection: str) -> Any:
         if connection.startswith("__"):
