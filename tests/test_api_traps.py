@@ -45,3 +45,84 @@ def test_bad_timeout_is_refused_before_anything_is_sent(spawn, timeout) -> None:
         assert work.on("server", timeout=5)(2) == 2
         assert remote.call("work", 3, timeout=2.5) == 3
         assert remote.count() == 2
+
+
+# -- @connect() and methods ------------------------------------------------------------
+
+SCENE = """
+class Scene:
+    def __init__(self, frames):
+        self.frames = frames
+
+    def count(self, extra=0):
+        return self.frames + extra
+
+    @staticmethod
+    @localnet.connect()
+    def scene_version():
+        return 2
+
+scene = Scene(frames=24)
+localnet.connect("count")(scene.count)  # one instance's bound method
+peer = localnet.Peer(name="scene").start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_connect_on_a_method_is_refused_with_what_to_do_instead() -> None:
+    from localnet._catalog import CATALOG
+
+    with pytest.raises(localnet.ConfigurationError,
+                       match=r"cannot offer the method .*Scene\.count.*"
+                             r"localnet\.connect\(\"count\"\)\(instance\.count\)"):
+        class Scene:
+            @localnet.connect()
+            def count(self):
+                return 0
+
+    with pytest.raises(localnet.ConfigurationError, match=r"connect\(\"tally\"\)\(Shot\.tally\)"):
+        class Shot:
+            @localnet.connect("tally")
+            @classmethod
+            def tally(cls):
+                return 0
+
+    assert "count" not in CATALOG.connections and "tally" not in CATALOG.connections
+
+
+def test_bound_method_and_staticmethod_connections_work_here_and_remotely(spawn) -> None:
+    spawn(SCENE)
+
+    class Scene:
+        def __init__(self, frames):
+            self.frames = frames
+
+        def count(self, extra=0):
+            return self.frames + extra
+
+        @staticmethod
+        @localnet.connect()
+        def scene_version():
+            return 1
+
+    mine = Scene(frames=10)
+    count = localnet.connect("count")(mine.count)
+    assert count(1) == 11  # here, bound to this process's instance
+    assert Scene.scene_version() == 1 and mine.scene_version() == 1
+    with localnet.Peer(name="director"):
+        assert count(1, peer="scene") == 25  # the scene peer's own instance
+        assert count.on("scene", timeout=5)(extra=2) == 26
+        assert localnet.peer("scene").count() == 24
+        assert Scene.scene_version(peer="scene") == 2
+
+
+def test_connection_stored_on_a_class_binds_like_a_function() -> None:
+    @localnet.connect()
+    def describe_frame(owner, frame=0):
+        return (type(owner).__name__, frame)
+
+    class Shot:
+        describe = describe_frame
+
+    assert Shot().describe(3) == ("Shot", 3)
+    assert Shot.describe is describe_frame
