@@ -126,3 +126,55 @@ def test_connection_stored_on_a_class_binds_like_a_function() -> None:
 
     assert Shot().describe(3) == ("Shot", 3)
     assert Shot.describe is describe_frame
+
+
+# -- connections named like RemotePeer attributes -------------------------------------------
+
+SHADOWED = """
+@localnet.connect()
+def describe(frame):
+    return ("described", frame)
+
+@localnet.connect("call")
+def call_connection(*args, **kwargs):
+    return ("called", args, kwargs)
+
+@localnet.connect("name")
+def name_connection():
+    return "the name connection"
+
+@localnet.connect()
+def add(a, b=0):
+    return a + b
+
+peer = localnet.Peer(name="x").start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_connections_named_like_remote_peer_attributes_are_reachable(spawn) -> None:
+    child = spawn(SHADOWED)
+    with localnet.Peer(name="caller"):
+        remote = localnet.peer("x")
+        # remote.fn reaches every connection, whatever its name.
+        assert remote.fn.describe(7) == ("described", 7)
+        assert remote.fn.call(1, timeout=2, connection="c") == \
+            ("called", (1,), {"timeout": 2, "connection": "c"})
+        assert remote.fn.name() == "the name connection"
+        assert remote.fn.add(2, b=3) == 5
+        assert set(dir(remote.fn)) == {"add", "call", "describe", "name"}
+        with pytest.raises(localnet.UnknownConnection):
+            remote.fn.pid  # noqa: B018 - not a connection of this peer
+        # remote.call(name, ...) reaches them too.
+        assert remote.call("describe", 8) == ("described", 8)
+        assert remote.call("call", 9, timeout=5) == ("called", (9,), {})
+        # The attributes keep their meaning; the shortcut works for other names.
+        assert remote.name == "x" and remote.pid == child.pid
+        assert remote.describe()["name"] == "x"
+        assert remote.add(1, 1) == 2
+        # Used as if they were the connections, they say so instead of guessing.
+        with pytest.raises(TypeError, match=r"offers a connection named 'describe': "
+                                            r"call it as remote\.fn\.describe"):
+            remote.describe(7)
+        with pytest.raises(TypeError, match=r"remote\.fn\.call"):
+            remote.call(7)
