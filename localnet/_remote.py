@@ -265,7 +265,7 @@ class Caller(Protocol):
         ...
 
 
-class Connections:
+class RemoteConnections:
     """``remote.fn``: every connection of a peer by attribute, whatever its name.
 
     ``remote.fn.describe(7)`` calls the peer's connection ``describe`` even
@@ -352,9 +352,9 @@ class RemotePeer:
     address = property(lambda self: str(self._info["address"]))
 
     @property
-    def fn(self) -> Connections:
+    def fn(self) -> RemoteConnections:
         """Every connection of this peer by attribute: ``remote.fn.describe(7)``."""
-        return Connections(self)
+        return RemoteConnections(self)
 
     def describe(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """A copy of everything the registry knows about this peer.
@@ -390,7 +390,7 @@ class RemotePeer:
     def __getattr__(self, connection: str) -> Any:
         if connection.startswith("__"):
             raise AttributeError(connection)
-        return getattr(Connections(self), connection)
+        return getattr(RemoteConnections(self), connection)
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(self.connections))
