@@ -10,6 +10,7 @@ peer of this process, or starts a *default peer* configured from the
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -20,6 +21,7 @@ from ._current import live as _live
 from ._peer import Peer
 from ._remote import RemotePeer
 from ._signals import Stopper, wait_for_stop
+from ._timeouts import check_timeout
 from .errors import ConfigurationError, PeerClosed
 
 P = ParamSpec("P")
@@ -60,12 +62,21 @@ class Connection(Generic[P, R]):
     Called plainly it runs here.  With ``peer=`` (a name or a RemotePeer) it
     runs in that peer and returns its result; ``.on(peer, timeout=...)``
     returns a callable that does the same with a timeout.
+
+    Like a function, it binds when read from an instance (a connection
+    stored as a class attribute); a staticmethod or bound method it wraps
+    is not bound again.
     """
 
     def __init__(self, func: Callable[P, R], name: str) -> None:
         functools.update_wrapper(self, func)
         self.func = func
         self.name = name
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        if instance is None or not isinstance(self.func, types.FunctionType):
+            return self
+        return types.MethodType(self, instance)
 
     def __call__(self, *args: Any, peer: str | RemotePeer | None = None, **kwargs: Any) -> R:
         if peer is None:
@@ -76,9 +87,12 @@ class Connection(Generic[P, R]):
     def on(self, peer: str | RemotePeer, timeout: float | None = None) -> Callable[P, R]:
         """A callable that runs this connection in ``peer``.
 
-        Raises (when called): the remote exception, PeerNotFound,
-        UnknownConnection, Timeout, ConnectionLost, SerializationError.
+        Raises ConfigurationError at once when ``timeout`` is not None or a
+        positive number of seconds.  Raises (when called): the remote
+        exception, PeerNotFound, UnknownConnection, Timeout, ConnectionLost,
+        SerializationError.
         """
+        timeout = check_timeout(timeout)
         name = self.name
 
         def remote(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -116,11 +130,45 @@ def connect(tag: Any = None) -> Any:
         raise ConfigurationError("connect() takes an optional non-empty string tag")
 
     def decorate(func: Callable[P, R]) -> Connection[P, R]:
+        _refuse_methods(func, tag)
         name = tag or func.__name__
         CATALOG.add_connection(name, func)
         return Connection(func, name)
 
     return decorate
+
+
+def _refuse_methods(func: Any, tag: str | None) -> None:
+    """Refuse what another peer could not call: a method, a classmethod.
+
+    A function defined in a class body whose first parameter is ``self`` or
+    ``cls`` is a method: the peer would call it without an instance (which
+    instance would a remote caller mean?).  A bound method, a staticmethod
+    and a plain function are fine.
+    """
+    if isinstance(func, classmethod):
+        target = func.__func__
+    elif isinstance(func, types.FunctionType):
+        code = func.__code__
+        parts = func.__qualname__.split(".")
+        if len(parts) < 2 or parts[-2] == "<locals>" or not code.co_argcount \
+                or code.co_varnames[0] not in ("self", "cls"):
+            return
+        target = func
+    else:
+        return
+    short = target.__name__
+    label = f'"{tag or short}"'
+    if isinstance(func, classmethod):
+        owner = target.__qualname__.rpartition(".")[0].rpartition(".")[2] or "TheClass"
+        how = f"offer it bound to its class: localnet.connect({label})({owner}.{short})"
+    else:
+        how = ("offer one instance's bound method once the instance exists: "
+               f"localnet.connect({label})(instance.{short})")
+    raise ConfigurationError(
+        f"@localnet.connect() cannot offer the method {target.__qualname__}: another peer "
+        f"would call it without an instance. Decorate a module-level function or a "
+        f"@staticmethod, or {how}")
 
 
 class Event(Generic[P]):

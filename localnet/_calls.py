@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from . import _serial
 from ._current import RUNNING
 from ._remote import CallChannel, NotSent, RemotePeer
+from ._timeouts import check_timeout
 from ._wire import Kind
 from .errors import ConnectionLost, PeerNotFound, Timeout
 
@@ -44,6 +45,8 @@ class Caller:
         peer = self._peer
         if peer.state is not RUNNING:
             peer.require_running()
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         name = target if type(target) is str else target.name  # type: ignore[union-attr]
         try:
             channel = self._local.channels[name]

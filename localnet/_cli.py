@@ -10,7 +10,9 @@ their events from a shell::
     localnet listen frame_done             # print events as they arrive
 
 Arguments of ``call`` and ``emit`` are Python literals (``7``, ``'7'``,
-``[1, 2]``, ``None``); anything that is not a literal is a plain string;
+``[1, 2]``, ``None``); anything that is not a literal is a plain string,
+except a word that starts like a literal (``[ ( { ' "``) but is not one
+(``[1,2``): that is a usage error, so a typo never becomes a string;
 ``key=value`` is a keyword argument.  Errors print one ``localnet: error:``
 line on stderr; the exit status is 2 for usage errors, 1 for failures.
 """
@@ -23,6 +25,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import shlex
 import signal
@@ -45,15 +48,28 @@ class UsageError(Exception):
 
 # -- arguments ----------------------------------------------------------------
 
+#: A word starting with one of these is meant as a literal: it must be one.
+_LITERAL_START = ("[", "(", "{", "'", '"')
+
+
 def _literal(text: str) -> tuple[bool, Any]:
     try:
         return True, ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+        if text.lstrip().startswith(_LITERAL_START):
+            detail = exc.msg if isinstance(exc, SyntaxError) else "not a plain value"
+            raise UsageError(
+                f"argument {text!r} starts like a Python literal but is not one ({detail}); "
+                f"fix it, or to pass it as a string quote it as one: \"{text!r}\"") from None
         return False, text
 
 
 def parse_value(text: str) -> Any:
-    """A Python literal (``7``, ``'a'``, ``[1, 2]``, ``None``), else the text itself."""
+    """A Python literal (``7``, ``'a'``, ``[1, 2]``, ``None``), else the text itself.
+
+    Raises:
+        UsageError: ``text`` starts like a literal (``[ ( { ' "``) but is not one.
+    """
     return _literal(text)[1]
 
 
@@ -66,7 +82,8 @@ def parse_arguments(items: list[str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
     Raises:
         UsageError: an empty value (``key=``), a key that is not an
-            identifier, or a keyword given twice.
+            identifier, a keyword given twice, or a word or value that starts
+            like a literal but is not one (``[1,2``).
     """
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
@@ -96,13 +113,28 @@ def format_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` made of JSON types; anything JSON cannot hold becomes its repr."""
+    """``value`` made of JSON types.
+
+    Lists and tuples become arrays, dicts objects (a key that is not a string
+    becomes its repr); an object with a ``tolist()`` method - a NumPy array
+    or scalar, a memoryview, an ``array.array`` - becomes what that returns
+    (an array of numbers, nested by dimension); anything else JSON cannot
+    hold (a set, bytes, your own objects) becomes its repr.
+    """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, dict):
         return {k if isinstance(k, str) else repr(k): jsonable(v) for k, v in value.items()}
+    tolist = getattr(type(value), "tolist", None)
+    if callable(tolist):
+        try:
+            converted = value.tolist()
+        except Exception:
+            return repr(value)
+        if converted is not value:
+            return jsonable(converted)
     return repr(value)
 
 
@@ -232,8 +264,17 @@ def _cmd_info(options: argparse.Namespace) -> int:
     return 0
 
 
+def _check_timeout(options: argparse.Namespace, unset: str) -> None:
+    """Refuse a ``--timeout`` that is not a positive number of seconds."""
+    value = options.timeout
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise UsageError(f"--timeout must be a positive number of seconds, not {value:g} "
+                         f"({unset})")
+
+
 def _cmd_call(options: argparse.Namespace) -> int:
     """``localnet call PEER CONNECTION ARG...``: print the result, or the remote traceback."""
+    _check_timeout(options, "leave it out to wait as long as the call takes")
     args, kwargs = parse_arguments(options.args)
     with _peer(options) as me:
         target = localnet.peer(options.peer)
@@ -274,6 +315,7 @@ def _cmd_emit(options: argparse.Namespace) -> int:
     """``localnet emit EVENT ARG...``: trigger an event and wait until it was handled."""
     if not options.event:
         raise UsageError("EVENT must be a non-empty event name")
+    _check_timeout(options, "leave it out to wait 5 s")
     args, kwargs = parse_arguments(options.args)
     with _peer(options, group=options.group, hub=options.hub or None) as me:
         me.publish(options.event, args, kwargs)
@@ -318,6 +360,14 @@ class _Printer:
             if self.count is not None and self.seen >= self.count:
                 self.done.set()
 
+    def stop(self) -> bool:
+        """Print nothing more; False when already done (``--count`` reached, a signal)."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self.done.set()
+            return True
+
     def _print(self, now: float, publisher: str, event: str, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> None:
         if self.as_json:
@@ -331,9 +381,15 @@ class _Printer:
 
 
 def _cmd_listen(options: argparse.Namespace) -> int:
-    """``localnet listen EVENT...``: print events as they arrive, until a signal or ``--count``."""
+    """``localnet listen EVENT...``: print events as they arrive.
+
+    Until a signal (exit 0), ``--count`` events (exit 0), or ``--timeout``
+    seconds: then exit 0 if ``--count`` events arrived, or, without
+    ``--count``, at least one; else 1, with an error line saying how many.
+    """
     if options.count is not None and options.count < 1:
         raise UsageError("--count must be at least 1")
+    _check_timeout(options, "leave it out to listen until a signal or --count")
     if not all(options.events):
         raise UsageError("EVENT must be a non-empty event name")
     done = threading.Event()
@@ -346,9 +402,19 @@ def _cmd_listen(options: argparse.Namespace) -> int:
               f"as {me.name}; Ctrl-C to stop", file=sys.stderr, flush=True)
         # Wake now and then: a signal that lands while the main thread waits
         # on a lock is handled only when it runs bytecode again.
-        while not done.wait(0.25):
-            pass
-    return 0
+        deadline = None if options.timeout is None else time.monotonic() + options.timeout
+        timed_out = False
+        while not done.wait(0.25 if deadline is None else
+                            max(0.0, min(0.25, deadline - time.monotonic()))):
+            if deadline is not None and time.monotonic() >= deadline:
+                timed_out = printer.stop()
+                break
+    if not timed_out or (options.count is None and printer.seen):
+        return 0
+    if options.count is None:
+        return _fail(f"no event arrived within --timeout {options.timeout:g} s", 1)
+    return _fail(f"{printer.seen} of {options.count} events arrived within "
+                 f"--timeout {options.timeout:g} s", 1)
 
 
 @contextlib.contextmanager
@@ -378,7 +444,8 @@ examples:
   localnet listen frame_done                print events as they arrive
 
 Arguments of call and emit are Python literals (7, '7', [1, 2], None); other
-words are strings; key=value is a keyword argument. Errors print one
+words are strings, but one starting like a literal ([ ( { ' ") must be one;
+key=value is a keyword argument. Errors print one
 'localnet: error:' line; the exit status is 2 for usage errors, 1 for
 failures. 'localnet COMMAND --help' tells more."""
 
@@ -409,7 +476,10 @@ def _add_call_options(parser: argparse.ArgumentParser, timeout: float | None,
     parser.add_argument("args", nargs="*", default=[], metavar="ARG",
                         help="a Python literal or a string; key=value for a keyword argument")
     parser.add_argument("--timeout", type=float, default=timeout, metavar="S", help=timeout_help)
-    parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON, for scripts (NumPy arrays and scalars as what "
+                        "tolist() returns; values JSON cannot hold, such as sets, as "
+                        "their repr)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     call = _command(commands, "call", _cmd_call, "call a peer's connection",
                     "Run CONNECTION(ARG...) in PEER and print the result's repr (or JSON). "
                     "ARGs are Python literals (7, 'a', [1, 2], None), other words are "
-                    "strings, key=value is a keyword argument; put '--' before arguments "
+                    "strings (a word starting with [ ( { ' \" must be a literal: quote it "
+                    "as one, \"'[x'\", to send it as a string), key=value is a keyword "
+                    "argument; put '--' before arguments "
                     "that start with '-'. A remote exception prints its remote traceback "
                     "and exits with status 1.")
     call.add_argument("peer", metavar="PEER")
@@ -452,10 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     listen = _command(commands, "listen", _cmd_listen, "print events as they arrive",
                       "Subscribe to each EVENT and print one line per event: time, "
-                      "publisher, event and arguments. Runs until SIGINT/SIGTERM or --count "
-                      "events; says 'listening for ...' on stderr once subscribed.")
+                      "publisher, event and arguments. Runs until SIGINT/SIGTERM, --count "
+                      "events or --timeout seconds; says 'listening for ...' on stderr once "
+                      "subscribed. Exit status 0, except when --timeout ran out before "
+                      "--count events arrived (without --count: before any event): 1.")
     listen.add_argument("events", nargs="+", metavar="EVENT")
     listen.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    listen.add_argument("--timeout", type=float, metavar="S",
+                        help="exit after S seconds (status 1 if --count events, or without "
+                        "--count any event, had not arrived by then)")
     listen.add_argument("--json", action="store_true", help="one JSON object per line")
     listen.add_argument("--peer", action="append", metavar="NAME",
                         help="only events from this peer (repeatable)")

@@ -1,10 +1,13 @@
 """The runtime directory: where peers and the registry keep their sockets.
 
 Resolution order: the ``directory`` argument, ``$LOCALNET_DIR``,
-``$XDG_RUNTIME_DIR/localnet``, ``/tmp/localnet-<uid>``.  The directory is
-created with mode 0700.  An existing one is refused when it is a symbolic
-link, is not a directory, is owned by another user, or is writable by group
-or others; one that is merely readable by others is tightened to 0700.
+``$XDG_RUNTIME_DIR/localnet``, ``/tmp/localnet-<uid>``.  A missing directory
+is created with mode 0700.  An existing one is used only when it is a real
+directory, owned by this user, with permission bits exactly 0700; otherwise
+it is refused with a message that says what to do - never changed: a
+directory the user made (0755, 0500, ...) is the user's to chmod.  A path
+too long for the socket addresses inside it is refused before anything is
+created.
 
 Different directories are independent namespaces: each has its own registry.
 """
@@ -47,6 +50,13 @@ def runtime_dir(directory: str | os.PathLike[str] | None = None) -> Path:
     """
     path = Path(directory) if directory is not None else default_runtime_dir()
     path = Path(os.path.abspath(path))
+    longest = path / "p-4294967295-999999.sock"
+    if len(os.fsencode(longest)) > _MAX_SOCKET_PATH:
+        raise ConfigurationError(
+            f"the runtime directory path {str(path)!r} is too long for Unix socket "
+            f"addresses (at most about {_MAX_SOCKET_PATH - 25} bytes); set LOCALNET_DIR "
+            "to a shorter path"
+        )
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -56,19 +66,14 @@ def runtime_dir(directory: str | os.PathLike[str] | None = None) -> Path:
             f"cannot create the localnet runtime directory {str(path)!r}: {exc.strerror}; "
             "set LOCALNET_DIR to a directory you own"
         ) from exc
+    else:
+        os.chmod(path, 0o700)  # ours, just made: a umask such as 0277 must not leave it 0500
     check_private_dir(path)
-    longest = path / "p-4294967295-999999.sock"
-    if len(os.fsencode(longest)) > _MAX_SOCKET_PATH:
-        raise ConfigurationError(
-            f"the runtime directory path {str(path)!r} is too long for Unix socket "
-            f"addresses (at most about {_MAX_SOCKET_PATH - 25} bytes); set LOCALNET_DIR "
-            "to a shorter path"
-        )
     return path
 
 
 def check_private_dir(path: Path) -> None:
-    """Refuse a directory that another user could tamper with."""
+    """Refuse a directory that is not a private (0700) directory of this user."""
     try:
         st = os.lstat(path)
     except OSError as exc:
@@ -91,5 +96,11 @@ def check_private_dir(path: Path) -> None:
             f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it. "
             f"Run 'chmod 700 {path}' or set LOCALNET_DIR to a private directory"
         )
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+    mode = st.st_mode & 0o777  # setgid, inherited from a parent, grants nothing
+    if mode != 0o700:
+        raise ConfigurationError(
+            f"the runtime directory {str(path)!r} has mode {mode:04o}; localnet uses only "
+            f"a directory private to you (0700) and does not change yours. Run "
+            f"'chmod 700 {path}', or set LOCALNET_DIR to another path (a missing "
+            "directory is created with mode 0700)"
+        )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate, chain, pairwise
@@ -19,6 +18,7 @@ from typing import Any
 
 from . import _serial
 from ._catalog import CATALOG
+from ._tracebacks import user_traceback
 from ._wire import BATCH_MARK, ITEMS_MARK, Frame, Kind, unpack_batch
 from .errors import UnknownConnection
 
@@ -211,11 +211,7 @@ def _error_reply(exc: BaseException) -> bytes:
     (Keeping it would hold the failed call's frames, hence its arguments -
     shared memory included - until the garbage collector ran.)
     """
-    tb = exc.__traceback__
-    if tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next  # drop run_call's frame: the remote user did not write it
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
-    del tb
+    text = user_traceback(exc)
     exc.__traceback__ = None
     try:
         return _serial.dumps_exception(exc, text)

@@ -24,6 +24,7 @@ import time
 from typing import Any, Protocol
 
 from . import _liveness
+from ._timeouts import check_timeout
 from ._wire import DEFAULT_MAX_FRAME, FrameReader, Kind, ProtocolError, encode_control, send_frame
 from .errors import ConnectionLost, Timeout, UnknownConnection
 
@@ -264,12 +265,66 @@ class Caller(Protocol):
         ...
 
 
+class RemoteConnections:
+    """``remote.fn``: every connection of a peer by attribute, whatever its name.
+
+    ``remote.fn.describe(7)`` calls the peer's connection ``describe`` even
+    though ``remote.describe`` is a RemotePeer method; this namespace has no
+    attributes of its own to hide a connection.
+
+    Raises (on attribute access): :class:`UnknownConnection` when the peer
+    does not offer that connection.
+    """
+
+    __slots__ = ("_remote",)
+
+    def __init__(self, remote: RemotePeer) -> None:
+        self._remote = remote
+
+    def __getattr__(self, connection: str) -> Any:
+        if connection.startswith("__"):
+            raise AttributeError(connection)
+        remote = self._remote
+        if connection not in remote._info.get("connections", []):  # noqa: SLF001
+            raise UnknownConnection(connection, remote.name, remote.connections)
+        via = remote._via  # noqa: SLF001
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return via.call(remote, connection, args, kwargs, None)
+
+        call.__name__ = connection
+        call.__qualname__ = f"{remote.name}.{connection}"
+        return call
+
+    def __dir__(self) -> list[str]:
+        return sorted(self._remote.connections)
+
+    def __repr__(self) -> str:
+        return f"<connections of peer {self._remote.name!r}: {', '.join(self.__dir__())}>"
+
+
+#: RemotePeer's own attributes: ``remote.<one of these>`` is never a connection.
+RESERVED = frozenset({
+    "name", "pid", "group", "hub", "connections", "events", "subscriptions", "started",
+    "since", "user", "executable", "address", "describe", "call", "fn"})
+
+
 class RemotePeer:
     """Another live peer, as the registry described it.
 
-    Attribute access reaches its connections: ``remote.render(7)`` calls
-    ``render`` in that peer and returns the result.  ``remote.call(name,
-    *args, timeout=None, **kwargs)`` does the same with an explicit timeout.
+    Its connections, three ways:
+
+    - ``remote.fn.render(7)`` reaches every connection, whatever its name;
+    - ``remote.call("render", 7, timeout=5)`` too, with an optional timeout
+      (so ``timeout=`` is not passed on to the connection);
+    - ``remote.render(7)``, a shortcut, reaches connections whose names are
+      not RemotePeer's own attributes (:data:`RESERVED`: ``name``, ``pid``,
+      ``group``, ``hub``, ``connections``, ``events``, ``subscriptions``,
+      ``started``, ``since``, ``user``, ``executable``, ``address``,
+      ``describe``, ``call``, ``fn``).  For those names the attribute keeps
+      its meaning; ``describe()`` given arguments and ``call()`` given a
+      first argument that is not a name raise a ``TypeError`` that points to
+      ``remote.fn``, rather than guessing.
 
     Attributes: ``name``, ``pid``, ``group``, ``hub``, ``connections``,
     ``events``, ``subscriptions``, ``started`` (when its process began, epoch
@@ -296,28 +351,46 @@ class RemotePeer:
     executable = property(lambda self: self._info.get("executable"))
     address = property(lambda self: str(self._info["address"]))
 
-    def describe(self) -> dict[str, Any]:
-        """A copy of everything the registry knows about this peer."""
+    @property
+    def fn(self) -> RemoteConnections:
+        """Every connection of this peer by attribute: ``remote.fn.describe(7)``."""
+        return RemoteConnections(self)
+
+    def describe(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """A copy of everything the registry knows about this peer.
+
+        Raises TypeError when given arguments (``remote.fn.describe(...)``
+        calls a connection named ``describe``).
+        """
+        if args or kwargs:
+            raise TypeError(self._shadowed("describe", "takes no arguments"))
         return dict(self._info)
 
-    def call(self, connection: str, *args: Any, timeout: float | None = None,
+    def call(self, connection: str, /, *args: Any, timeout: float | None = None,
              **kwargs: Any) -> Any:
-        """Call ``connection`` in this peer and return its result."""
-        return self._via.call(self, connection, args, kwargs, timeout)
+        """Call ``connection`` in this peer and return its result.
+
+        Raises ConfigurationError, before anything is sent, when ``timeout``
+        is not None or a positive number of seconds; TypeError when
+        ``connection`` is not a name.
+        """
+        if type(connection) is not str:
+            raise TypeError(self._shadowed(
+                "call", f"takes the connection's name first, not {connection!r}, "
+                "as in remote.call('render', 7)"))
+        return self._via.call(self, connection, args, kwargs, check_timeout(timeout))
+
+    def _shadowed(self, attribute: str, problem: str) -> str:
+        text = f"RemotePeer.{attribute}() {problem}"
+        if attribute in self._info.get("connections", []):
+            text += (f"; peer {self.name!r} offers a connection named {attribute!r}: "
+                     f"call it as remote.fn.{attribute}(...) or remote.call({attribute!r}, ...)")
+        return text
 
     def __getattr__(self, connection: str) -> Any:
         if connection.startswith("__"):
             raise AttributeError(connection)
-        if connection not in self._info.get("connections", []):
-            raise UnknownConnection(connection, self.name, self.connections)
-        via, target = self._via, self
-
-        def remote(*args: Any, **kwargs: Any) -> Any:
-            return via.call(target, connection, args, kwargs, None)
-
-        remote.__name__ = connection
-        remote.__qualname__ = f"{self.name}.{connection}"
-        return remote
+        return getattr(RemoteConnections(self), connection)
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(self.connections))

@@ -10,7 +10,8 @@ produce ordinary pickles that ``pickle.loads`` reads.
 Out-of-band buffers (protocol 5: NumPy arrays, bytearrays, memoryviews) of
 ``threshold`` bytes or more leave the pickle stream and travel in shared
 memory (:mod:`localnet._shm`); the body then starts with ``b"O"`` and a
-table of where each buffer lies:
+table of where each buffer lies (a bytearray is found only inside lists,
+tuples and dicts: see :func:`_lift_bytearrays`):
 
 ====== ======================================================
 size   field
@@ -132,9 +133,9 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         self._threshold = threshold
 
     def reducer_override(self, obj: Any) -> Any:
+        # (Never called for a bytearray, a list, a tuple or a dict: the C
+        # pickler saves those itself.  See _lift_bytearrays.)
         cls = type(obj)
-        if cls is bytearray and self._threshold is not None and len(obj) >= self._threshold:
-            return bytearray, (pickle.PickleBuffer(obj),)
         if (self._threshold is not None and cls.__name__ == "ndarray"
                 and cls.__module__ == "numpy" and obj.nbytes >= self._threshold
                 and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
@@ -143,6 +144,81 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
 
             return _identity, (np.ascontiguousarray(obj),)
         return super().reducer_override(obj)
+
+
+class _LargeBytearray:
+    """A bytearray of ``threshold`` bytes or more, on its way out of band.
+
+    The C pickler writes a bytearray in-band before it consults
+    ``reducer_override`` or the dispatch table, so :func:`dumps` has
+    :func:`_lift_bytearrays` put large ones in this wrapper, which pickles as
+    ``bytearray(PickleBuffer(data))``: the buffer leaves the stream, and the
+    receiver rebuilds a bytearray (a copy of the shared memory, which it may
+    then keep and change freely).
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return bytearray, (pickle.PickleBuffer(self.data),)
+
+
+_LIFTED = frozenset({bytearray, list, tuple, dict})
+
+
+class _Cycle(Exception):
+    """A container that holds itself: left as it is (its bytearrays in-band)."""
+
+
+def _lift_bytearrays(obj: Any, threshold: int) -> Any:
+    """``obj`` with bytearrays of ``threshold`` bytes or more wrapped to leave the stream.
+
+    Looks through lists, tuples and dicts (the arguments of a call are a
+    tuple and a dict) at any depth; a bytearray held elsewhere - an
+    attribute of an object, in a set - stays in the pickle stream.  Containers
+    are copied only along the way to a large bytearray; a bytearray met
+    twice becomes one wrapper, so it arrives as one object.  A structure
+    that contains itself, or nests deeper than the recursion limit, is
+    returned unchanged.
+    """
+    memo: dict[int, Any] = {}
+    try:
+        return _lift(obj, threshold, memo)
+    except (_Cycle, RecursionError):
+        return obj
+
+
+def _lift(obj: Any, threshold: int, memo: dict[int, Any]) -> Any:
+    t = type(obj)
+    if t not in _LIFTED:
+        return obj
+    key = id(obj)
+    if key in memo:
+        done = memo[key]
+        if done is _Cycle:
+            raise _Cycle
+        return done
+    if t is bytearray:
+        done = _LargeBytearray(obj) if len(obj) >= threshold else obj
+    else:
+        values = obj.values() if t is dict else obj
+        if _LIFTED.isdisjoint(set(map(type, values))):
+            return obj  # the common case: nothing to look into
+        memo[key] = _Cycle  # in progress
+        if t is dict:
+            lifted = {k: _lift(v, threshold, memo) for k, v in obj.items()}
+            changed = any(new is not old
+                          for new, old in zip(lifted.values(), obj.values(), strict=True))
+        else:
+            items = [_lift(v, threshold, memo) for v in obj]
+            changed = any(new is not old for new, old in zip(items, obj, strict=True))
+            lifted = t(items) if changed else obj
+        done = lifted if changed else obj
+    memo[key] = done
+    return done
 
 
 class Payload:
@@ -221,8 +297,14 @@ def dumps(obj: Any, what: str = "value", threshold: int | None = None,
 
         if kind == 2:  # builtins and arrays: the C pickler, buffers out of band
             data = pickle.dumps(obj, PROTOCOL, buffer_callback=out_of_band)
+        elif threshold < _DIRECT_WRITE:
+            data = _pickle(_lift_bytearrays(obj, threshold), threshold, out_of_band)
         else:
-            data = _pickle(obj, threshold, out_of_band)
+            try:
+                data = _pickle(obj, threshold, out_of_band, watch=True)
+            except _InBand:
+                large.clear()
+                data = _pickle(_lift_bytearrays(obj, threshold), threshold, out_of_band)
     except Exception as exc:
         raise SerializationError(
             f"cannot send {_label(what, name)}: {type(exc).__name__}: {exc}. "
@@ -233,10 +315,38 @@ def dumps(obj: Any, what: str = "value", threshold: int | None = None,
     return _to_shared(data, large)
 
 
-def _pickle(obj: Any, threshold: int | None, callback: Any) -> bytes:
-    with io.BytesIO() as file:
+def _pickle(obj: Any, threshold: int | None, callback: Any, watch: bool = False) -> bytes:
+    with (_Watch(threshold) if watch else io.BytesIO()) as file:
         _Pickler(file, threshold, callback).dump(obj)
         return file.getvalue()
+
+
+#: The C pickler hands data of this many bytes or more straight to the
+#: file's ``write`` (a bytearray as itself), bypassing its frame buffer.
+_DIRECT_WRITE = 64 * 1024
+
+
+class _InBand(Exception):
+    """A large bytearray was about to be written into the pickle stream."""
+
+
+class _Watch(io.BytesIO):
+    """A pickle's output that stops the pickler at the first large bytearray.
+
+    Looking for bytearrays before pickling would cost a walk over every
+    list, tuple and dict, as much as pickling a long list of numbers; this
+    costs one check per 64 KiB written, and :func:`dumps` walks only when
+    a large bytearray is actually there.
+    """
+
+    def __init__(self, threshold: int | None) -> None:
+        super().__init__()
+        self._threshold = threshold if threshold is not None else 1 << 62
+
+    def write(self, data: Any) -> int:
+        if type(data) is bytearray and len(data) >= self._threshold:
+            raise _InBand
+        return super().write(data)
 
 
 def _to_shared(data: bytes, large: list[memoryview]) -> Payload:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -129,6 +130,7 @@ def test_every_command_has_help(run, command: str | None) -> None:
     (["frame=7", "path=/tmp/7.exr", "flag=None"], (), {"frame": 7, "path": "/tmp/7.exr",
                                                        "flag": None}),
     (["'a=b'", "x==1", "k=a=b"], ("a=b",), {"x": "=1", "k": "a=b"}),
+    (["'[1,2'", "k='(x'", "1.2.3", "a]"], ("[1,2", "1.2.3", "a]"), {"k": "(x"}),
 ])
 def test_arguments_are_literals_strings_and_keywords(words, args, kwargs) -> None:
     assert parse_arguments(words) == (args, kwargs)
@@ -139,6 +141,13 @@ def test_arguments_are_literals_strings_and_keywords(words, args, kwargs) -> Non
     ("a b=1", "'a b' is not a keyword name"),
     ("=1", "'' is not a keyword name"),
     ("1x=2", "'1x' is not a keyword name"),
+    # A typo in a literal used to be sent on as a string.
+    ("[1,2", "'[1,2' starts like a Python literal but is not one ('[' was never closed); "
+             "fix it, or to pass it as a string quote it as one: \"'[1,2'\""),
+    ("k=[1,2", "'[1,2' starts like a Python literal"),
+    ("{'a': 1", "starts like a Python literal"),
+    ("'abc", "starts like a Python literal"),
+    ("(os.getcwd())", "starts like a Python literal but is not one (not a plain value)"),
 ])
 def test_malformed_argument_is_a_usage_error(run, word: str, message: str) -> None:
     result = run("call", "server", "echo", word)
@@ -247,6 +256,76 @@ def test_unknown_connection_lists_what_the_peer_offers(run, server) -> None:
     assert "localnet info server" in line
 
 
+@pytest.mark.parametrize("command", [["call", "server", "echo", "1"], ["emit", "tick"],
+                                     ["listen", "tick"]], ids=["call", "emit", "listen"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan"])
+def test_timeout_must_be_a_positive_number(run, command: list[str], value: str) -> None:
+    result = run(*command, "--timeout", value)
+    assert result.returncode == 2
+    assert "--timeout must be a positive number of seconds" in one_error_line(result)
+
+
+ARRAYS = """
+import numpy as np
+
+@localnet.connect()
+def matrix():
+    return {"m": np.arange(6).reshape(2, 3), "mean": np.float32(0.5), "n": np.int64(7),
+            "flags": np.array([True, False])}
+
+peer = localnet.Peer(name="arrays").start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_call_json_turns_numpy_values_into_json_numbers(spawn, run) -> None:
+    spawn(ARRAYS)
+    result = run("call", "arrays", "matrix", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"m": [[0, 1, 2], [3, 4, 5]], "mean": 0.5, "n": 7,
+                                         "flags": [True, False]}
+
+
+def test_wrong_arity_shows_no_localnet_frames(run, server) -> None:
+    result = run("call", "server", "add", "1", "2", "3")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines == [
+        "TypeError: add() takes from 1 to 2 positional arguments but 3 were given",
+        "localnet: error: add() in peer 'server' raised TypeError: add() takes from 1 to 2 "
+        "positional arguments but 3 were given"], result.stderr
+
+
+def test_user_traceback_starts_at_the_users_code() -> None:
+    # What the serving side sends once it uses it (see the test above): a
+    # function compiled under localnet's own directory stands for run_call,
+    # which catches what the connection raised.
+    from localnet import _tracebacks
+
+    serving: dict[str, Any] = {}
+    exec(compile("def run_call(func, *args):\n"
+                 "    try:\n"
+                 "        return func(*args)\n"
+                 "    except Exception as exc:\n"
+                 "        return exc\n",
+                 _tracebacks._PACKAGE + "_serving_stand_in.py", "exec"), serving)
+
+    def add(a, b=0):
+        return a + b
+
+    def fail(message):
+        raise ValueError(message)
+
+    wrong = serving["run_call"](add, 1, 2, 3)
+    assert _tracebacks.user_traceback(wrong) == \
+        "TypeError: test_user_traceback_starts_at_the_users_code.<locals>.add() takes from 1 " \
+        "to 2 positional arguments but 3 were given\n"
+    text = _tracebacks.user_traceback(serving["run_call"](fail, "bad frame 7"))
+    assert text.startswith("Traceback (most recent call last):\n  File ")
+    assert ", in fail\n" in text and "run_call" not in text
+    assert text.endswith("ValueError: bad frame 7\n")
+
+
 def test_call_timeout_is_a_clear_failure(run, server) -> None:
     result = run("call", "server", "slow", "5", "--timeout", "0.2")
     assert result.returncode == 1
@@ -313,6 +392,26 @@ def test_emit_json_counts(run, server) -> None:
     result = run("emit", "tick", "--json")
     assert json.loads(result.stdout) == {"event": "tick", "sent": 1, "delivered": 1,
                                          "dropped": 0, "failed": 0}
+
+
+def test_listen_timeout_bounds_a_listener_that_hears_nothing(run) -> None:
+    result = run("listen", "tick", "--peer", "nobody", "--timeout", "0.5")
+    assert result.returncode == 1
+    listening, error = result.stderr.splitlines()
+    assert listening.startswith("listening for tick")
+    assert error == "localnet: error: no event arrived within --timeout 0.5 s"
+
+
+def test_listen_timeout_exit_status_says_whether_enough_events_came(run, start) -> None:
+    some = start("listen", "tick", "--timeout", "6")
+    counted = start("listen", "tick", "--timeout", "6", "--count", "3")
+    some.expect_stderr("listening for tick")
+    counted.expect_stderr("listening for tick")
+    assert run("emit", "tick", "1").stdout == "tick(1): delivered to 2 subscribers\n"
+    assert some.expect("").endswith("  tick(1)") and counted.expect("").endswith("  tick(1)")
+    assert some.wait_exit(30) == 0  # the time ran out after an event: a normal end
+    assert counted.wait_exit(30) == 1
+    counted.expect_stderr("localnet: error: 1 of 3 events arrived within --timeout 6 s")
 
 
 def test_listen_count_must_be_positive(run) -> None:

@@ -30,12 +30,36 @@ def test_xdg_runtime_dir_is_the_fallback(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert _paths.default_runtime_dir().name == f"localnet-{os.getuid()}"
 
 
-def test_readable_directory_is_tightened(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [0o755, 0o500, 0o711, 0o750, 0o600])
+def test_existing_directory_of_another_mode_is_refused_not_changed(tmp_path: Path,
+                                                                   mode: int) -> None:
     target = tmp_path / "rt"
-    target.mkdir(mode=0o755)
-    os.chmod(target, 0o755)
-    _paths.runtime_dir(target)
-    assert stat.S_IMODE(os.stat(target).st_mode) == 0o700
+    target.mkdir()
+    os.chmod(target, mode)
+    try:
+        with pytest.raises(localnet.ConfigurationError,
+                           match=rf"has mode {mode:04o}.*'chmod 700 {target}'.*LOCALNET_DIR"):
+            _paths.runtime_dir(target)
+        assert stat.S_IMODE(os.stat(target).st_mode) == mode  # left as it was
+    finally:
+        os.chmod(target, 0o700)  # let tmp_path be cleaned up
+
+
+def test_private_directory_with_inherited_setgid_is_used(tmp_path: Path) -> None:
+    target = tmp_path / "rt"
+    target.mkdir()
+    os.chmod(target, 0o2700)
+    assert _paths.runtime_dir(target) == target
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o2700
+
+
+def test_created_directory_is_0700_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o277)
+    try:
+        _paths.runtime_dir(tmp_path / "rt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "rt").st_mode) == 0o700
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
@@ -66,10 +90,11 @@ def test_directory_of_another_user_is_refused(tmp_path: Path) -> None:
         _paths.runtime_dir(target)
 
 
-def test_too_long_path_is_refused(tmp_path: Path) -> None:
+def test_too_long_path_is_refused_before_anything_is_created(tmp_path: Path) -> None:
     target = tmp_path / ("x" * 90)
     with pytest.raises(localnet.ConfigurationError, match="too long"):
         _paths.runtime_dir(target)
+    assert not target.exists()
 
 
 def test_peer_refuses_unsafe_directory(tmp_path: Path) -> None:

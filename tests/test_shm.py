@@ -140,6 +140,25 @@ def test_bytearray_and_memoryview_go_through_shared_memory(server) -> None:
         assert echo(blob, peer="server") == blob
 
 
+def test_bytearray_larger_than_max_frame_goes_through_shared_memory(server) -> None:
+    # The C pickler writes a bytearray into the stream without asking
+    # reducer_override: a 300 MB one was refused as over max_frame.
+    blob = bytearray(300 * MIB)
+    blob[:4], blob[-1] = b"head", 7
+    with localnet.Peer(name="client", max_frame=64 * MIB):
+        info = describe(blob, peer="server")
+        assert info == {"type": "bytearray", "len": len(blob), "head": b"head",
+                        "readonly": None}
+        # The reply is over the server's own max_frame (256 MiB) and the client's.
+        back = echo(blob, peer="server")
+        assert type(back) is bytearray and back == blob
+        back[0] = 0  # a private copy, writable
+        nested = echo({"frames": [blob, blob], "n": 1}, peer="server")
+        assert nested["n"] == 1 and nested["frames"][0] == blob
+        assert nested["frames"][0] is nested["frames"][1]  # one object, sent once
+        assert type(nested["frames"][0]) is bytearray
+
+
 def test_small_buffers_stay_inline(server) -> None:
     with localnet.Peer(name="client"):
         info = describe(np.arange(10), peer="server")
