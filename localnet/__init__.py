@@ -34,6 +34,7 @@ __all__ = [
     "EventCounts",
     "LocalnetError",
     "NameTaken",
+    "OutOfResources",
     "Peer",
     "PeerClosed",
     "PeerInfo",
@@ -68,8 +69,9 @@ _WHERE = {
     "empty": "._shm",
     "zeros": "._shm",
     **dict.fromkeys(["ConfigurationError", "ConnectionLost", "LocalnetError", "NameTaken",
-                     "PeerClosed", "PeerNotFound", "RegistryUnavailable", "RemoteError",
-                     "SerializationError", "Timeout", "UnknownConnection"], ".errors"),
+                     "OutOfResources", "PeerClosed", "PeerNotFound", "RegistryUnavailable",
+                     "RemoteError", "SerializationError", "Timeout", "UnknownConnection"],
+                    ".errors"),
 }
 
 
@@ -112,6 +114,7 @@ if TYPE_CHECKING:
         ConnectionLost,
         LocalnetError,
         NameTaken,
+        OutOfResources,
         PeerClosed,
         PeerNotFound,
         RegistryUnavailable,

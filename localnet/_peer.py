@@ -36,7 +36,14 @@ from ._remote import RemotePeer
 from ._server import Server
 from ._stats import EventCounts, ReceivedCounts, Stats, snapshot
 from ._wire import DEFAULT_MAX_FRAME
-from .errors import ConfigurationError, PeerClosed, PeerNotFound, Timeout
+from .errors import (
+    ConfigurationError,
+    PeerClosed,
+    PeerNotFound,
+    RegistryUnavailable,
+    Timeout,
+    translate_os_error,
+)
 
 __all__ = ["EventContext", "EventCounts", "Peer", "ReceivedCounts", "State", "Stats",
            "current_event", "default_name"]
@@ -196,17 +203,26 @@ class Peer:
             self.pid = os.getpid()
             self.address = str(directory / f"p-{self.pid}-{next(_counter)}.sock")
             self.since = time.time()
-            self._identity = {"name": self.name, "pid": self.pid,
-                              "started": _liveness.create_time(),
-                              "ticks": _liveness.start_ticks(), "group": self.group,
-                              "hub": self.hub}
-            self._server = Server(self._receiver, self.address)
-            self._server.start()
+            try:
+                self._identity = {"name": self.name, "pid": self.pid,
+                                  "started": _liveness.create_time(),
+                                  "ticks": _liveness.start_ticks(), "group": self.group,
+                                  "hub": self.hub}
+                self._server = Server(self._receiver, self.address)
+                self._server.start()
+            except OSError as exc:
+                self._server = None
+                raise translate_os_error(exc, f"cannot listen on {self.address}",
+                                         ConfigurationError) from exc
             CATALOG.add_listener(self)
             self._registry = RegistryClient(directory, self._registration,
                                             self._publisher.apply_push)
             try:
-                self._registry.start(timeout)
+                try:
+                    self._registry.start(timeout)
+                except OSError as exc:
+                    raise translate_os_error(exc, f"cannot reach the registry in {directory}",
+                                             RegistryUnavailable) from exc
             except BaseException:
                 CATALOG.remove_listener(self)
                 self._server.close()

@@ -13,6 +13,7 @@ Every error localnet raises derives from :class:`LocalnetError`, so one
     ├── ConnectionLost            the other side went away (peer died, closed, or sent garbage)
     ├── RegistryUnavailable       the registry could not be reached or started in time
     ├── PeerClosed                you closed this peer and then used it
+    ├── OutOfResources            the system refused descriptors, disk or memory (also an OSError)
     └── Timeout                   an operation took longer than its timeout (also a TimeoutError)
 
 A remote call re-raises the remote exception as its own type when it can be
@@ -24,6 +25,8 @@ All of these pickle cleanly: they cross process boundaries.
 
 from __future__ import annotations
 
+import errno
+import resource
 from typing import Any
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "ConnectionLost",
     "LocalnetError",
     "NameTaken",
+    "OutOfResources",
     "PeerClosed",
     "PeerNotFound",
     "RegistryUnavailable",
@@ -136,3 +140,41 @@ class PeerClosed(LocalnetError):
 
 class Timeout(LocalnetError, TimeoutError):
     """An operation did not finish within its timeout."""
+
+
+class OutOfResources(LocalnetError, OSError):
+    """The system refused something localnet needed: descriptors, disk space, memory.
+
+    Also an ``OSError`` with the original ``errno``.  The message says what
+    ran out and what to do about it.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.args)
+
+
+_ADVICE = {
+    errno.EMFILE: "this process is out of file descriptors (limit {limit}): raise the limit "
+                  "(ulimit -n, or resource.setrlimit(RLIMIT_NOFILE)) or close what holds them",
+    errno.ENFILE: "the system is out of file descriptors: close some, or raise fs.file-max",
+    errno.ENOSPC: "the file system of the runtime directory is full (space or inodes): free "
+                  "some, or point LOCALNET_DIR elsewhere",
+    errno.EDQUOT: "the disk quota of the runtime directory is used up: free some, or point "
+                  "LOCALNET_DIR elsewhere",
+    errno.ENOMEM: "the system is out of memory",
+    errno.ENOBUFS: "the system is out of socket buffer memory",
+}
+
+
+def translate_os_error(exc: OSError, doing: str,
+                       other: type[LocalnetError] = ConnectionLost) -> LocalnetError:
+    """The localnet error for ``exc``, met while ``doing`` (for ``raise ... from exc``).
+
+    Exhausted resources become :class:`OutOfResources` with advice; any
+    other failure becomes ``other`` with the system's message.
+    """
+    advice = _ADVICE.get(exc.errno or 0)
+    if advice is not None:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return OutOfResources(exc.errno, f"{doing}: {advice.format(limit=limit)}")
+    return other(f"{doing}: {exc.strerror or exc}")
