@@ -234,6 +234,25 @@ class Server:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2.0)
 
+    # -- fork (see localnet._fork) ---------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """Let go of the parent's sockets: close this process's copies, nothing more.
+
+        No shutdown() (it acts on the connection, which the parent still
+        serves) and no unlink (the socket file is the parent's).
+        """
+        self._lock = threading.Lock()
+        self._calls_done = threading.Condition(self._lock)
+        self._closed = self.closing = True
+        self._watchdog._closed = True
+        socks, self._socks = [self._listener, *self._socks], set()
+        calls, self._calls = list(self._calls), set()
+        for conn in calls:
+            conn.closed = True
+            conn.reader.close()  # descriptors received and not yet handed out
+        for sock in socks:
+            sock.close()
+
 
 class _CallConnection:
     """Leader/followers over one caller's connection (see the module docstring).
