@@ -97,14 +97,21 @@ class Server:
         self._thread = spawn_thread(self._accept_loop, name="localnet-accept")
 
     def _accept_loop(self) -> None:
+        failures = 0
         while True:
             try:
                 sock, _ = self._listener.accept()
             except OSError:
                 if self._closed:
                     return
-                logger.exception("accept failed")
+                # A persistent error (no descriptors left, a listener shut down
+                # by another process) must not spin: back off, log once per run.
+                failures += 1
+                if failures == 1:
+                    logger.exception("accept failed on %s; retrying with back-off", self.address)
+                time.sleep(min(0.001 * 2 ** min(failures, 10), 1.0))
                 continue
+            failures = 0
             if not _liveness.same_user(sock):
                 logger.warning("refused a connection from another user's process")
                 sock.close()
