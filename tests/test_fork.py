@@ -30,13 +30,21 @@ def square(x):
 def whoami(pid):
     return [p.name for p in localnet.peers() if p.pid == pid]
 
+@localnet.connect()
+def ends(buffer):
+    return len(buffer), buffer[0], buffer[-1]
+
 peer = localnet.Peer(name="server").start()
 localnet.serve_forever(peer, ready=lambda: say("READY"))
 """
 
 PARENT = """
 import multiprocessing, select
+import numpy
 from concurrent.futures import ProcessPoolExecutor
+from localnet import _shm
+
+SIZE = 2 * 1024 * 1024  # through shared memory
 
 ticks = []
 
@@ -47,6 +55,10 @@ def square(x):
 @localnet.connect()
 def whoami(pid):
     return []
+
+@localnet.connect()
+def ends(buffer):
+    return None
 
 @localnet.connect()
 def ticks_seen():
@@ -103,6 +115,10 @@ def child(mode):
         if mode == "default":
             ok = square.on("server", timeout=10)(5) == 25
             ok = ok and localnet.info().name == f"-c-{os.getpid()}"
+        elif mode == "shm":  # the parent's idle segment must not be written here
+            created, reused = _shm.POOL.created, _shm.POOL.reused
+            ok = ends(numpy.full(SIZE, 2, numpy.uint8), peer="server") == (SIZE, 2, 2)
+            ok = ok and (_shm.POOL.created, _shm.POOL.reused) == (created + 1, reused)
         elif mode == "own":
             own = localnet.Peer(name=f"own-{os.getpid()}").start()  # closed by sys.exit
             ok = own.call("server", "square", (6,), {}, 10) == 36
@@ -165,6 +181,9 @@ for line in sys.stdin:
         say("RESULT", json.dumps(run_pool()))
     elif command[0] == "executor":
         say("RESULT", json.dumps(run_executor()))
+    elif command[0] == "shm":
+        assert ends(numpy.full(SIZE, 1, numpy.uint8), peer="server") == (SIZE, 1, 1)
+        say("RESULT", json.dumps(fork("shm")))
     elif command[0] == "fork":
         say("RESULT", json.dumps(fork(command[1])))
     elif command[0] == "threads":
@@ -270,3 +289,9 @@ def test_listener_shut_down_elsewhere_does_not_spin_the_accept_loop(spawn) -> No
     lone.send("")
     assert lone.expect("LOGGED") == "LOGGED 1"  # once, not once per attempt
     assert lone.wait_exit() == 0  # its peer closed at exit, socket file and all
+
+
+def test_forked_child_never_reuses_the_parents_shared_memory(parent: PeerProcess) -> None:
+    # The parent keeps the segment of its large call for reuse; a child that
+    # reused its copy would write into the pages the parent writes into.
+    assert ask(parent, "shm") == 0
