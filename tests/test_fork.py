@@ -42,7 +42,7 @@ PARENT = """
 import multiprocessing, select
 import numpy
 from concurrent.futures import ProcessPoolExecutor
-from localnet import _shm
+from localnet import _registry_client, _shm
 
 SIZE = 2 * 1024 * 1024  # through shared memory
 
@@ -139,6 +139,30 @@ def fork(mode):
         child(mode)
     return reap(pid)
 
+def hold_spawn_lock_across_fork():
+    # The registry spawn lock, held by this process at the moment of a fork:
+    # once this process lets go, the next peer must get it, child alive or not.
+    path = peer.directory / "spawn.lock"
+    fd = _registry_client._lock(path, time.monotonic() + 5)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(write_end)
+        select.select([read_end], [], [], 20)  # until the parent is done
+        os._exit(0)
+    os.close(read_end)
+    getattr(_registry_client, "_brief_close", os.close)(fd)
+    try:
+        again = _registry_client._lock(path, time.monotonic() + 2)
+    except localnet.RegistryUnavailable as exc:
+        result = repr(exc)
+    else:
+        getattr(_registry_client, "_brief_close", os.close)(again)
+        result = "ok"
+    os.close(write_end)
+    reap(pid)
+    return result
+
 def run_threads():
     # 8 threads call the server without pause while the main thread forks.
     stop = threading.Event()
@@ -184,6 +208,8 @@ for line in sys.stdin:
     elif command[0] == "shm":
         assert ends(numpy.full(SIZE, 1, numpy.uint8), peer="server") == (SIZE, 1, 1)
         say("RESULT", json.dumps(fork("shm")))
+    elif command[0] == "spawnlock":
+        say("RESULT", json.dumps(hold_spawn_lock_across_fork()))
     elif command[0] == "fork":
         say("RESULT", json.dumps(fork(command[1])))
     elif command[0] == "threads":
@@ -295,3 +321,9 @@ def test_forked_child_never_reuses_the_parents_shared_memory(parent: PeerProcess
     # The parent keeps the segment of its large call for reuse; a child that
     # reused its copy would write into the pages the parent writes into.
     assert ask(parent, "shm") == 0
+
+
+def test_spawn_lock_held_at_fork_is_not_kept_by_the_child(parent: PeerProcess) -> None:
+    # Otherwise a long-lived child (a pool worker) would keep every other
+    # peer from starting a registry.
+    assert ask(parent, "spawnlock") == "ok"
