@@ -133,3 +133,13 @@ class Caller:
             self._channels.clear()
         for channel in channels:
             channel.close()
+
+    # -- fork (see localnet._fork) ---------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """Drop the parent's channels (their sockets are the parent's) and locks."""
+        channels = [c for pool in self._channels.values() for c in pool]
+        self._lock = threading.Lock()
+        self._channels = {}
+        self._local = threading.local()
+        for channel in channels:
+            channel._after_fork_in_child()

@@ -136,5 +136,11 @@ class Catalog:
             table.setdefault(sub.event, []).append(sub)
         self.by_event = {event: tuple(subs) for event, subs in table.items()}
 
+    # -- fork (see localnet._fork) ---------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """A fresh lock (another thread may have held it), and no parent's peer listening."""
+        self._lock = threading.RLock()
+        self._listeners = []
+
 
 CATALOG = Catalog()

@@ -73,3 +73,13 @@ def _close_all() -> None:
             peer.close()
         except Exception:
             pass
+
+
+# -- fork (see localnet._fork) -------------------------------------------------
+def _after_fork_in_child() -> None:
+    """A forked child has no live peer and no default peer yet, and a lock of its own."""
+    global lock
+    lock = threading.RLock()  # another thread of the parent may have held it
+    live.clear()  # in place: localnet._api reads this very list
+    default.peer = None
+    default.closed = None  # a fresh process: its first use starts a default peer

@@ -372,6 +372,15 @@ class Outbox:
                                  self._dropped.get(event, 0), lost)
             return result
 
+    # -- fork (see localnet._fork) ---------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """Close this process's copy of the parent's event channel: no shutdown()."""
+        self.closed = True
+        self.accepting = False
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
 
 _ITEM, _WHOLE, _PAYLOAD = range(3)
 _event_of = itemgetter(0)

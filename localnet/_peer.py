@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _current, _liveness, _paths, _shm
+from . import _current, _fork, _liveness, _paths, _shm
 from ._calls import Caller
 from ._catalog import CATALOG, Subscription
 from ._current import State
@@ -103,8 +103,9 @@ class Peer:
     """A participant in the runtime directory: it serves, calls and publishes.
 
     Every keyword argument wins over its environment variable, read when the
-    peer is created: ``name`` (``LOCALNET_NAME``, default ``<program>-<pid>``),
-    ``group`` (``LOCALNET_GROUP``), ``hub`` (``LOCALNET_HUB``: 1/true/yes),
+    peer is created: ``name`` (``LOCALNET_NAME``, which a forked child
+    leaves to its parent; default ``<program>-<pid>``), ``group``
+    (``LOCALNET_GROUP``), ``hub`` (``LOCALNET_HUB``: 1/true/yes),
     ``directory`` (``LOCALNET_DIR``).  Tuning: ``max_frame`` (bytes of inline
     data in one message, ``LOCALNET_MAX_FRAME``, default 256 MiB),
     ``event_queue`` (events queued or unacknowledged per subscriber before
@@ -131,8 +132,7 @@ class Peer:
                  event_block: float = 1.0, linger: float = 2.0, max_workers: int = 32,
                  shm_threshold: int | None | str = "env") -> None:
         _debug_from_env()
-        self.name: str = name if name is not None else os.environ.get("LOCALNET_NAME") \
-            or default_name()
+        self.name: str = name if name is not None else _fork.env_name() or default_name()
         if not isinstance(self.name, str) or not self.name or len(self.name) > 255 \
                 or any(c in self.name for c in "\0\n\r"):
             raise ConfigurationError(f"invalid peer name {self.name!r}: use 1-255 printable "
@@ -175,6 +175,7 @@ class Peer:
         self.publish = self._publisher.publish  # type: ignore[method-assign]
         self.flush = self._publisher.flush  # type: ignore[method-assign]
         self.subscribers = self._publisher.subscribers  # type: ignore[method-assign]
+        _fork.track(self)  # a forked child detaches it
 
     def __repr__(self) -> str:
         return f"<Peer {self.name!r} pid={self.pid} [{self.state.value}]>"
@@ -197,7 +198,7 @@ class Peer:
             if self.state is State.RUNNING:
                 return self
             if self.state is State.CLOSED:
-                raise PeerClosed(f"{self!r} was closed; create a new Peer")
+                raise _fork.closed_error(self, f"{self!r} was closed; create a new Peer")
             directory = _paths.runtime_dir(self._directory_arg)
             self.directory = directory
             self.pid = os.getpid()
@@ -266,7 +267,7 @@ class Peer:
         """Start a new peer on first use; raises :class:`PeerClosed` once closed."""
         if self.state is not State.RUNNING:
             if self.state is State.CLOSED:
-                raise PeerClosed(f"{self!r} is closed")
+                raise _fork.closed_error(self, f"{self!r} is closed")
             self.start()
 
     @property

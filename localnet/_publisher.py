@@ -208,6 +208,15 @@ class Publisher:
         for outbox in outboxes:
             outbox.close()
 
+    # -- fork (see localnet._fork) ---------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """Drop the parent's outboxes: their connections and queues are the parent's."""
+        outboxes = list(self._outboxes.values()) + self._retired
+        self._lock = threading.RLock()
+        self._outboxes, self._routes, self._retired = {}, {}, []
+        for outbox in outboxes:
+            outbox._after_fork_in_child()
+
     # -- statistics -------------------------------------------------------------
     def _fold_retired(self) -> None:
         """Keep only the counts of closed outboxes, not the outboxes (called with the lock)."""

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import _paths
+from . import _fork, _paths
 from ._registry import DEFAULT_IDLE_EXIT
 from ._signals import spawn_thread
 from ._wire import FrameReader, Kind, ProtocolError, decode_control, encode_control, send_frame
@@ -77,9 +77,23 @@ def _try_connect(address: str) -> socket.socket | None:
     return sock
 
 
+def _brief_close(fd: int) -> None:
+    """Close a descriptor opened by :func:`_lock` or :func:`_spawn`."""
+    with _fork.brief_lock:
+        _fork.brief_fds.discard(fd)
+        os.close(fd)
+
+
 def _lock(path: Path, deadline: float) -> int:
-    """Take an exclusive flock on ``path`` before ``deadline``; returns the fd."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    """Take an exclusive flock on ``path`` before ``deadline``; returns the fd.
+
+    A child forked meanwhile closes its copy (see localnet._fork): the lock
+    lives as long as any copy, and a long-lived child would keep it from
+    every other peer.  Close it with :func:`_brief_close`.
+    """
+    with _fork.brief_lock:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        _fork.brief_fds.add(fd)
     delay = 0.001
     while True:
         try:
@@ -87,7 +101,7 @@ def _lock(path: Path, deadline: float) -> int:
             return fd
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                os.close(fd)
+                _brief_close(fd)
                 raise RegistryUnavailable(f"timed out waiting for {path}") from None
             time.sleep(delay)  # flock has no timed wait; back off while another peer spawns
             delay = min(delay * 2, 0.02)
@@ -101,7 +115,9 @@ def _spawn(directory: Path, deadline: float) -> None:
     that happened to start it: no zombie if it dies while this process
     lives, and it outlives this process as the others need.
     """
-    read_end, write_end = os.pipe()
+    with _fork.brief_lock:  # a forked child's copy would hide the registry's exit (no EOF)
+        read_end, write_end = os.pipe()
+        _fork.brief_fds.update((read_end, write_end))
     package_parent = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
@@ -116,10 +132,10 @@ def _spawn(directory: Path, deadline: float) -> None:
         )
         launcher.wait(max(0.1, deadline - time.monotonic()))
     except (OSError, subprocess.TimeoutExpired) as exc:
-        os.close(read_end)
+        _brief_close(read_end)
         raise RegistryUnavailable(f"cannot start the registry: {exc}") from exc
     finally:
-        os.close(write_end)
+        _brief_close(write_end)
     try:
         answer = b""
         poller = select.poll()
@@ -133,7 +149,7 @@ def _spawn(directory: Path, deadline: float) -> None:
                 break
             answer += chunk
     finally:
-        os.close(read_end)
+        _brief_close(read_end)
     text = answer.decode(errors="replace").strip()
     if text not in ("ready", "busy"):
         raise RegistryUnavailable(
@@ -160,7 +176,7 @@ def connect_registry(directory: Path, timeout: float = 5.0) -> socket.socket:
             _spawn(directory, deadline)
             sock = _try_connect(address)
     finally:
-        os.close(fd)
+        _brief_close(fd)
     if sock is None:
         raise RegistryUnavailable(f"no registry answers on {address}")
     return sock
@@ -424,3 +440,16 @@ class RegistryClient:
         self._connected.set()  # wake requests waiting for a reconnection; they see _closing
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    # -- fork (see localnet._fork) ---------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """Leave the parent's registration alone: close this process's copy of its socket.
+
+        No unregister and no shutdown(): both would end the parent's session.
+        """
+        self._closing = True
+        self._lock = threading.Lock()
+        self._pending = {}
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()

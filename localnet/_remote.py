@@ -248,6 +248,20 @@ class CallChannel:
             self._reader.close()
             self._sock.close()
 
+    # -- fork (see localnet._fork) ---------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """Close this process's copy of the socket only: no shutdown(), no reads.
+
+        The parent goes on using the connection; every reply on it is for a
+        call of the parent's.
+        """
+        self.broken = ConnectionLost(f"the connection to peer {self.target!r} was the "
+                                     "parent process's")
+        self._pending = {}
+        self._closed = True
+        self._reader.close()
+        self._sock.close()
+
 
 def _close_fds(fds: list[int]) -> None:
     for fd in fds:

@@ -97,14 +97,21 @@ class Server:
         self._thread = spawn_thread(self._accept_loop, name="localnet-accept")
 
     def _accept_loop(self) -> None:
+        failures = 0
         while True:
             try:
                 sock, _ = self._listener.accept()
             except OSError:
                 if self._closed:
                     return
-                logger.exception("accept failed")
+                # A persistent error (no descriptors left, a listener shut down
+                # by another process) must not spin: back off, log once per run.
+                failures += 1
+                if failures == 1:
+                    logger.exception("accept failed on %s; retrying with back-off", self.address)
+                time.sleep(min(0.001 * 2 ** min(failures, 10), 1.0))
                 continue
+            failures = 0
             if not _liveness.same_user(sock):
                 logger.warning("refused a connection from another user's process")
                 sock.close()
@@ -233,6 +240,25 @@ class Server:
             pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2.0)
+
+    # -- fork (see localnet._fork) ---------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """Let go of the parent's sockets: close this process's copies, nothing more.
+
+        No shutdown() (it acts on the connection, which the parent still
+        serves) and no unlink (the socket file is the parent's).
+        """
+        self._lock = threading.Lock()
+        self._calls_done = threading.Condition(self._lock)
+        self._closed = self.closing = True
+        self._watchdog._closed = True
+        socks, self._socks = [self._listener, *self._socks], set()
+        calls, self._calls = list(self._calls), set()
+        for conn in calls:
+            conn.closed = True
+            conn.reader.close()  # descriptors received and not yet handed out
+        for sock in socks:
+            sock.close()
 
 
 class _CallConnection:

@@ -74,7 +74,7 @@ def _address(buffer: Any) -> int:
 class Segment:
     """One memfd mapped read-write by the process that made it."""
 
-    __slots__ = ("fd", "size", "mm", "users", "idle_since")
+    __slots__ = ("fd", "size", "mm", "users", "idle_since", "pid")
 
     def __init__(self, size: int) -> None:
         self.fd = os.memfd_create("localnet", os.MFD_CLOEXEC)
@@ -87,6 +87,7 @@ class Segment:
         self.size = size
         self.users = 0
         self.idle_since = 0.0
+        self.pid = os.getpid()  # reused by this process only: a forked child shares the pages
 
     def close(self) -> None:
         """Let go of it; receivers that still map it keep it alive."""
@@ -117,6 +118,7 @@ class Pool:
         self._free: dict[int, list[Segment]] = {}
         self._waiting: list[Segment] = []  # settled, but a receiver may still hold them
         self._trimmer: threading.Thread | None = None
+        self.pid = os.getpid()
         self.created = 0
         self.reused = 0
 
@@ -144,9 +146,12 @@ class Pool:
             segment.users -= 1
             if segment.users > 0:
                 return
-            segment.idle_since = time.monotonic()
-            self._free.setdefault(segment.size, []).append(segment)
-            self._start_trimmer()
+            if segment.pid == self.pid:
+                segment.idle_since = time.monotonic()
+                self._free.setdefault(segment.size, []).append(segment)
+                self._start_trimmer()
+                return
+        segment.close()  # the parent's, inherited through fork(): never reuse it here
 
     def abandon(self, segment: Segment) -> None:
         """A message whose fate is unknown carried it: never reuse it."""
@@ -202,6 +207,21 @@ class Pool:
             segment.close()
         return remaining
 
+    # -- fork (see localnet._fork) ---------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """Forget the parent's idle segments (unmapped here; the parent keeps them).
+
+        Reusing one would make parent and child write into the same pages.
+        """
+        inherited = [s for free in self._free.values() for s in free] + self._waiting
+        self._lock = threading.Lock()
+        self._free = {}
+        self._waiting = []
+        self._trimmer = None
+        self.pid = os.getpid()
+        for segment in inherited:
+            segment.close()
+
 
 POOL = Pool()
 
@@ -209,6 +229,13 @@ POOL = Pool()
 # must not refer to the mapping, or the weak key would never die.
 _owned: weakref.WeakKeyDictionary[mmap.mmap, tuple[int, int, int]] = weakref.WeakKeyDictionary()
 _owned_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child (see localnet._fork): fresh locks, none of the parent's idle segments."""
+    global _owned_lock
+    _owned_lock = threading.Lock()
+    POOL._after_fork_in_child()
 
 
 def owned_segment(raw: memoryview) -> tuple[mmap.mmap, int, int] | None:

@@ -12,7 +12,8 @@ Every error localnet raises derives from :class:`LocalnetError`, so one
     ├── RemoteError               a remote exception that could not be rebuilt locally
     ├── ConnectionLost            the other side went away (peer died, closed, or sent garbage)
     ├── RegistryUnavailable       the registry could not be reached or started in time
-    ├── PeerClosed                you closed this peer and then used it
+    ├── PeerClosed                you closed this peer and then used it (or a forked child used
+    │                             its parent's)
     ├── OutOfResources            the system refused descriptors, disk or memory (also an OSError)
     └── Timeout                   an operation took longer than its timeout (also a TimeoutError)
 
@@ -135,7 +136,11 @@ class RegistryUnavailable(LocalnetError):
 
 
 class PeerClosed(LocalnetError):
-    """This peer was closed; start a new one."""
+    """This peer was closed; start a new one.
+
+    Also raised in a forked child that uses a peer of its parent's: the
+    child gets its own peer on first use, or makes a new ``Peer``.
+    """
 
 
 class Timeout(LocalnetError, TimeoutError):
