@@ -31,10 +31,10 @@ def start_sleeper():
     return proc.pid
 
 @localnet.connect()
-def reap(pid, timeout):
+def reap(pid, wait):
     proc = sleepers.pop(pid)
     try:
-        return proc.wait(timeout)
+        return proc.wait(wait)
     except subprocess.TimeoutExpired:
         proc.kill()  # it ignored the signal: clean up, and say so
         proc.wait(10)
@@ -107,7 +107,7 @@ def test_a_process_started_by_a_connection_can_be_stopped(spawn, signum: int) ->
         pid = launcher.launch()
         _assert_signalable(pid, signal.SIGINT, signal.SIGTERM)
         os.kill(pid, signum)
-        assert launcher.reap(pid, 5.0, timeout=20) == -signum
+        assert launcher.call("reap", pid, 5.0, timeout=20) == -signum
 
 
 def test_a_process_started_by_a_subscription_handler_can_be_stopped(spawn) -> None:
@@ -129,7 +129,7 @@ def test_a_process_started_by_a_subscription_handler_can_be_stopped(spawn) -> No
         for pid, signum in zip(pids, (signal.SIGTERM, signal.SIGINT)):
             _assert_signalable(pid, signal.SIGINT, signal.SIGTERM)
             os.kill(pid, signum)
-            assert subscriber.reap(pid, 5.0, timeout=20) == -signum
+            assert subscriber.call("reap", pid, 5.0, timeout=20) == -signum
 
 
 def test_every_serving_thread_has_the_mask_of_the_thread_that_started_the_peer(spawn) -> None:
