@@ -124,16 +124,19 @@ def thread_mask(mask: Iterable[int]) -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def reset_inherited() -> None:
+def reset_inherited(dispositions: bool = True) -> None:
     """Give a process localnet started a clean signal state.
 
-    Clears the calling thread's mask (call it before starting threads) and
-    restores the default action of the asynchronous signals that were
-    ignored on the way here (a shell ignores SIGINT and SIGQUIT for a
-    command it puts in the background, and ``exec`` keeps ``SIG_IGN``).
+    Clears the calling thread's mask (call it before starting threads) and,
+    with ``dispositions``, restores the default action of the asynchronous
+    signals that were ignored on the way here (a shell ignores SIGINT and
+    SIGQUIT for a command it puts in the background; ``exec`` keeps
+    ``SIG_IGN``).
     """
     if _HAS_MASKS:
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    if not dispositions:
+        return
     for signum in _ASYNC_SIGNALS:
         if signal.getsignal(signum) == signal.SIG_IGN:
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
