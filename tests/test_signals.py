@@ -118,18 +118,15 @@ def test_a_process_started_by_a_subscription_handler_can_be_stopped(spawn) -> No
         return (), {}
 
     with localnet.Peer(name="publisher") as me:
-        pids = []
-        for _ in (signal.SIGTERM, signal.SIGINT):
+        subscriber = localnet.peer("subscriber")
+        for signum in (signal.SIGTERM, signal.SIGINT):
             launch()
             me.flush(10)  # returns once the handler ran
             _, pid, handler_mask = child.expect("LAUNCHED").split(" ", 2)
             assert json.loads(handler_mask) == []
-            pids.append(int(pid))
-        subscriber = localnet.peer("subscriber")
-        for pid, signum in zip(pids, (signal.SIGTERM, signal.SIGINT)):
-            _assert_signalable(pid, signal.SIGINT, signal.SIGTERM)
-            os.kill(pid, signum)
-            assert subscriber.call("reap", pid, 5.0, timeout=20) == -signum
+            _assert_signalable(int(pid), signal.SIGINT, signal.SIGTERM)
+            os.kill(int(pid), signum)
+            assert subscriber.call("reap", int(pid), 5.0, timeout=20) == -signum
 
 
 def test_every_serving_thread_has_the_mask_of_the_thread_that_started_the_peer(spawn) -> None:
