@@ -53,7 +53,7 @@ from typing import Any
 import psutil
 
 from . import _liveness, _paths
-from ._signals import Stopper, spawn_thread, wait_for_stop
+from ._signals import Stopper, reset_inherited, spawn_thread, wait_for_stop
 from ._wire import FrameReader, Kind, ProtocolError, decode_control, encode_control, send_frame
 
 logger = logging.getLogger("localnet.registry")
@@ -684,6 +684,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detach", action="store_true",
                         help="start a new session (when spawned by a peer)")
     options = parser.parse_args(argv)
+    # A registry that blocks SIGTERM could not be stopped: clear the mask.
+    # Started by a peer (--detach), it went through a shell that ignores
+    # SIGINT and SIGQUIT for background commands: undo that too.  In the
+    # foreground, dispositions the user chose (nohup) stay.
+    reset_inherited(dispositions=options.detach)
     if options.detach:
         os.setsid()
     if os.environ.get("LOCALNET_DEBUG", "").lower() in ("1", "true", "yes", "on"):

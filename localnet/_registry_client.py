@@ -32,7 +32,7 @@ from typing import Any
 
 from . import _fork, _paths
 from ._registry import DEFAULT_IDLE_EXIT
-from ._signals import spawn_thread
+from ._signals import current_mask, spawn_thread, thread_mask
 from ._wire import FrameReader, Kind, ProtocolError, decode_control, encode_control, send_frame
 from .errors import (
     ConnectionLost,
@@ -107,13 +107,15 @@ def _lock(path: Path, deadline: float) -> int:
             delay = min(delay * 2, 0.02)
 
 
-def _spawn(directory: Path, deadline: float) -> None:
+def _spawn(directory: Path, deadline: float, mask: frozenset[int]) -> None:
     """Start a registry that is nobody's child, and wait for it to say ready.
 
     ``/bin/sh`` starts it in the background and exits at once, so the
     registry belongs to init (or the nearest subreaper), not to the peer
     that happened to start it: no zombie if it dies while this process
-    lives, and it outlives this process as the others need.
+    lives, and it outlives this process as the others need.  It starts
+    with ``mask`` (not the blocked mask of localnet's thread that may be
+    calling), and its ``main()`` clears what it inherited.
     """
     with _fork.brief_lock:  # a forked child's copy would hide the registry's exit (no EOF)
         read_end, write_end = os.pipe()
@@ -123,13 +125,14 @@ def _spawn(directory: Path, deadline: float) -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
     idle = os.environ.get("LOCALNET_REGISTRY_IDLE_EXIT", str(DEFAULT_IDLE_EXIT))
     try:
-        launcher = subprocess.Popen(
-            ["/bin/sh", "-c", '"$@" &', "sh", _python(), "-c", _REGISTRY_MAIN,
-             "--directory", str(directory), "--ready-fd", str(write_end), "--idle-exit", idle,
-             "--detach"],
-            pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, env=env,
-        )
+        with thread_mask(mask):
+            launcher = subprocess.Popen(
+                ["/bin/sh", "-c", '"$@" &', "sh", _python(), "-c", _REGISTRY_MAIN,
+                 "--directory", str(directory), "--ready-fd", str(write_end),
+                 "--idle-exit", idle, "--detach"],
+                pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, env=env,
+            )
         launcher.wait(max(0.1, deadline - time.monotonic()))
     except (OSError, subprocess.TimeoutExpired) as exc:
         _brief_close(read_end)
@@ -158,8 +161,12 @@ def _spawn(directory: Path, deadline: float) -> None:
         )
 
 
-def connect_registry(directory: Path, timeout: float = 5.0) -> socket.socket:
+def connect_registry(directory: Path, timeout: float = 5.0,
+                     mask: frozenset[int] | None = None) -> socket.socket:
     """Connect to the directory's registry, starting one when none answers.
+
+    A registry it starts inherits ``mask`` as its signal mask (by default
+    the calling thread's).
 
     Raises:
         RegistryUnavailable: no registry could be reached or started in time.
@@ -173,7 +180,7 @@ def connect_registry(directory: Path, timeout: float = 5.0) -> socket.socket:
     try:
         sock = _try_connect(address)
         if sock is None:
-            _spawn(directory, deadline)
+            _spawn(directory, deadline, current_mask() if mask is None else mask)
             sock = _try_connect(address)
     finally:
         _brief_close(fd)
@@ -219,6 +226,9 @@ class RegistryClient:
         self._closing = False
         self._thread: threading.Thread | None = None
         self.recoveries = 0
+        # The starting thread's mask: a registry restarted from the client's
+        # own thread (which blocks signals) must not inherit that thread's.
+        self._mask = current_mask()
 
     def __repr__(self) -> str:
         state = "CLOSED" if self._closing else "CONNECTED" if self._connected.is_set() \
@@ -233,7 +243,8 @@ class RegistryClient:
         deadline = time.monotonic() + timeout
         delay = 0.0
         while True:
-            sock = connect_registry(self.directory, max(0.05, deadline - time.monotonic()))
+            sock = connect_registry(self.directory, max(0.05, deadline - time.monotonic()),
+                                    self._mask)
             try:
                 reader = self._handshake(sock, deadline)
                 break
@@ -337,7 +348,7 @@ class RegistryClient:
         delay = 0.0
         while not self._closing:
             try:
-                sock = connect_registry(self.directory, 5.0)
+                sock = connect_registry(self.directory, 5.0, self._mask)
             except LocalnetError as exc:
                 logger.warning("cannot restart the registry yet: %s", exc)
             else:

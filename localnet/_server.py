@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from . import _liveness
 from ._serial import Payload
-from ._signals import spawn_thread
+from ._signals import current_mask, spawn_thread
 from ._wire import (
     EVENT_BATCH,
     Frame,
@@ -92,6 +92,9 @@ class Server:
         self._thread: threading.Thread | None = None
         self._watchdog = _Watchdog()
         self.watch = self._watchdog.watch
+        # Created by the thread that starts the peer: the threads that run
+        # handlers get its signal mask, not the accepting thread's.
+        self.mask = current_mask()
 
     def start(self) -> None:
         self._thread = spawn_thread(self._accept_loop, name="localnet-accept")
@@ -121,7 +124,7 @@ class Server:
                     sock.close()
                     return
                 self._socks.add(sock)
-            spawn_thread(self._serve, sock, name="localnet-conn")
+            spawn_thread(self._serve, sock, name="localnet-conn", mask=self.mask)
 
     def _serve(self, sock: socket.socket) -> None:
         reader = FrameReader(sock, self.host.max_frame)
@@ -353,7 +356,7 @@ class _CallConnection:
             self.generation += 1
             self.busy_since = 0.0
             self.threads += 1
-            spawn_thread(self.run, name="localnet-call")
+            spawn_thread(self.run, name="localnet-call", mask=self.server.mask)
 
     def overdue(self, now: float) -> bool:
         """Called by the watchdog: hand over if the handler runs long; True while busy."""
