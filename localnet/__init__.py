@@ -45,6 +45,7 @@ __all__ = [
     "SerializationError",
     "Stats",
     "Timeout",
+    "TooManyCalls",
     "UnknownConnection",
     "connect",
     "current_event",
@@ -69,7 +70,8 @@ _WHERE = {
     "zeros": "._shm",
     **dict.fromkeys(["ConfigurationError", "ConnectionLost", "LocalnetError", "NameTaken",
                      "PeerClosed", "PeerNotFound", "RegistryUnavailable", "RemoteError",
-                     "SerializationError", "Timeout", "UnknownConnection"], ".errors"),
+                     "SerializationError", "Timeout", "TooManyCalls", "UnknownConnection"],
+                    ".errors"),
 }
 
 
@@ -118,5 +120,6 @@ if TYPE_CHECKING:
         RemoteError,
         SerializationError,
         Timeout,
+        TooManyCalls,
         UnknownConnection,
     )

@@ -13,6 +13,7 @@ Every error localnet raises derives from :class:`LocalnetError`, so one
     ├── ConnectionLost            the other side went away (peer died, closed, or sent garbage)
     ├── RegistryUnavailable       the registry could not be reached or started in time
     ├── PeerClosed                you closed this peer and then used it
+    ├── TooManyCalls              a limit on calls at once was reached (nothing ran)
     └── Timeout                   an operation took longer than its timeout (also a TimeoutError)
 
 A remote call re-raises the remote exception as its own type when it can be
@@ -37,6 +38,7 @@ __all__ = [
     "RemoteError",
     "SerializationError",
     "Timeout",
+    "TooManyCalls",
     "UnknownConnection",
 ]
 
@@ -128,6 +130,16 @@ class RegistryUnavailable(LocalnetError):
 
 class PeerClosed(LocalnetError):
     """This peer was closed; start a new one."""
+
+
+class TooManyCalls(LocalnetError):
+    """A limit on concurrent calls was reached, so this call did not run.
+
+    Either the calling peer already had ``max_calls`` calls in flight to that
+    peer, or the called peer was already running ``max_workers`` calls (each
+    nested callback holds one on each side).  The message names the limit
+    and the ``Peer`` keyword that raises it.
+    """
 
 
 class Timeout(LocalnetError, TimeoutError):

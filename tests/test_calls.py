@@ -8,7 +8,6 @@ import threading
 import pytest
 
 import localnet
-from localnet._calls import CHANNELS_PER_PEER
 
 SERVER = """
 import threading
@@ -273,37 +272,39 @@ def test_concurrent_callers_use_a_bounded_number_of_connections(server) -> None:
         for t in threads:
             t.join(60)
         assert not errors
-        assert list(me._caller._channels) == ["server"]
-        # one connection per calling thread up to the cap; beyond it, shared
-        assert len(me._caller.channels("server")) == CHANNELS_PER_PEER
+        assert list(me._caller._pools) == ["server"]
+        # at most one connection per call in flight
+        assert 1 <= len(me._caller.channels("server")) <= 12
         assert me.stats().calls_made == 12 * 200
 
 
-def test_threads_beyond_the_cap_multiplex_one_connection(server) -> None:
-    errors: list[BaseException] = []
+def test_a_lone_thread_reuses_one_connection(server) -> None:
     with localnet.Peer(name="caller") as me:
-        for _ in range(CHANNELS_PER_PEER - 1):  # fill the pool from other threads
-            t = threading.Thread(target=lambda: add(1, 1, peer="server"))
+        for i in range(50):
+            assert add(i, 1, peer="server") == i + 1
+        assert len(me._caller.channels("server")) == 1
+
+
+def test_calls_beyond_max_calls_raise_too_many_calls(server) -> None:
+    with localnet.Peer(name="caller", max_calls=2) as me:
+        remote = localnet.peer("server")
+        results: list[object] = []
+        blocked = [threading.Thread(target=lambda n=n: results.append(remote.block(n)))
+                   for n in range(2)]
+        for t in blocked:  # one after the other: their lines must not interleave
             t.start()
+            server.expect("BLOCKING")
+        try:
+            with pytest.raises(localnet.TooManyCalls, match=r"max_calls=\.\.\."):
+                remote.echo(1)
+        finally:  # another peer of this process, with calls to spare
+            with localnet.Peer(name="helper") as helper:
+                assert helper.call("server", "unblock", (), {}) is True
+        for t in blocked:
             t.join(10)
-        assert echo(0, peer="server") == 0
-        shared = me._caller.channels("server")
-        assert len(shared) == CHANNELS_PER_PEER
-
-        def worker(n: int) -> None:
-            try:
-                for i in range(300):
-                    assert add(n, i, peer="server") == n + i
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors
-        assert me._caller.channels("server") == shared  # no new connection: they shared
+        assert sorted(results) == [0, 1]  # type: ignore[type-var]
+        assert remote.echo(2) == 2
+        assert len(me._caller.channels("server")) == 2
 
 
 def test_slow_handler_does_not_stall_other_callers(server) -> None:
