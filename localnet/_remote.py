@@ -27,8 +27,16 @@ import time
 from typing import Any, Protocol
 
 from . import _liveness
-from ._wire import DEFAULT_MAX_FRAME, FrameReader, Kind, ProtocolError, encode_control, send_frame
-from .errors import ConnectionLost, PeerClosed, Timeout, UnknownConnection
+from ._wire import (
+    DEFAULT_MAX_FRAME,
+    FrameReader,
+    FrameTooLarge,
+    Kind,
+    ProtocolError,
+    encode_control,
+    send_frame,
+)
+from .errors import ConnectionLost, PeerClosed, SerializationError, Timeout, UnknownConnection
 
 _CALL, _REPLY, _ERROR, _TAKEN = int(Kind.CALL), int(Kind.REPLY), int(Kind.ERROR), int(Kind.TAKEN)
 
@@ -118,6 +126,13 @@ class CallChannel:
             raise error from None
         except EOFError:
             error = self._fail(ConnectionLost(f"peer {self.target!r} closed the connection"))
+            raise error from None
+        except FrameTooLarge as exc:
+            error = self._fail(SerializationError(
+                f"peer {self.target!r} answered with {exc.length} bytes inline, over this "
+                f"peer's {exc.limit}-byte message limit (its max_frame); raise max_frame "
+                "here, or return large data as NumPy arrays/bytearrays so it goes through "
+                "shared memory"))
             raise error from None
         except (OSError, ProtocolError) as exc:
             error = self._fail(ConnectionLost(f"peer {self.target!r} went away: {exc}"))

@@ -143,6 +143,15 @@ class ProtocolError(ConnectionLost):
     """The other side sent something that is not a valid frame."""
 
 
+class FrameTooLarge(ProtocolError):
+    """A frame declared a body longer than the reader's ``max_frame``."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(f"frame of {length} bytes exceeds the {limit}-byte limit")
+        self.length = length
+        self.limit = limit
+
+
 def pack_header(kind: int, ident: int, length: int, nfds: int = 0) -> bytes:
     """Return the 16-byte header of a frame."""
     return HEADER.pack(VERSION, kind, nfds, length, ident)
@@ -422,9 +431,7 @@ class FrameReader:
         if kind not in _KINDS:
             raise ProtocolError(f"unknown message kind {kind}")
         if length > self.max_frame:
-            raise ProtocolError(
-                f"frame of {length} bytes exceeds the {self.max_frame}-byte limit"
-            )
+            raise FrameTooLarge(length, self.max_frame)
         raise ProtocolError(f"frame declares {nfds} descriptors (at most {MAX_FDS})")
 
     def _take_fds(self, nfds: int, kind: int = _FD_KIND_ANY) -> list[int]:

@@ -349,3 +349,58 @@ def test_call_timeout_of_one_thread_leaves_others_working(server) -> None:
 def test_calling_yourself_works(server) -> None:
     with localnet.Peer(name="selfish"):
         assert add(1, 2, peer="selfish") == 3
+
+
+SMALL_FRAMES = """
+@localnet.connect()
+def echo(x):
+    return x
+
+@localnet.connect()
+def blob(n):
+    return b"x" * n
+
+peer = localnet.Peer(name="small", max_frame=2 * 1024 * 1024, shm_threshold=None).start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_different_max_frames_give_clear_errors(spawn) -> None:
+    spawn(SMALL_FRAMES)
+    with localnet.Peer(name="caller", max_frame=4 * 1024 * 1024) as me:
+        # over the callee's limit: refused here, before sending, naming its limit
+        with pytest.raises(localnet.SerializationError,
+                           match=r"2097152-byte message limit of peer 'small'.*max_frame"):
+            echo(b"x" * (3 * 1024 * 1024), peer="small")
+        assert echo(b"ok", peer="small") == b"ok"
+        # a reply over this peer's limit
+        with localnet.Peer(name="picky", max_frame=1024 * 1024) as picky:
+            assert len(picky.call("small", "blob", (1000 * 1000,), {})) == 1000 * 1000
+            with pytest.raises(localnet.SerializationError,
+                               match=r"answered with .* over this peer's 1048576-byte"):
+                picky.call("small", "blob", (1536 * 1024,), {})  # within the callee's
+            assert picky.call("small", "echo", (1,), {}) == 1
+        assert echo(b"again", peer="small") == b"again"
+        assert me.stats().calls_made >= 2
+
+
+def test_closing_the_caller_fails_its_pending_call_with_peer_closed(server) -> None:
+    me = localnet.Peer(name="caller").start()
+    remote = me.peer("server")
+    outcome: list[BaseException] = []
+
+    def blocked() -> None:
+        try:
+            remote.block("pending")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    server.expect("BLOCKING pending")
+    me.close()
+    t.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], localnet.PeerClosed), outcome
+    assert "'caller' was closed" in str(outcome[0])
+    with localnet.Peer(name="other") as other:  # the server is alive and well
+        assert other.call("server", "unblock", (), {}) is True
