@@ -404,3 +404,28 @@ def test_closing_the_caller_fails_its_pending_call_with_peer_closed(server) -> N
     assert "'caller' was closed" in str(outcome[0])
     with localnet.Peer(name="other") as other:  # the server is alive and well
         assert other.call("server", "unblock", (), {}) is True
+
+
+def test_a_client_that_pipelines_on_one_connection_is_still_served(server) -> None:
+    # localnet callers send one call at a time per connection; a hand-written
+    # client may send the next while a handler runs: the watchdog hands on.
+    from helpers import raw_channel
+
+    from localnet import _serial, _wire
+
+    with localnet.Peer(name="caller") as me:
+        address = me.lookup("server")["address"]
+    sock = raw_channel(address, "call")
+    with sock:
+        for ident, call in ((1, ("block", ("raw",), {})), (2, ("echo", (5,), {}))):
+            payload = _serial.dumps_call(*call, "an argument of", None)
+            assert isinstance(payload, bytes)
+            _wire.send_frame(sock, _wire.Kind.CALL, ident, payload)
+        server.expect("BLOCKING raw")
+        reader = _wire.FrameReader(sock)
+        kind, ident, body, _ = reader.read(10)  # echo, while block still runs
+        assert (kind, ident, _serial.loads(body, "the result of")) == (_wire.Kind.REPLY, 2, 5)
+        with localnet.Peer(name="helper") as helper:
+            assert helper.call("server", "unblock", (), {}) is True
+        kind, ident, body, _ = reader.read(10)
+        assert (kind, ident, _serial.loads(body, "the result of")) == (_wire.Kind.REPLY, 1, "raw")
