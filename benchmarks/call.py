@@ -56,7 +56,8 @@ THREAD_NOTES = (
     "per connection",
     "pyzmq: one REQ socket per thread, all to one REP socket (which answers one at a time)",
     "pyro5: one proxy per thread (proxies belong to one thread); the daemon uses its pool",
-    "localnet: the 4 threads share the process's peer and its one connection to the server",
+    "localnet: the 4 threads share the process's peer; each call in flight has a connection "
+    "of its own (pooled)",
 )
 
 

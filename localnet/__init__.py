@@ -46,6 +46,7 @@ __all__ = [
     "SerializationError",
     "Stats",
     "Timeout",
+    "TooManyCalls",
     "UnknownConnection",
     "connect",
     "current_event",
@@ -70,7 +71,8 @@ _WHERE = {
     "zeros": "._shm",
     **dict.fromkeys(["ConfigurationError", "ConnectionLost", "LocalnetError", "NameTaken",
                      "OutOfResources", "PeerClosed", "PeerNotFound", "RegistryUnavailable",
-                     "RemoteError", "SerializationError", "Timeout", "UnknownConnection"],
+                     "RemoteError", "SerializationError", "Timeout", "TooManyCalls",
+                     "UnknownConnection"],
                     ".errors"),
 }
 
@@ -121,5 +123,6 @@ if TYPE_CHECKING:
         RemoteError,
         SerializationError,
         Timeout,
+        TooManyCalls,
         UnknownConnection,
     )

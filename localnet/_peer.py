@@ -112,7 +112,10 @@ class Peer:
     triggers wait, default 10,000), ``event_block`` (seconds a trigger waits
     for room before dropping, default 1.0), ``linger`` (seconds ``close()``
     waits for queued events to be handled, default 2.0), ``max_workers``
-    (threads serving one caller's concurrent calls, default 32),
+    (calls this peer runs at once for all its callers, a thread each, default
+    64), ``max_calls`` (calls in flight from this peer to any one peer, a
+    connection each, default 64; beyond either limit a call raises
+    :class:`TooManyCalls`),
     ``shm_threshold`` (buffers of this many bytes or more travel through
     shared memory; ``None`` sends everything inline; default from
     ``LOCALNET_SHM``: ``off``, ``on`` or a number of bytes, else 1 MiB).
@@ -129,8 +132,8 @@ class Peer:
     def __init__(self, name: str | None = None, group: str | None = None,
                  hub: bool | None = None, *, directory: str | os.PathLike[str] | None = None,
                  max_frame: int | None = None, event_queue: int = 10_000,
-                 event_block: float = 1.0, linger: float = 2.0, max_workers: int = 32,
-                 shm_threshold: int | None | str = "env") -> None:
+                 event_block: float = 1.0, linger: float = 2.0, max_workers: int = 64,
+                 max_calls: int = 64, shm_threshold: int | None | str = "env") -> None:
         _debug_from_env()
         self.name: str = name if name is not None else _fork.env_name() or default_name()
         if not isinstance(self.name, str) or not self.name or len(self.name) > 255 \
@@ -147,8 +150,8 @@ class Peer:
                              _env_number("LOCALNET_MAX_FRAME", DEFAULT_MAX_FRAME))
         if self.max_frame < 1024:
             raise ConfigurationError("max_frame must be at least 1024 bytes")
-        if event_queue < 1 or event_block < 0 or linger < 0 or max_workers < 1:
-            raise ConfigurationError("event_queue and max_workers must be positive; "
+        if event_queue < 1 or event_block < 0 or linger < 0 or max_workers < 1 or max_calls < 1:
+            raise ConfigurationError("event_queue, max_workers and max_calls must be positive; "
                                      "event_block and linger must not be negative")
         self.shm_threshold: int | None = _shm.threshold_from_env() \
             if shm_threshold == "env" else _check_threshold(shm_threshold)
@@ -156,6 +159,7 @@ class Peer:
         self.event_block = event_block
         self.linger = linger
         self.max_workers = max_workers
+        self.max_calls = max_calls
         self.pid = os.getpid()
         self.state = State.NEW
         self.address = ""
@@ -281,7 +285,7 @@ class Peer:
             "ticks": self._identity["ticks"],
             "since": self.since, "uid": os.getuid(), "user": _user(),
             "executable": sys.executable, "argv": list(sys.argv), "group": self.group,
-            "hub": self.hub, "address": self.address,
+            "hub": self.hub, "address": self.address, "max_frame": self.max_frame,
             "connections": sorted(CATALOG.connections), "events": sorted(CATALOG.events),
         }
         return {"info": info, "subs": [s.describe() for s in CATALOG.subscriptions()]}

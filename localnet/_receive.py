@@ -19,8 +19,8 @@ from typing import Any
 from . import _serial
 from ._catalog import CATALOG
 from ._tracebacks import user_traceback
-from ._wire import BATCH_MARK, ITEMS_MARK, Frame, Kind, unpack_batch
-from .errors import UnknownConnection
+from ._wire import BATCH_MARK, ITEMS_MARK, Frame, Kind, close_fds, unpack_batch
+from .errors import TooManyCalls, UnknownConnection
 
 logger = logging.getLogger("localnet.peer")
 
@@ -65,12 +65,28 @@ class Receiver:
         self.max_workers = max_workers
         self.shm_threshold = shm_threshold
         self.counts = [0, 0]  # calls served, call errors
+        # One token per call that may run at once; list pop/append are atomic.
+        self._slots: list[None] = [None] * max_workers
         self.received: dict[str, list[int]] = {}  # event -> received, handled, failed
 
     def run_call(self, body: bytes | bytearray,
                  fds: list[int]) -> tuple[int, bytes | _serial.Payload]:
-        """Run one incoming call; returns the reply's kind and body."""
+        """Run one incoming call; returns the reply's kind and body.
+
+        Beyond ``max_workers`` calls at once the call does not run: the reply
+        is a :class:`TooManyCalls` error.
+        """
         self.counts[0] += 1
+        slots = self._slots
+        try:
+            slots.pop()
+        except IndexError:
+            close_fds(fds)
+            self.counts[1] += 1
+            return Kind.ERROR, _serial.dumps_exception(TooManyCalls(
+                f"peer {self.name!r} is already running {self.max_workers} calls, its limit "
+                "(max_workers; each nested callback holds one); raise it with "
+                "Peer(max_workers=...)"), "")
         try:
             if fds or body[:1] != b"\x80":
                 connection, args, kwargs = _serial.loads(body, "the call's arguments", fds)
@@ -89,6 +105,8 @@ class Receiver:
         except BaseException as exc:
             self.counts[1] += 1
             return Kind.ERROR, _error_reply(exc)
+        finally:
+            slots.append(None)
 
     def event_receiver(self, publisher: dict[str, Any]) -> Callable[[list[Frame]], None]:
         """A function that runs this process's handlers for a batch of one publisher's events.

@@ -1,57 +1,61 @@
-"""The calling side: one channel per remote peer, and the RemotePeer proxy.
+"""The calling side: a channel to a remote peer, and the RemotePeer proxy.
 
 A :class:`CallChannel` is one Unix-socket connection from this peer to
-another, shared by every thread of this process that calls that peer;
-requests carry an id and replies may come back in any order.
+another that carries one call at a time: the calling thread sends its
+request and reads the reply itself, on the same thread.  A peer keeps a
+pool of them per remote peer and a call checks one out for its duration
+(:mod:`localnet._calls`), so concurrent calls travel on connections of
+their own and the callee runs them at once.
 
 Why no reader thread: a background thread that reads replies and hands them
 to the waiting callers costs a thread switch per call, as much as the whole
-socket round trip on a small machine.  Instead the channel uses
-leader/followers: a calling thread that finds nobody reading becomes the
-reader ("leader") and reads until its own reply arrives, handing any other
-reply to the thread that waits for it; when it leaves, it wakes one waiting
-caller to take over.  A lone caller therefore sends and reads its reply on
-its own thread, and concurrent callers still share one connection.
+socket round trip on a small machine.  Why no sharing of a connection
+between concurrent calls: the callee would then have to read the next
+request while the previous one still runs, which costs it a thread hand-off
+per call or a delay.  A connection per call in flight costs neither.
+
+A call that ends without its reply (timeout, KeyboardInterrupt, a broken
+connection) leaves its channel unusable (``broken``): a reply may still be
+on its way, or half read.  The pool drops it; the next call takes another.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
-import threading
 import time
 from typing import Any, Protocol
 
 from . import _liveness
 from ._timeouts import check_timeout
-from ._wire import DEFAULT_MAX_FRAME, FrameReader, Kind, ProtocolError, encode_control, send_frame
-from .errors import ConnectionLost, Timeout, UnknownConnection
+from ._wire import (
+    DEFAULT_MAX_FRAME,
+    FrameReader,
+    FrameTooLarge,
+    Kind,
+    ProtocolError,
+    encode_control,
+    send_frame,
+)
+from .errors import ConnectionLost, PeerClosed, SerializationError, Timeout, UnknownConnection
 
-_allocate_lock = threading.Lock
 _CALL, _REPLY, _ERROR, _TAKEN = int(Kind.CALL), int(Kind.REPLY), int(Kind.ERROR), int(Kind.TAKEN)
 
 
-class _Call:
-    __slots__ = ("wake", "signaled", "done", "kind", "body", "fds", "error")
-
-    def __init__(self) -> None:
-        self.wake = _allocate_lock()
-        self.wake.acquire()
-        self.signaled = False
-        self.done = False
-        self.kind = 0
-        self.body: bytes | bytearray = b""
-        self.fds: list[int] = []
-        self.error: BaseException | None = None
-
-
 class NotSent(ConnectionLost):
-    """The connection was found broken before the request left: safe to retry."""
+    """The connection was found broken before the request left: safe to retry.
+
+    Internal: the caller retries once on a fresh connection and reports a
+    plain ConnectionLost if that fails too.
+    """
 
 
 class CallChannel:
-    """A connection to one remote peer for calls; thread-safe."""
+    """A connection to one remote peer for calls, one call at a time.
+
+    One thread uses it at a time (the pool checks it out); :meth:`close` may
+    come from any thread and wakes a call waiting on it.
+    """
 
     def __init__(self, address: str, target: str, hello: dict[str, Any],
                  max_frame: int = DEFAULT_MAX_FRAME) -> None:
@@ -71,17 +75,14 @@ class CallChannel:
         self.address = address
         self._sock = sock
         self._reader = FrameReader(sock, max_frame)
-        self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        self._pending: dict[int, _Call] = {}
-        self._role = threading.Lock()  # held by the thread reading answers
-        self._ids = itertools.count(1)
+        self._next = 1  # the next request id
+        self._busy = False  # a call is using the socket: only that call closes it
         self._closed = False
-        self.broken: BaseException | None = None
+        self.broken: BaseException | None = None  # why it cannot carry another call
 
     def __repr__(self) -> str:
-        state = "BROKEN" if self.broken else "OPEN"
-        return f"<CallChannel to {self.target!r} pending={len(self._pending)} [{state}]>"
+        state = "BROKEN" if self.broken is not None else "BUSY" if self._busy else "IDLE"
+        return f"<CallChannel to {self.target!r} [{state}]>"
 
     def request(self, payload: bytes, timeout: float | None,
                 fds: list[int] | tuple[int, ...] = ()
@@ -89,158 +90,96 @@ class CallChannel:
         """Send one CALL and return the ``(kind, body, fds, id)`` of its answer.
 
         Raises:
+            NotSent: the connection was found broken before the request left.
             ConnectionLost: the connection broke or the peer went away.
+            PeerClosed: this peer closed the channel (see :meth:`close`).
             Timeout: no answer within ``timeout`` seconds.
+        Any of these, or an exception such as KeyboardInterrupt on the way,
+        leaves the channel ``broken``.
         """
         if self.broken is not None:
-            raise NotSent(f"the connection to peer {self.target!r} is closed")
-        ident = next(self._ids)
-        # The reading role is a lock taken without blocking.  A lone caller
-        # takes it and nothing else; a caller that finds it taken registers
-        # first and then tries it, while a leaving reader releases it first
-        # and then looks for registered callers: one of the two always sees
-        # the other.
-        lead = self._role.acquire(False)
-        call = None
-        if not lead:
-            call = _Call()
-            self._pending[ident] = call
-            lead = self._role.acquire(False)
-        try:
-            with self._send_lock:
-                send_frame(self._sock, _CALL, ident, payload, fds)
-        except OSError as exc:
-            error = NotSent(f"peer {self.target!r} went away: {exc}")
-            self._break(error)
-            if lead:
-                self._leave_reading()
-            raise error from exc
+            raise self._fail(NotSent(f"the connection to peer {self.target!r} is closed"))
         deadline = None if timeout is None else time.monotonic() + timeout
-        if lead:
-            return self._lead(ident, deadline)
-        assert call is not None
-        lock = self._lock
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                self._give_up(ident, call)
-            elif not call.done:
-                got = call.wake.acquire(True, -1 if remaining is None else remaining)
-                with lock:
-                    if got or call.signaled:
-                        if not got:
-                            call.wake.acquire()
-                        call.signaled = False
-            if call.done:
-                if call.error is not None:
-                    raise call.error
-                return call.kind, call.body, call.fds, ident
-            if self._role.acquire(False):
-                if call.done:  # answered while we took the role
-                    self._leave_reading()
-                    continue
-                return self._lead(ident, deadline)
+        ident = self._next
+        self._next = ident + 1
+        self._busy = True
+        error: BaseException
+        try:
+            send_frame(self._sock, _CALL, ident, payload, fds)
+        except OSError as exc:
+            error = self._fail(NotSent(f"peer {self.target!r} went away: {exc}"))
+            raise error from exc
+        except BaseException:
+            self._fail(ConnectionLost("a call was interrupted while sending"))
+            raise
+        try:
+            if deadline is None:
+                kind, got, body, got_fds = self._reader.read()
+            else:
+                kind, got, body, got_fds = self._reader.read(deadline - time.monotonic())
+            if got != ident or (kind != _REPLY and kind != _ERROR):
+                _close_fds(got_fds)
+                raise ProtocolError(f"unexpected {Kind(kind).name} frame (id {got}, "
+                                    f"expected {ident}) on a call channel")
+        except TimeoutError:
+            error = self._fail(Timeout(f"peer {self.target!r} did not answer within the "
+                                       "timeout"))
+            raise error from None
+        except EOFError:
+            error = self._fail(ConnectionLost(f"peer {self.target!r} closed the connection"))
+            raise error from None
+        except FrameTooLarge as exc:
+            error = self._fail(SerializationError(
+                f"peer {self.target!r} answered with {exc.length} bytes inline, over this "
+                f"peer's {exc.limit}-byte message limit (its max_frame); raise max_frame "
+                "here, or return large data as NumPy arrays/bytearrays so it goes through "
+                "shared memory"))
+            raise error from None
+        except (OSError, ProtocolError) as exc:
+            error = self._fail(ConnectionLost(f"peer {self.target!r} went away: {exc}"))
+            raise error from exc
+        except BaseException:
+            self._fail(ConnectionLost("a call was interrupted while reading its reply"))
+            raise
+        self._busy = False
+        if self.broken is not None:  # closed meanwhile; the answer came anyway
+            self._close_socket()
+        return kind, body, got_fds, ident
 
     def taken(self, ident: int) -> None:
         """Tell the callee we mapped the shared memory of answer ``ident``."""
         try:
-            with self._send_lock:
-                send_frame(self._sock, _TAKEN, ident)
+            send_frame(self._sock, _TAKEN, ident)
         except OSError:
             pass  # the callee went away; it settles its segments itself
 
-    def _give_up(self, ident: int, call: _Call) -> None:
-        with self._lock:
-            if call.done:
-                return
-            self._pending.pop(ident, None)
-            call.done = True
-            call.error = Timeout(f"peer {self.target!r} did not answer within the timeout")
+    def _fail(self, error: BaseException) -> BaseException:
+        """Mark the channel broken and close it; what the failed call raises."""
+        local = self.broken
+        if local is None:
+            self.broken = error
+        self._busy = False
+        self._close_socket()
+        if isinstance(local, PeerClosed):  # this peer closed it: say so
+            return PeerClosed(str(local))
+        return error
 
-    def _signal(self, call: _Call) -> None:
-        # called with self._lock held
-        if not call.signaled:
-            call.signaled = True
-            call.wake.release()
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the channel; idempotent.
 
-    def _lead(self, ident: int, deadline: float | None
-              ) -> tuple[int, bytes | bytearray, list[int], int]:
-        """Read answers until the one for ``ident``; pass the others to their callers."""
-        reader, lock, pending = self._reader, self._lock, self._pending
+        A call waiting on it fails with ``error`` when that is a
+        :class:`PeerClosed` (this peer is closing), else with the reason it
+        would have had anyway.
+        """
+        if self.broken is None:
+            self.broken = error or ConnectionLost(
+                f"the connection to peer {self.target!r} was closed")
         try:
-            while True:
-                if deadline is None:
-                    kind, got, body, fds = reader.read()
-                else:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        with lock:
-                            pending.pop(ident, None)
-                        raise Timeout(f"peer {self.target!r} did not answer within the timeout")
-                    try:
-                        kind, got, body, fds = reader.read(remaining)
-                    except TimeoutError:
-                        continue
-                if kind != _REPLY and kind != _ERROR:
-                    _close_fds(fds)
-                    raise ProtocolError(f"unexpected {Kind(kind).name} frame on a call channel")
-                if got == ident:
-                    if pending:
-                        pending.pop(ident, None)
-                    return kind, body, fds, ident
-                with lock:
-                    target = pending.pop(got, None)
-                    if target is not None:
-                        target.kind, target.body, target.fds = kind, body, fds
-                        target.done = True
-                        self._signal(target)
-                if target is None and fds:  # the answer to a call that timed out
-                    _close_fds(fds)
-                    self.taken(got)
-        except Timeout:
-            raise  # a TimeoutError, hence an OSError: not a broken connection
-        except EOFError:
-            error: BaseException = ConnectionLost(f"peer {self.target!r} closed the connection")
-        except (OSError, ProtocolError) as exc:
-            error = ConnectionLost(f"peer {self.target!r} went away: {exc}")
-        finally:
-            self._leave_reading()
-        self._break(error)
-        raise error
-
-    def _leave_reading(self) -> None:
-        if self.broken is not None:
-            self._close_socket()  # nobody will read again
-        self._role.release()
-        if self._pending:  # someone may be waiting for the role
-            with self._lock:
-                for other in list(self._pending.values()):
-                    if not other.done:
-                        self._signal(other)  # it takes over the reading
-                        break
-
-    def _break(self, error: BaseException) -> None:
-        with self._lock:
-            if self.broken is None:
-                self.broken = error
-            calls = list(self._pending.values())
-            self._pending.clear()
-            for pending in calls:
-                if not pending.done:
-                    pending.done = True
-                    pending.error = ConnectionLost(str(error))
-                    self._signal(pending)
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a call blocked on it
         except OSError:
             pass
-
-    def close(self) -> None:
-        """Fail pending calls and close the socket; idempotent."""
-        self._break(ConnectionLost(f"the connection to peer {self.target!r} was closed"))
-        if self._role.acquire(False):  # nobody reads: safe to close the socket now
+        if not self._busy:  # else the call closes it when it wakes
             self._close_socket()
-            self._role.release()
 
     def _close_socket(self) -> None:
         if not self._closed:
@@ -257,7 +196,6 @@ class CallChannel:
         """
         self.broken = ConnectionLost(f"the connection to peer {self.target!r} was the "
                                      "parent process's")
-        self._pending = {}
         self._closed = True
         self._reader.close()
         self._sock.close()

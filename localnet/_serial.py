@@ -506,11 +506,35 @@ def dumps_exception(exc: BaseException, traceback_text: str) -> bytes:
         message = str(exc)
     except Exception:
         message = repr(exc)
+    # An exception that came from another peer carries that peer's traceback
+    # (``remote_traceback`` and a note), and ``traceback_text`` already shows
+    # it: pickled along, it would double at each hop of a chain of nested
+    # calls.  So the pickled exception goes without them.
+    state = getattr(exc, "__dict__", None)
+    carried: dict[str, Any] = {}
+    if state:
+        if "remote_traceback" in state:
+            carried["remote_traceback"] = state.pop("remote_traceback")
+        notes = state.get("__notes__")
+        if isinstance(notes, list) and any(_is_remote_note(n) for n in notes):
+            carried["__notes__"] = notes
+            state["__notes__"] = [n for n in notes if not _is_remote_note(n)]
     try:
         pickled: bytes | None = cloudpickle.dumps(exc, PROTOCOL)
     except Exception:
         pickled = None
+    finally:
+        if carried:
+            assert state is not None
+            state.update(carried)
     return pickle.dumps((type_name, message, traceback_text, pickled), PROTOCOL)
+
+
+def _is_remote_note(note: object) -> bool:
+    return isinstance(note, str) and note.startswith(_REMOTE_NOTE)
+
+
+_REMOTE_NOTE = "Remote traceback (most recent call last in the other peer):"
 
 
 def loads_exception(data: bytes | bytearray | memoryview) -> Exception:
@@ -540,7 +564,7 @@ def loads_exception(data: bytes | bytearray | memoryview) -> Exception:
     try:
         exc_obj.remote_traceback = traceback_text  # type: ignore[attr-defined]
         if hasattr(exc_obj, "add_note") and traceback_text:
-            exc_obj.add_note("Remote traceback (most recent call last in the other peer):\n"
+            exc_obj.add_note(_REMOTE_NOTE + "\n"
                              + traceback_text.rstrip())
     except Exception:
         pass

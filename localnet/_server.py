@@ -6,10 +6,13 @@ process is dropped before a byte is read), then announces its role in a
 
 * ``call``: a caller's channel.  Served by leader/followers: the thread
   holding the reading role reads a request, runs the handler and writes
-  the reply itself, with no hand-off between threads.  A watchdog passes
-  the reading role to another thread of the connection (an idle one, or a
-  new one up to ``max_workers``) as soon as a handler has run for 10 ms, so
-  a slow handler never stalls the callers behind it for longer than that.
+  the reply itself, with no hand-off between threads.  localnet callers
+  send one call at a time on a connection (a connection per call in
+  flight), so that is all it takes.  For a client that sends more while a
+  handler runs, a watchdog passes the reading role to another thread of the
+  connection (an idle one, or a new one up to ``max_workers``) once a
+  handler has run for 10 ms and a request is waiting.  A peer runs at most
+  ``max_workers`` calls at once in all (see ``Receiver.run_call``).
 * ``events``: a publisher's channel.  One thread reads events, runs the
   handlers in order and acknowledges the last one handled whenever it has
   nothing more buffered, so acknowledgements are batched under load and
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -287,6 +291,7 @@ class _CallConnection:
         self.busy_since = 0.0  # when the role holder began its handler; 0 while it reads
         self.closed = False
         self.results: dict[int, Payload] = {}  # replies in shared memory, until TAKEN
+        self._poll: select.poll | None = None  # the watchdog's look at the socket
 
     def run(self) -> None:
         """The body of every thread of this connection."""
@@ -330,6 +335,9 @@ class _CallConnection:
                     return
         except EOFError:
             pass
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # the caller gave up (timeout, interrupt) and closed its channel
+            logger.debug("a caller of %s left before its reply: %s", host.name, exc)
         except (ProtocolError, OSError) as exc:
             if not self.closed:
                 logger.warning("closing a call connection to %s: %s", host.name, exc)
@@ -364,9 +372,21 @@ class _CallConnection:
             since = self.busy_since
             if not since or self.closed:
                 return False
-            if now - since >= HAND_OVER_AFTER:
+            if now - since >= HAND_OVER_AFTER and self._request_waiting():
                 self._hand_over()
             return True
+
+    def _request_waiting(self) -> bool:
+        """Whether the caller sent more while the handler runs; called with the lock held.
+
+        (Nobody reads meanwhile: the reading role is in the handler.)
+        """
+        if self.reader.has_frame():
+            return True
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.sock.fileno(), select.POLLIN)
+        return bool(self._poll.poll(0))
 
     def _close(self) -> None:
         with self.lock:

@@ -55,6 +55,7 @@ import os
 import select
 import socket
 import struct
+import time
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -140,6 +141,15 @@ def close_fds(fds: Sequence[int]) -> None:
 
 class ProtocolError(ConnectionLost):
     """The other side sent something that is not a valid frame."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame declared a body longer than the reader's ``max_frame``."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(f"frame of {length} bytes exceeds the {limit}-byte limit")
+        self.length = length
+        self.limit = limit
 
 
 def pack_header(kind: int, ident: int, length: int, nfds: int = 0) -> bytes:
@@ -307,7 +317,7 @@ class FrameReader:
     """
 
     __slots__ = ("_sock", "_buf", "_view", "_start", "_end", "_fds", "max_frame", "_poll",
-                 "_with_fds")
+                 "_with_fds", "_large")
 
     def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME,
                  with_fds: bool = True) -> None:
@@ -320,6 +330,9 @@ class FrameReader:
         self.max_frame = max_frame
         self._poll: select.poll | None = None
         self._with_fds = with_fds
+        # A body larger than the buffer, while it arrives: [kind, ident, nfds,
+        # length, body, bytes got], or [] once a read was interrupted inside it.
+        self._large: list[object] | None = None
 
     def drain(self) -> list[Frame]:
         """Every whole frame already buffered, without reading the socket.
@@ -362,11 +375,15 @@ class FrameReader:
             EOFError: the other side closed the connection between frames.
             ProtocolError: a malformed or oversized frame, or EOF inside one.
             socket.timeout: nothing complete arrived within ``timeout``
-                (the partial frame stays buffered).
+                (the partial frame stays buffered: the next read goes on with it).
             OSError: the socket failed.
+
+        Any other exception inside a large frame (KeyboardInterrupt) may come
+        between a receive and its bookkeeping: the reader then refuses to
+        read on (ProtocolError) instead of misreading the rest of the frame.
         """
         start, end = self._start, self._end
-        if start == end and timeout is None:
+        if start == end and timeout is None and self._large is None:
             # The common case: nothing buffered; one system call, no helpers.
             if self._with_fds:
                 end, ancdata, flags, _ = self._sock.recvmsg_into([self._view], _CMSG_SPACE)
@@ -378,8 +395,11 @@ class FrameReader:
                 raise EOFError("connection closed")
             start = self._start = 0
             self._end = end
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._large is not None:
+            return self._read_large(deadline)
         if end - start < HEADER_SIZE:
-            self._fill(HEADER_SIZE, timeout)
+            self._fill(HEADER_SIZE, deadline)
             start, end = self._start, self._end
         version, kind, nfds, length, ident = HEADER.unpack_from(self._buf, start)
         if version != VERSION or kind not in _KINDS or length > self.max_frame \
@@ -388,9 +408,14 @@ class FrameReader:
         total = HEADER_SIZE + length
         if end - start < total:
             if total > len(self._buf):
-                body_big = self._read_large(length, timeout)
-                return kind, ident, body_big, self._take_fds(nfds, kind)
-            self._fill(total, timeout)
+                have = end - start - HEADER_SIZE
+                body = bytearray(min(length, max(have, _READ_CHUNK)))
+                body[:have] = self._view[start + HEADER_SIZE: end]
+                self._start = self._end = 0
+                self._large = [kind, ident, nfds, length, body, have]
+                del body
+                return self._read_large(deadline)
+            self._fill(total, deadline)
             start, end = self._start, self._end
         body = self._buf[start + HEADER_SIZE: start + total]
         start += total
@@ -406,9 +431,7 @@ class FrameReader:
         if kind not in _KINDS:
             raise ProtocolError(f"unknown message kind {kind}")
         if length > self.max_frame:
-            raise ProtocolError(
-                f"frame of {length} bytes exceeds the {self.max_frame}-byte limit"
-            )
+            raise FrameTooLarge(length, self.max_frame)
         raise ProtocolError(f"frame declares {nfds} descriptors (at most {MAX_FDS})")
 
     def _take_fds(self, nfds: int, kind: int = _FD_KIND_ANY) -> list[int]:
@@ -422,40 +445,52 @@ class FrameReader:
             raise ProtocolError(f"a {Kind(kind).name} frame cannot carry descriptors")
         return fds
 
-    def _fill(self, need: int, timeout: float | None) -> None:
+    def _fill(self, need: int, deadline: float | None) -> None:
         """Read until at least ``need`` bytes are buffered past ``_start``."""
         if self._start and len(self._buf) - self._start < need:
             pending = self._end - self._start
             self._buf[:pending] = self._view[self._start : self._end]
             self._start, self._end = 0, pending
         while self._end - self._start < need:
-            n = self._recv_into(self._view[self._end :], timeout)
+            n = self._recv_into(self._view[self._end :], deadline)
             if n == 0:
                 if self._end == self._start:
                     raise EOFError("connection closed")
                 raise ProtocolError("connection closed in the middle of a frame")
             self._end += n
 
-    def _read_large(self, length: int, timeout: float | None) -> bytearray:
-        """Read a body larger than the buffer, growing only as bytes arrive."""
-        have = self._end - self._start - HEADER_SIZE
-        body = bytearray(min(length, max(have, _READ_CHUNK)))
-        body[:have] = self._view[self._start + HEADER_SIZE : self._end]
-        self._start = self._end = 0
-        got = have
-        while got < length:
-            if got == len(body):  # double, as the bytes actually arrive
-                body.extend(bytes(min(length - got, len(body))))
-            with memoryview(body) as view:
-                n = self._recv_into(view[got:], timeout)
-            if n == 0:
-                raise ProtocolError("connection closed in the middle of a frame")
-            got += n
-        return body
+    def _read_large(self, deadline: float | None) -> Frame:
+        """Go on reading the large body begun in ``_large``, growing it as bytes arrive."""
+        large = self._large
+        assert large is not None
+        if not large:
+            raise ProtocolError("an earlier read was interrupted inside a frame")
+        kind, ident, nfds, length, body, got = large
+        assert isinstance(body, bytearray) and isinstance(length, int) and isinstance(got, int)
+        try:
+            while got < length:
+                if got == len(body):  # double, as the bytes actually arrive
+                    body.extend(bytes(min(length - got, len(body))))
+                with memoryview(body) as view:
+                    n = self._recv_into(view[got:], deadline)
+                if n == 0:
+                    raise ProtocolError("connection closed in the middle of a frame")
+                got += n
+                large[5] = got
+        except TimeoutError:
+            body = bytearray()  # not kept alive by the traceback: _large holds it
+            raise
+        except BaseException:
+            large.clear()  # bytes may be lost: refuse to go on; free the body
+            body = bytearray()
+            raise
+        self._large = None
+        assert isinstance(kind, int) and isinstance(ident, int) and isinstance(nfds, int)
+        return kind, ident, body, self._take_fds(nfds, kind)
 
-    def _recv_into(self, view: memoryview, timeout: float | None) -> int:
-        if timeout is not None:
-            self._wait_readable(timeout)
+    def _recv_into(self, view: memoryview, deadline: float | None) -> int:
+        if deadline is not None:
+            self._wait_readable(deadline - time.monotonic())
         if not self._with_fds:
             return self._sock.recv_into(view)
         n, ancdata, flags, _ = self._sock.recvmsg_into([view], _CMSG_SPACE)
@@ -480,7 +515,9 @@ class FrameReader:
             raise TimeoutError("timed out waiting for a frame")
 
     def close(self) -> None:
-        """Close descriptors received but never handed out."""
+        """Close descriptors received but never handed out; drop a half-read body."""
+        if self._large:
+            self._large.clear()
         while self._fds:
             try:
                 os.close(self._fds.popleft())

@@ -15,6 +15,7 @@ Every error localnet raises derives from :class:`LocalnetError`, so one
     ├── PeerClosed                you closed this peer and then used it (or a forked child used
     │                             its parent's)
     ├── OutOfResources            the system refused descriptors, disk or memory (also an OSError)
+    ├── TooManyCalls              a limit on calls at once was reached (nothing ran)
     └── Timeout                   an operation took longer than its timeout (also a TimeoutError)
 
 A remote call re-raises the remote exception as its own type when it can be
@@ -42,6 +43,7 @@ __all__ = [
     "RemoteError",
     "SerializationError",
     "Timeout",
+    "TooManyCalls",
     "UnknownConnection",
 ]
 
@@ -140,6 +142,16 @@ class PeerClosed(LocalnetError):
 
     Also raised in a forked child that uses a peer of its parent's: the
     child gets its own peer on first use, or makes a new ``Peer``.
+    """
+
+
+class TooManyCalls(LocalnetError):
+    """A limit on concurrent calls was reached, so this call did not run.
+
+    Either the calling peer already had ``max_calls`` calls in flight to that
+    peer, or the called peer was already running ``max_workers`` calls (each
+    nested callback holds one on each side).  The message names the limit
+    and the ``Peer`` keyword that raises it.
     """
 
 

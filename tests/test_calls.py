@@ -8,7 +8,6 @@ import threading
 import pytest
 
 import localnet
-from localnet._calls import CHANNELS_PER_PEER
 
 SERVER = """
 import threading
@@ -273,37 +272,39 @@ def test_concurrent_callers_use_a_bounded_number_of_connections(server) -> None:
         for t in threads:
             t.join(60)
         assert not errors
-        assert list(me._caller._channels) == ["server"]
-        # one connection per calling thread up to the cap; beyond it, shared
-        assert len(me._caller.channels("server")) == CHANNELS_PER_PEER
+        assert list(me._caller._pools) == ["server"]
+        # at most one connection per call in flight
+        assert 1 <= len(me._caller.channels("server")) <= 12
         assert me.stats().calls_made == 12 * 200
 
 
-def test_threads_beyond_the_cap_multiplex_one_connection(server) -> None:
-    errors: list[BaseException] = []
+def test_a_lone_thread_reuses_one_connection(server) -> None:
     with localnet.Peer(name="caller") as me:
-        for _ in range(CHANNELS_PER_PEER - 1):  # fill the pool from other threads
-            t = threading.Thread(target=lambda: add(1, 1, peer="server"))
+        for i in range(50):
+            assert add(i, 1, peer="server") == i + 1
+        assert len(me._caller.channels("server")) == 1
+
+
+def test_calls_beyond_max_calls_raise_too_many_calls(server) -> None:
+    with localnet.Peer(name="caller", max_calls=2) as me:
+        remote = localnet.peer("server")
+        results: list[object] = []
+        blocked = [threading.Thread(target=lambda n=n: results.append(remote.block(n)))
+                   for n in range(2)]
+        for t in blocked:  # one after the other: their lines must not interleave
             t.start()
+            server.expect("BLOCKING")
+        try:
+            with pytest.raises(localnet.TooManyCalls, match=r"max_calls=\.\.\."):
+                remote.echo(1)
+        finally:  # another peer of this process, with calls to spare
+            with localnet.Peer(name="helper") as helper:
+                assert helper.call("server", "unblock", (), {}) is True
+        for t in blocked:
             t.join(10)
-        assert echo(0, peer="server") == 0
-        shared = me._caller.channels("server")
-        assert len(shared) == CHANNELS_PER_PEER
-
-        def worker(n: int) -> None:
-            try:
-                for i in range(300):
-                    assert add(n, i, peer="server") == n + i
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors
-        assert me._caller.channels("server") == shared  # no new connection: they shared
+        assert sorted(results) == [0, 1]  # type: ignore[type-var]
+        assert remote.echo(2) == 2
+        assert len(me._caller.channels("server")) == 2
 
 
 def test_slow_handler_does_not_stall_other_callers(server) -> None:
@@ -348,3 +349,83 @@ def test_call_timeout_of_one_thread_leaves_others_working(server) -> None:
 def test_calling_yourself_works(server) -> None:
     with localnet.Peer(name="selfish"):
         assert add(1, 2, peer="selfish") == 3
+
+
+SMALL_FRAMES = """
+@localnet.connect()
+def echo(x):
+    return x
+
+@localnet.connect()
+def blob(n):
+    return b"x" * n
+
+peer = localnet.Peer(name="small", max_frame=2 * 1024 * 1024, shm_threshold=None).start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_different_max_frames_give_clear_errors(spawn) -> None:
+    spawn(SMALL_FRAMES)
+    with localnet.Peer(name="caller", max_frame=4 * 1024 * 1024) as me:
+        # over the callee's limit: refused here, before sending, naming its limit
+        with pytest.raises(localnet.SerializationError,
+                           match=r"2097152-byte message limit of peer 'small'.*max_frame"):
+            echo(b"x" * (3 * 1024 * 1024), peer="small")
+        assert echo(b"ok", peer="small") == b"ok"
+        # a reply over this peer's limit
+        with localnet.Peer(name="picky", max_frame=1024 * 1024) as picky:
+            assert len(picky.call("small", "blob", (1000 * 1000,), {})) == 1000 * 1000
+            with pytest.raises(localnet.SerializationError,
+                               match=r"answered with .* over this peer's 1048576-byte"):
+                picky.call("small", "blob", (1536 * 1024,), {})  # within the callee's
+            assert picky.call("small", "echo", (1,), {}) == 1
+        assert echo(b"again", peer="small") == b"again"
+        assert me.stats().calls_made >= 2
+
+
+def test_closing_the_caller_fails_its_pending_call_with_peer_closed(server) -> None:
+    me = localnet.Peer(name="caller").start()
+    remote = me.peer("server")
+    outcome: list[BaseException] = []
+
+    def blocked() -> None:
+        try:
+            remote.block("pending")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    server.expect("BLOCKING pending")
+    me.close()
+    t.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], localnet.PeerClosed), outcome
+    assert "'caller' was closed" in str(outcome[0])
+    with localnet.Peer(name="other") as other:  # the server is alive and well
+        assert other.call("server", "unblock", (), {}) is True
+
+
+def test_a_client_that_pipelines_on_one_connection_is_still_served(server) -> None:
+    # localnet callers send one call at a time per connection; a hand-written
+    # client may send the next while a handler runs: the watchdog hands on.
+    from helpers import raw_channel
+
+    from localnet import _serial, _wire
+
+    with localnet.Peer(name="caller") as me:
+        address = me.lookup("server")["address"]
+    sock = raw_channel(address, "call")
+    with sock:
+        for ident, call in ((1, ("block", ("raw",), {})), (2, ("echo", (5,), {}))):
+            payload = _serial.dumps_call(*call, "an argument of", None)
+            assert isinstance(payload, bytes)
+            _wire.send_frame(sock, _wire.Kind.CALL, ident, payload)
+        server.expect("BLOCKING raw")
+        reader = _wire.FrameReader(sock)
+        kind, ident, body, _ = reader.read(10)  # echo, while block still runs
+        assert (kind, ident, _serial.loads(body, "the result of")) == (_wire.Kind.REPLY, 2, 5)
+        with localnet.Peer(name="helper") as helper:
+            assert helper.call("server", "unblock", (), {}) is True
+        kind, ident, body, _ = reader.read(10)
+        assert (kind, ident, _serial.loads(body, "the result of")) == (_wire.Kind.REPLY, 1, "raw")

@@ -18,7 +18,6 @@ import pytest
 from helpers import gone, registry_pid, wait_until
 
 import localnet
-from localnet._calls import CHANNELS_PER_PEER
 
 # A process a connection or handler starts, kept so reap() can wait for it.
 SLEEPERS = """
@@ -136,7 +135,7 @@ def test_every_serving_thread_has_the_mask_of_the_thread_that_started_the_peer(s
         'peer = localnet.Peer(name="launcher").start()'), ready=None)
     started_with = json.loads(child.expect("READY")[6:])
     assert started_with == [int(signal.SIGUSR1)]
-    callers = CHANNELS_PER_PEER + 4  # some calls share a connection
+    callers = 12  # each on a connection and a serving thread of its own
     results: list[tuple[str, list[int]]] = []
     errors: list[BaseException] = []
     with localnet.Peer(name="driver"):
@@ -155,7 +154,7 @@ def test_every_serving_thread_has_the_mask_of_the_thread_that_started_the_peer(s
             thread.join(40)
     assert not errors
     names = {name for name, _ in results}
-    assert "localnet-call" in names and "localnet-conn" in names, names
+    assert names == {"localnet-conn"}, names
     assert all(mask == started_with for _, mask in results), results
 
 

@@ -7,6 +7,7 @@ import pickle
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,38 @@ def test_reader_rejects_bad_headers_before_allocating(header: bytes, why: str) -
         a.sendall(header + b"abcd")
         with pytest.raises(ProtocolError, match=why):
             FrameReader(b, max_frame=1024).read(5)
+
+
+def test_read_timeout_is_one_deadline_and_a_large_frame_resumes() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        body = os.urandom(3 * 1024 * 1024)  # larger than the reader's buffer
+        frame = _wire.pack_header(Kind.REPLY, 7, len(body)) + body
+        reader = FrameReader(b)
+        stop = threading.Event()
+        sent = [len(frame) // 2]
+
+        def trickle() -> None:  # half the frame, then a little every 50 ms
+            a.sendall(frame[: sent[0]])
+            while not stop.wait(0.05):
+                a.sendall(frame[sent[0]: sent[0] + 10])
+                sent[0] += 10
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        try:
+            start = time.monotonic()
+            with pytest.raises(TimeoutError):
+                reader.read(0.5)  # each wait is short; the whole read is not
+            assert time.monotonic() - start < 0.5 + 1.0
+        finally:
+            stop.set()
+            sender.join(10)
+        rest = threading.Thread(target=a.sendall, args=(frame[sent[0]:],))
+        rest.start()
+        kind, ident, got, fds = reader.read(10)  # goes on where it was
+        rest.join(10)
+        assert (kind, ident, fds, got == body) == (Kind.REPLY, 7, [], True)
 
 
 def test_eof_inside_a_frame_is_a_protocol_error() -> None:
