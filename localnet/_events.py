@@ -20,7 +20,8 @@ A stopped or slow subscriber therefore delays a trigger by at most
 Counts, per event and per subscriber: ``sent`` (accepted into the outbox),
 ``delivered`` (acknowledged after the subscriber's handlers ran),
 ``dropped`` (refused because the outbox was full) and ``failed`` (sent but
-never acknowledged: the subscriber died or left first).
+never acknowledged: the subscriber died or left first; or acknowledged as
+failed: the subscriber could not rebuild it, or a handler raised).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from ._wire import (
     pack_items,
     send_frame,
     send_raw_with_fds,
+    unpack_ack,
 )
 
 logger = logging.getLogger("localnet.events")
@@ -277,7 +279,7 @@ class Outbox:
     def _read_acks(self, reader: FrameReader) -> None:
         queue = self._queue
         while True:
-            kind, seq, _, _ = reader.read()
+            kind, seq, body, _ = reader.read()
             if kind != Kind.ACK:
                 raise ProtocolError(f"unexpected {Kind(kind).name} frame from a subscriber")
             settle: list[Payload] = []
@@ -286,15 +288,18 @@ class Outbox:
                 if n > self._written:
                     raise ProtocolError(f"the subscriber acknowledged event {seq}, "
                                         f"which was never sent")
+                failed = unpack_ack(body, self._base, seq) if body else None
                 if n > 0:
                     done = queue[:n]
                     del queue[:n]
-                    self._base = seq
-                    self._written -= n
-                    if self._only is not None:
+                    if failed:  # some of them could not be handled
+                        self._count_failed(done, failed)
+                    elif self._only is not None:
                         self._delivered[self._only] += n
                     else:
                         self._delivered.update(map(_event_of, done))  # counted in C
+                    self._base = seq
+                    self._written -= n
                     if self._payloads:
                         settle = _payloads_in(done)
                         self._payloads -= len(settle)
@@ -308,6 +313,17 @@ class Outbox:
             if settled:
                 self.close()
                 return
+
+    def _count_failed(self, done: list[tuple[str, bytes | Payload]],
+                      ranges: list[tuple[int, int]]) -> None:
+        """Count acknowledged events ``done`` (from ``_base + 1``) delivered,
+        but those in ``ranges`` failed; called with the lock held."""
+        base, start = self._base + 1, 0
+        for low, high in ranges:
+            self._delivered.update(map(_event_of, done[start:low - base]))
+            self._failed.update(map(_event_of, done[low - base:high - base + 1]))
+            start = high - base + 1
+        self._delivered.update(map(_event_of, done[start:]))
 
     def retire(self) -> None:
         """Take no more events; close once those already sent are acknowledged.

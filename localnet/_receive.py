@@ -4,16 +4,29 @@ A :class:`Receiver` is what a peer's :class:`~localnet._server.Server`
 hands incoming work to.  ``run_call`` runs one call and returns its reply;
 ``event_receiver`` makes the function that runs this process's handlers
 for the events of one publisher's channel, whose counts it keeps per event
-(``received``, ``handled``, ``failed``: :class:`~localnet._stats.ReceivedCounts`).
+(``received``, ``handled``, ``failed``: :class:`~localnet._stats.ReceivedCounts`)
+and which returns the sequence numbers of the events it could not handle
+(see :func:`~localnet._wire.pack_ack`), so the publisher counts them failed.
+
+An event counts as failed when it cannot be rebuilt here (its class is
+missing in this process, say), when one of its handlers raises, or when a
+handler returns an awaitable (an ``async def`` handler): handlers are plain
+calls here, so the coroutine is closed unrun.  The first such failure per
+publisher and event is also written to stderr (:func:`tell_once`), since the
+``localnet`` logger prints nothing unless the application configures logging.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import pickletools
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from inspect import isawaitable
 from itertools import accumulate, chain, pairwise
 from typing import Any
 
@@ -26,6 +39,8 @@ logger = logging.getLogger("localnet.peer")
 
 _REPLY = int(Kind.REPLY)
 _NO_RUN = object()  # equal to no event name
+#: Sequences of events that could not be handled, as ``[first, last]`` ranges.
+Failed = list[list[int]]
 
 
 @dataclass(frozen=True)
@@ -90,13 +105,15 @@ class Receiver:
             self.counts[1] += 1
             return Kind.ERROR, _error_reply(exc)
 
-    def event_receiver(self, publisher: dict[str, Any]) -> Callable[[list[Frame]], None]:
+    def event_receiver(self, publisher: dict[str, Any]) -> Callable[[list[Frame]], Failed]:
         """A function that runs this process's handlers for a batch of one publisher's events.
 
         The batch is what arrived together, in order; the channel acknowledges
-        it as a whole afterwards.  What depends only on the publisher (its
-        context record, which subscriptions accept it) is worked out once per
-        event name and kept until the catalog changes.
+        it as a whole afterwards, naming the events that failed (the function
+        returns them as ``[first, last]`` ranges of sequence numbers; usually
+        none).  What depends only on the publisher (its context record, which
+        subscriptions accept it) is worked out once per event name and kept
+        until the catalog changes.
         """
         name, group, hub = publisher.get("name", ""), publisher.get("group"), \
             bool(publisher.get("hub"))
@@ -104,64 +121,116 @@ class Receiver:
         cache: dict[str, tuple[EventContext, tuple[Callable[..., Any], ...], list[int]]] = {}
         table = [CATALOG.by_event]
         received, handling, loads = self.received, _handling, _serial.unpickle
+        # The frame being handled: the sequence of its first event and its
+        # events (None stands for one that could not be rebuilt), so a failure
+        # finds its event's sequence; and the last sequence seen on the channel.
+        where: list[Any] = [0, None, 0]
 
-        def unpickled(frames: list[Frame]) -> Iterator[list[Any]]:
+        def unreadable(failed: Failed, first: int, last: int, body: Any,
+                       exc: BaseException) -> None:
+            # Events first..last could not be rebuilt (body: the one event's
+            # pickle, when there is one, which usually still names the event).
+            if first <= last:
+                failed.append([first, last])
+            event = _event_name(body) if body is not None else None
+            if event is not None:
+                counts = received.setdefault(event, [0, 0, 0])
+                counts[0] += 1
+                counts[2] += 1
+            what = f"event {event!r}" if event is not None else \
+                "an event" if first == last else f"{max(0, last - first + 1)} events"
+            cause = exc.__cause__ or exc
+            tell_once((name, pid, event, "rebuild"),
+                      f"peer {self.name!r} cannot rebuild {what} from peer {name!r} "
+                      f"({type(cause).__name__}: {cause}); it counts as failed, here and at "
+                      f"the publisher")
+
+        def seq_of(message: Any) -> int:
+            for i, other in enumerate(where[1] or ()):
+                if other is message:
+                    return int(where[0]) + i
+            return int(where[0])
+
+        def unpickled(frames: list[Frame], failed: Failed) -> Iterator[list[Any]]:
             # A frame holds one payload, a list of items (_wire.pack_items), or a
             # batch of whole pickles (_wire.pack_batch).  Its events are rebuilt
             # when the previous frame's were handled (see ITEMS_PER_FRAME).
-            for _, _, body, fds in frames:
+            for _, ident, body, fds in frames:
+                previous = where[2]
+                where[2] = ident
                 if not fds and body and body[0] == ITEMS_MARK:  # the common case
                     try:
                         items = loads(body[1:])
                         if type(items) is not list:
                             raise ValueError(f"{type(items).__name__}, not a list")
-                    except Exception:
+                    except Exception as exc:
                         logger.exception("dropping a batch of events from %r that cannot "
                                          "be rebuilt (%d bytes)", name, len(body))
+                        unreadable(failed, previous + 1, ident, None, exc)
                         continue
+                    where[0], where[1] = ident - len(items) + 1, items
                     yield items
+                    where[1] = None
                     del items
                     continue
                 if fds or not body or body[0] != BATCH_MARK:  # one payload
                     try:
                         message = _serial.loads(body, "an event", fds)
-                    except Exception:
+                    except Exception as exc:
                         logger.exception("dropping an event from %r that cannot be rebuilt",
                                          name)
+                        unreadable(failed, ident, ident, body, exc)
                         continue
-                    yield [message]
+                    where[0], where[1] = ident, [message]
+                    yield where[1]
+                    where[1] = None
                     continue
                 try:
                     first, sizes = unpack_batch(body)
                 except ValueError as exc:
                     logger.error("dropping a malformed batch of events from %r: %s", name, exc)
+                    unreadable(failed, previous + 1, ident, None, exc)
                     continue
                 messages: list[Any] = []
+                where[0] = ident - len(sizes) + 1
                 for start, end in pairwise(accumulate(sizes, initial=first)):
                     try:
                         messages.append(loads(body[start:end]))
-                    except Exception:
+                    except Exception as exc:
                         logger.exception("dropping an event from %r that cannot be rebuilt",
                                          name)
+                        seq = where[0] + len(messages)
+                        messages.append(None)
+                        unreadable(failed, seq, seq, body[start:end], exc)
+                where[1] = messages
                 yield messages
+                where[1] = None
                 del messages
 
-        def receive(frames: list[Frame]) -> None:
+        def malformed(message: Any, failed: Failed) -> None:
+            logger.error("dropping a malformed event from %r", name)
+            seq = seq_of(message)
+            failed.append([seq, seq])
+
+        def receive(frames: list[Frame]) -> Failed:
             # Invariant: events are handled in the order they arrived.  A run
             # is consecutive events of one name: its handlers are looked up
             # once, and its counts kept in the locals n (received) and handled
             # until the run ends, when they are added to received[event]
-            # (ReceivedCounts); a handler's failure is added at once.
+            # (ReceivedCounts); a handler's failure is added at once, and its
+            # event's sequence goes to ``failed`` (see seq_of).
             run: object = _NO_RUN
             handlers: tuple[Callable[..., Any], ...] = ()
             counts = [0, 0, 0]
             n = handled = 0
+            failed: Failed = []
             try:
-                for message in chain.from_iterable(unpickled(frames)):
+                for message in chain.from_iterable(unpickled(frames, failed)):
                     try:
                         event, args, kwargs = message
                     except (TypeError, ValueError):
-                        logger.error("dropping a malformed event from %r", name)
+                        if message is not None:  # (None: could not be rebuilt, counted)
+                            malformed(message, failed)
                         continue
                     # (checked per event: a handler may unsubscribe itself)
                     if event != run or table[0] is not CATALOG.by_event:
@@ -175,7 +244,7 @@ class Receiver:
                         entry = cache.get(event) if type(event) is str else None
                         if entry is None:
                             if type(event) is not str:
-                                logger.error("dropping a malformed event from %r", name)
+                                malformed(message, failed)
                                 continue
                             handlers = tuple(s.handler for s in table[0].get(event, ())
                                              if s.accepts(name, group, hub))
@@ -187,13 +256,18 @@ class Receiver:
                     n += 1
                     for handler in handlers:
                         try:
-                            if kwargs:
-                                handler(*args, **kwargs)
-                            else:
-                                handler(*args)
+                            result = handler(*args, **kwargs) if kwargs else handler(*args)
+                            if result is not None and isawaitable(result):
+                                counts[2] += 1
+                                seq = seq_of(message)
+                                failed.append([seq, seq])
+                                _not_awaited(result, handler, event, name, pid)
+                                continue
                             handled += 1
                         except Exception:
                             counts[2] += 1
+                            seq = seq_of(message)
+                            failed.append([seq, seq])
                             logger.exception("handler %s for event %r from %r raised",
                                              getattr(handler, "__qualname__", handler), event,
                                              name)
@@ -201,8 +275,73 @@ class Receiver:
                 counts[0] += n
                 counts[1] += handled
                 handling.context = None
+            return failed
 
         return receive
+
+_told: set[tuple[str, int, str | None, str]] = set()
+_TOLD_MAX = 1000  # distinct failures told about; then only the logger
+
+
+def tell_once(key: tuple[str, int, str | None, str], message: str) -> None:
+    """Write ``message`` to stderr the first time ``key`` fails: (publisher, its pid,
+    event, kind of failure).
+
+    Logging is the application's to configure, and the ``localnet`` logger
+    has only a NullHandler by default: a failure nobody configured logging
+    for would otherwise leave no trace.  One line per (publisher, event)
+    keeps a stream of failures from flooding stderr; the caller logs every one.
+    """
+    if key in _told or len(_told) >= _TOLD_MAX:
+        return
+    _told.add(key)
+    try:
+        sys.stderr.write(f"localnet: {message} (shown once per publisher and event; "
+                         f"every failure goes to the 'localnet' logger)\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass  # no usable stderr
+
+
+def _not_awaited(result: Any, handler: Callable[..., Any], event: str, publisher: str,
+                 pid: int) -> None:
+    """A handler returned an awaitable (``async def``): close it unrun and say so."""
+    close = getattr(result, "close", None)
+    if close is not None:
+        try:
+            close()  # a coroutine never started: no "never awaited" warning
+        except Exception:
+            pass
+    what = getattr(handler, "__qualname__", repr(handler))
+    message = (f"handler {what} for event {event!r} from peer {publisher!r} returned a "
+               f"{type(result).__name__} object, which localnet cannot await: subscription "
+               f"handlers must be plain functions; the event counts as failed")
+    logger.error("%s", message)
+    tell_once((publisher, pid, event, "await"), message)
+
+
+_STRINGS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"})
+
+
+def _event_name(body: Any) -> str | None:
+    """The event name in the pickle of an event that cannot be rebuilt, if it shows.
+
+    The pickle of ``(name, args, kwargs)`` pushes the name first; its opcodes
+    are read without running any of them.
+    """
+    try:
+        data = bytes(body[:4096])
+        if data[:1] == b"O":  # shared memory: a table of segments, then the pickle
+            count = _serial._COUNT.unpack_from(data, 1)[0]
+            data = data[1 + _serial._COUNT.size + count * _serial._ENTRY.size:]
+        for number, (opcode, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
+            if opcode.name in _STRINGS:
+                return str(arg)
+            if number > 4:
+                return None
+    except Exception:
+        return None
+    return None
 
 
 def _error_reply(exc: BaseException) -> bytes:

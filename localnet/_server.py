@@ -13,7 +13,8 @@ process is dropped before a byte is read), then announces its role in a
 * ``events``: a publisher's channel.  One thread reads events, runs the
   handlers in order and acknowledges the last one handled whenever it has
   nothing more buffered, so acknowledgements are batched under load and
-  immediate otherwise.
+  immediate otherwise.  An acknowledgement names the events among them
+  that failed (see ``_wire.pack_ack``), if any.
 
 A malformed or oversized frame, or a protocol violation, closes that one
 connection (and is logged); everyone else is served on.
@@ -40,6 +41,7 @@ from ._wire import (
     ProtocolError,
     close_fds,
     decode_control,
+    pack_ack,
     send_frame,
 )
 
@@ -60,7 +62,8 @@ class Host(Protocol):
     def run_call(self, body: bytes | bytearray, fds: list[int]) -> tuple[int, bytes | Payload]:
         ...
 
-    def event_receiver(self, publisher: dict[str, Any]) -> Callable[[list[Frame]], None]:
+    def event_receiver(self, publisher: dict[str, Any]
+                       ) -> Callable[[list[Frame]], list[list[int]]]:
         ...
 
 
@@ -177,7 +180,7 @@ class Server:
 
     @staticmethod
     def _receive_loop(sock: socket.socket, reader: FrameReader,
-                      receive: Callable[[list[Frame]], None]) -> None:
+                      receive: Callable[[list[Frame]], list[list[int]]]) -> None:
         read, drain = reader.read, reader.drain
         while True:
             batch = [read()]  # waits for the next event,
@@ -188,8 +191,11 @@ class Server:
                         close_fds(frame[3])
                     raise ProtocolError(
                         f"unexpected {Kind(kind).name} frame on an event channel")
-            receive(batch)  # handles it all,
-            send_frame(sock, _ACK, batch[-1][1])  # and acknowledges it at once
+            failed = receive(batch)  # handles it all,
+            if failed:  # and acknowledges it at once, naming what failed
+                sock.sendall(pack_ack(batch[-1][1], failed))
+            else:
+                send_frame(sock, _ACK, batch[-1][1])
 
     def close(self, drain: float = 0.0) -> None:
         """Stop accepting, close every connection and remove the socket file.

@@ -1,0 +1,170 @@
+"""Events that fail in the subscriber count as failed, on both sides, visibly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import localnet
+
+# A publisher whose events may carry a class its subscribers cannot import:
+# Shape lives in a module on the publisher's sys.path only (argv[1]).
+PUBLISHER = """
+sys.path.insert(0, sys.argv[1])
+from shapes import Shape
+
+@localnet.event("tick")
+def tick(*args, **kwargs):
+    return args, kwargs
+
+@localnet.connect()
+def fire(kinds):
+    for i, kind in enumerate(kinds):
+        if kind == "shape":
+            tick(i, Shape(i))
+        elif kind == "big":  # too large to share a frame: travels alone
+            tick(i, Shape("x" * 100_000))
+        else:
+            tick(i, "plain")
+    peer.flush(20)
+    return True
+
+@localnet.connect()
+def stats():
+    import dataclasses
+    return dataclasses.asdict(peer.stats())
+
+peer = localnet.Peer(name="pub")
+peer.start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def start_publisher(spawn, tmp_path: Path) -> None:
+    (tmp_path / "shapes.py").write_text(
+        "class Shape:\n    def __init__(self, x):\n        self.x = x\n")
+    spawn(PUBLISHER, args=[str(tmp_path)])
+
+
+def test_an_async_handler_counts_as_failed_and_is_never_left_unawaited(spawn, tmp_path,
+                                                                        capfd) -> None:
+    # The suite turns warnings into errors: a coroutine left unawaited would
+    # fail this test with "coroutine ... was never awaited".
+    start_publisher(spawn, tmp_path)
+    ran: list[int] = []
+    plain: list[int] = []
+    with localnet.Peer(name="me") as me:
+
+        @localnet.subscribe("tick")
+        async def on_tick(i, value):
+            ran.append(i)  # never runs: handlers are not awaited (yet)
+
+        @localnet.subscribe("tick")
+        def also_on_tick(i, value):
+            plain.append(i)
+
+        try:
+            assert localnet.peer("pub").fire(["plain"] * 5) is True
+        finally:
+            localnet.unsubscribe(on_tick)
+            localnet.unsubscribe(also_on_tick)
+        mine = me.stats().received["tick"]
+        theirs = localnet.peer("pub").stats()["published"]["tick"]
+    assert ran == [] and plain == [0, 1, 2, 3, 4]
+    assert mine == localnet.ReceivedCounts(received=5, handled=5, failed=5)
+    assert theirs == {"sent": 5, "delivered": 0, "dropped": 0, "failed": 5}
+    err = capfd.readouterr().err
+    assert err.count("cannot await") == 1, err  # once per publisher and event
+    assert "on_tick" in err and "'tick'" in err and "'pub'" in err
+
+
+def test_an_event_the_subscriber_cannot_rebuild_counts_as_failed_on_both_sides(
+        spawn, tmp_path, capfd) -> None:
+    start_publisher(spawn, tmp_path)
+    kinds = ["plain", "shape", "plain", "shape", "shape", "big", "plain"] * 30
+    got: list[int] = []
+    with localnet.Peer(name="me") as me:
+
+        @localnet.subscribe("tick")
+        def on_tick(i, value):
+            got.append(i)
+
+        try:
+            assert localnet.peer("pub").fire(kinds) is True
+        finally:
+            localnet.unsubscribe(on_tick)
+        mine = me.stats().received["tick"]
+        theirs = localnet.peer("pub").stats()["published"]["tick"]
+    plain = [i for i, kind in enumerate(kinds) if kind == "plain"]
+    broken = len(kinds) - len(plain)
+    assert got == plain
+    assert mine == localnet.ReceivedCounts(received=len(kinds), handled=len(plain),
+                                           failed=broken)
+    assert theirs == {"sent": len(kinds), "delivered": len(plain), "dropped": 0,
+                      "failed": broken}
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "cannot rebuild" in line]
+    assert len(lines) == 1, err  # visible without logging set up, once per publisher and event
+    assert "event 'tick'" in lines[0] and "'pub'" in lines[0] and "shapes" in lines[0]
+
+
+FRAGILE = """
+@localnet.subscribe("tick")
+def on_tick(i, source=None):
+    if i % 2:
+        raise RuntimeError(f"odd {i}")
+
+@localnet.connect()
+def stats():
+    import dataclasses
+    return dataclasses.asdict(peer.stats())
+
+peer = localnet.Peer(name="fragile")
+peer.start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_a_handler_that_raises_counts_its_event_failed_at_the_publisher(spawn) -> None:
+    # Every other event fails: more failed ranges than one acknowledgement
+    # carries, so the subscriber splits its acknowledgement.
+    spawn(FRAGILE)
+
+    @localnet.event("tick")
+    def tick(*args, **kwargs):
+        return args, kwargs
+
+    with localnet.Peer(name="pub") as me:
+        for i in range(1000):
+            tick(i)
+        me.flush(20)
+        theirs = me.stats().published["tick"]
+        mine = localnet.peer("fragile").stats()["received"]["tick"]
+    assert theirs == localnet.EventCounts(sent=1000, delivered=500, dropped=0, failed=500)
+    assert mine == {"received": 1000, "handled": 500, "failed": 500}
+
+
+def test_acknowledgements_name_failed_events_in_ranges() -> None:
+    from localnet import _wire
+
+    def frames(data: bytes) -> list[tuple[int, list[tuple[int, int]]]]:
+        out, after = [], 0
+        while data:
+            _, kind, _, length, ident = _wire.HEADER.unpack_from(data)
+            assert kind == _wire.Kind.ACK and length <= 1024
+            body = data[_wire.HEADER_SIZE:_wire.HEADER_SIZE + length]
+            out.append((ident, _wire.unpack_ack(body, after, ident)))
+            after, data = ident, data[_wire.HEADER_SIZE + length:]
+        return out
+
+    assert frames(_wire.pack_ack(9, [])) == [(9, [])]
+    assert frames(_wire.pack_ack(9, [[5, 5], [2, 3], [4, 4], [8, 12]])) == [(9, [(2, 5), (8, 9)])]
+    many = frames(_wire.pack_ack(1000, [[i, i] for i in range(1, 1000, 2)]))
+    assert [r for _, ranges in many for r in ranges] == [(i, i) for i in range(1, 1000, 2)]
+    assert many[-1][0] == 1000 and len(many) == 8
+    for bad in (b"x", _wire._RANGE.pack(3, 2), _wire._RANGE.pack(0, 1),
+                _wire._RANGE.pack(2, 3) + _wire._RANGE.pack(3, 4)):
+        try:
+            _wire.unpack_ack(bad, 0, 9)
+        except _wire.ProtocolError:
+            continue
+        raise AssertionError(f"{bad!r} accepted")
