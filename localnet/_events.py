@@ -128,8 +128,10 @@ class Outbox:
         when it is dropped.
         """
         with self._lock:
-            if self.closed or self.retiring or (len(self._queue) >= self.limit
-                                                and not self._wait_for_room()):
+            # A retiring outbox still takes the events of triggers that found
+            # it in the routes before it left them: its subscriber handles them
+            # before it closes, and no other outbox got them.
+            if self.closed or (len(self._queue) >= self.limit and not self._wait_for_room()):
                 self._dropped[event] = self._dropped.get(event, 0) + 1
                 if type(frame) is not bytes:
                     frame.settle()  # type: ignore[union-attr]
@@ -326,10 +328,12 @@ class Outbox:
         self._delivered.update(map(_event_of, done[start:]))
 
     def retire(self) -> None:
-        """Take no more events; close once those already sent are acknowledged.
+        """Close once the events queued so far are acknowledged.
 
-        For a subscriber that unsubscribed or left: what it was sent still
-        reaches it (it drains its channels before closing).
+        For a subscriber that unsubscribed, left, or handed its subscriptions
+        over: what it was sent still reaches it (it drains its channels before
+        closing).  Called once no route leads here any more; only a trigger
+        that looked the routes up just before may still queue an event.
         """
         with self._lock:
             if self.closed:

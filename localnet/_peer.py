@@ -36,7 +36,7 @@ from ._remote import RemotePeer
 from ._server import Server
 from ._stats import EventCounts, ReceivedCounts, Stats, snapshot
 from ._wire import DEFAULT_MAX_FRAME
-from .errors import ConfigurationError, PeerClosed, PeerNotFound, Timeout
+from .errors import ConfigurationError, LocalnetError, PeerClosed, PeerNotFound, Timeout
 
 __all__ = ["EventContext", "EventCounts", "Peer", "ReceivedCounts", "State", "Stats",
            "current_event", "default_name"]
@@ -202,11 +202,13 @@ class Peer:
             self._server = Server(self._receiver, self.address)
             self._server.start()
             CATALOG.add_listener(self)
+            _current.claim_receiving(self)
             self._registry = RegistryClient(directory, self._registration,
                                             self._publisher.apply_push)
             try:
                 self._registry.start(timeout)
             except BaseException:
+                _current.release_receiving(self)
                 CATALOG.remove_listener(self)
                 self._server.close()
                 self._server = None
@@ -226,6 +228,7 @@ class Peer:
                 return
             _current.peer_stopped(self)
             CATALOG.remove_listener(self)
+        _hand_over(self, self._registry)
         try:
             self.flush(self.linger)
         except Timeout:
@@ -265,7 +268,9 @@ class Peer:
             "hub": self.hub, "address": self.address,
             "connections": sorted(CATALOG.connections), "events": sorted(CATALOG.events),
         }
-        return {"info": info, "subs": [s.describe() for s in CATALOG.subscriptions()]}
+        receiving = _current.receiving.peer is self  # (see _current: one peer a process)
+        return {"info": info, "subs": [s.describe() for s in CATALOG.subscriptions()]
+                if receiving else []}
 
     # -- catalog changes after start ------------------------------------------
     def catalog_changed(self, added: Subscription | None, removed: list[Subscription]) -> None:
@@ -276,10 +281,12 @@ class Peer:
         if registry is None:
             return
         try:
-            if added is not None:
-                registry.request("subscribe", sub=added.describe())
-            for sub in removed:
-                registry.request("unsubscribe", id=sub.id)
+            with _current.subscribing:  # only the receiving peer registers subscriptions
+                if _current.receiving.peer is self:
+                    if added is not None:
+                        registry.request("subscribe", sub=added.describe())
+                    for sub in removed:
+                        registry.request("unsubscribe", id=sub.id)
             if added is None and not removed:
                 registry.request("update", connections=sorted(CATALOG.connections),
                                  events=sorted(CATALOG.events))
@@ -364,6 +371,23 @@ class Peer:
         return snapshot(self._caller.made, served, errors, self._publisher.delivery(),
                         self._receiver.received,
                         registry.recoveries if registry is not None else 0)
+
+
+def _hand_over(peer: Peer, registry: RegistryClient | None) -> None:
+    """A closing peer hands this process's subscriptions to the oldest peer still
+    running, if it held them (see :mod:`localnet._current`)."""
+    with _current.subscribing:
+        heir = _current.next_receiving(peer)
+        if heir is None or registry is None:
+            return
+        try:
+            registry.request("hand_over", to=heir.name)
+        except LocalnetError as exc:
+            # The heir subscribes on its own: for a moment both may get an event.
+            logger.warning("%r could not hand its subscriptions over to %r: %s", peer, heir,
+                           exc)
+            for sub in CATALOG.subscriptions():
+                heir.catalog_changed(sub, [])
 
 
 def _check_threshold(value: object) -> int | None:

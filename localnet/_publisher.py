@@ -49,28 +49,36 @@ class Publisher:
 
     # -- the registry's pushes: who subscribes to us --------------------------
     def apply_push(self, changes: list[Any]) -> None:
-        """Apply the registry's subscription changes, in order."""
+        """Apply the registry's subscription changes, in order.
+
+        Outboxes that leave the routes retire only once the new routes are in
+        place: until then triggers still queue events to them (see
+        ``hand_over`` in _registry: one subscriber's routes may pass to another).
+        """
+        leaving: list[Outbox] = []
         with self._lock:
             for change in changes:
                 if not (isinstance(change, list) and len(change) == 3):
                     continue
                 action, event, target = change
                 if action == "add" and isinstance(target, dict):
-                    self._add_route(str(event), target)
+                    self._add_route(str(event), target, leaving)
                 elif action == "remove":
-                    self._remove_route(str(event), str(target))
+                    self._remove_route(str(event), str(target), leaving)
             self._rebuild_routes()
+            for outbox in leaving:
+                outbox.retire()
 
-    def _add_route(self, event: str, entry: dict[str, Any]) -> None:
+    def _add_route(self, event: str, entry: dict[str, Any], leaving: list[Outbox]) -> None:
         name = str(entry["name"])
         outbox = self._outboxes.get(name)
         key = (name, int(entry["pid"]), float(entry["started"]), str(entry["address"]))
         if outbox is not None and (outbox.key != key or outbox.closed or outbox.retiring):
-            self._retire(outbox)
+            self._retire(outbox, leaving)
         self._entries[name] = entry
         self._wanted.setdefault(name, set()).add(event)
 
-    def _remove_route(self, event: str, name: str) -> None:
+    def _remove_route(self, event: str, name: str, leaving: list[Outbox]) -> None:
         events = self._wanted.get(name)
         if events is None:
             return
@@ -80,10 +88,10 @@ class Publisher:
             self._entries.pop(name, None)
             outbox = self._outboxes.pop(name, None)
             if outbox is not None:
-                self._retire(outbox)
+                self._retire(outbox, leaving)
 
-    def _retire(self, outbox: Outbox) -> None:
-        outbox.retire()
+    def _retire(self, outbox: Outbox, leaving: list[Outbox]) -> None:
+        leaving.append(outbox)  # (retired by apply_push, once the routes changed)
         self._fold_retired()
         self._retired.append(outbox)
         if self._outboxes.get(outbox.name) is outbox:

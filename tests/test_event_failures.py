@@ -1,8 +1,11 @@
-"""Events that fail in the subscriber count as failed, on both sides, visibly."""
+"""Events that fail in the subscriber count as failed, on both sides, visibly;
+a process running several peers runs each handler once per event."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from helpers import wait_until
 
 import localnet
 
@@ -168,3 +171,101 @@ def test_acknowledgements_name_failed_events_in_ranges() -> None:
         except _wire.ProtocolError:
             continue
         raise AssertionError(f"{bad!r} accepted")
+
+
+# -- one process, several peers: each handler runs once per event ----------------
+
+STREAMER = """
+streaming = threading.Event()
+count = [0]
+
+@localnet.event("tick")
+def tick(*args, **kwargs):
+    return args, kwargs
+
+def _stream():
+    while streaming.is_set():
+        tick(count[0])
+        count[0] += 1
+
+threads = []
+
+@localnet.connect()
+def fire(n):
+    for i in range(n):
+        tick(count[0])
+        count[0] += 1
+    peer.flush(20)
+    return count[0]
+
+@localnet.connect()
+def start_stream():
+    streaming.set()
+    threads.append(threading.Thread(target=_stream, daemon=True))
+    threads[-1].start()
+
+@localnet.connect()
+def stop_stream():
+    streaming.clear()
+    threads[-1].join(10)
+    peer.flush(20)
+    return count[0]
+
+@localnet.connect()
+def outboxes():
+    return peer.subscribers()
+
+@localnet.connect()
+def stats():
+    import dataclasses
+    return dataclasses.asdict(peer.stats())
+
+# a trigger waits for room rather than drop an event for a slow subscriber
+peer = localnet.Peer(name="pub", event_block=60)
+peer.start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_two_peers_in_one_process_run_a_handler_once_per_event(spawn) -> None:
+    spawn(STREAMER)
+    got: list[int] = []
+    localnet.subscribe("tick")(got.append)
+    try:
+        with localnet.Peer(name="first"), localnet.Peer(name="second"):
+            pub = localnet.peer("pub")
+            assert pub.fire(500) == 500
+            assert got == list(range(500))  # not twice
+            assert pub.outboxes() == ["first"]  # the first peer receives for the process
+        with localnet.Peer(name="third") as third, localnet.Peer(name="fourth"):
+            assert localnet.peer("pub").fire(10) == 510
+            assert third.stats().received["tick"].handled == 10
+    finally:
+        localnet.unsubscribe(got.append)
+    assert got == list(range(510))
+
+
+def test_the_receiving_peer_hands_over_without_losing_or_doubling_events(spawn) -> None:
+    # The receiving peer closes while events stream in: the next one takes
+    # the process's subscriptions over, and every event is handled exactly once.
+    spawn(STREAMER)
+    got: list[int] = []
+    localnet.subscribe("tick")(got.append)
+    first = localnet.Peer(name="first").start()
+    try:
+        with localnet.Peer(name="second"):
+            pub = localnet.peer("pub")  # called through "second", the current peer
+            pub.start_stream()
+            wait_until(lambda: len(got) > 500, what="events to flow")
+            assert pub.outboxes() == ["first"]
+            first.close()
+            count = len(got)
+            wait_until(lambda: len(got) > count + 500, what="events after the hand-over")
+            assert pub.outboxes() == ["second"]
+            total = pub.stop_stream()
+            counts = pub.stats()["published"]["tick"]
+    finally:
+        first.close()
+        localnet.unsubscribe(got.append)
+    assert counts == {"sent": total, "delivered": total, "dropped": 0, "failed": 0}
+    assert len(got) == total and sorted(got) == list(range(total))
