@@ -46,6 +46,7 @@ __all__ = [
     "Stats",
     "Timeout",
     "UnknownConnection",
+    "WouldDeadlock",
     "connect",
     "current_event",
     "empty",
@@ -69,7 +70,8 @@ _WHERE = {
     "zeros": "._shm",
     **dict.fromkeys(["ConfigurationError", "ConnectionLost", "LocalnetError", "NameTaken",
                      "PeerClosed", "PeerNotFound", "RegistryUnavailable", "RemoteError",
-                     "SerializationError", "Timeout", "UnknownConnection"], ".errors"),
+                     "SerializationError", "Timeout", "UnknownConnection", "WouldDeadlock"],
+                    ".errors"),
 }
 
 
@@ -119,4 +121,5 @@ if TYPE_CHECKING:
         SerializationError,
         Timeout,
         UnknownConnection,
+        WouldDeadlock,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from . import _serial
+from . import _deadlock, _serial
 from ._current import RUNNING
 from ._remote import CallChannel, NotSent, RemotePeer
 from ._wire import Kind
@@ -32,6 +32,7 @@ class Caller:
         self._lock = threading.Lock()
         self._channels: dict[str, list[CallChannel]] = {}
         self._local = threading.local()
+        self._own: list[CallChannel] = []  # never shared: see _open_channel
         self.made = 0  # calls made (Stats.calls_made)
 
     def call(self, target: str | RemotePeer, connection: str, args: tuple[Any, ...],
@@ -96,7 +97,10 @@ class Caller:
                 else:
                     old.close()
             self._channels[name] = pool
-            if len(pool) >= CHANNELS_PER_PEER:
+            # A thread running handlers for ``name``'s events says so, on a
+            # channel of its own (see _deadlock).
+            handling = _deadlock.handling_for(name)
+            if len(pool) >= CHANNELS_PER_PEER and handling is None:
                 channel = pool[threading.get_ident() % len(pool)]
                 local[name] = channel
                 return channel
@@ -106,6 +110,8 @@ class Caller:
                     info = peer.lookup(name)
                     address = str(info["address"])
                 hello = {"role": "call", "name": peer.name, "pid": peer.pid}
+                if handling is not None:
+                    hello["handling"] = handling
                 try:
                     channel = CallChannel(address, name, hello, peer.max_frame)
                     break
@@ -114,7 +120,13 @@ class Caller:
                         raise PeerNotFound(name) from None
                     address = None  # the peer may have restarted: ask the registry again
             assert channel is not None
-            pool.append(channel)
+            if handling is None:
+                pool.append(channel)
+            else:
+                for old in self._own:
+                    if old.broken is not None:
+                        old.close()
+                self._own = [c for c in self._own if c.broken is None] + [channel]
             local[name] = channel
             return channel
 
@@ -126,7 +138,8 @@ class Caller:
     def close(self) -> None:
         """Close every channel: calls still waiting get ConnectionLost."""
         with self._lock:
-            channels = [c for pool in self._channels.values() for c in pool]
+            channels = [c for pool in self._channels.values() for c in pool] + self._own
             self._channels.clear()
+            self._own.clear()
         for channel in channels:
             channel.close()

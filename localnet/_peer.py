@@ -229,8 +229,8 @@ class Peer:
             _current.peer_stopped(self)
             CATALOG.remove_listener(self)
         _hand_over(self, self._registry)
-        try:
-            self.flush(self.linger)
+        try:  # (closing from a handler: what waits for that handler is not waited for)
+            self._publisher.flush(self.linger, skip_blocked=True)
         except Timeout:
             logger.warning("%r closed with events still unacknowledged", self)
         with self._lock:
@@ -353,6 +353,8 @@ class Peer:
 
         Raises:
             Timeout: some subscriber had not acknowledged within ``timeout``.
+            WouldDeadlock: at once, when a subscriber's acknowledgement waits
+                for the calling thread (see README, "Flush from a handler").
         """
         self._publisher.flush(timeout)
 

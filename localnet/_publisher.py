@@ -18,11 +18,11 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import _liveness, _serial
+from . import _deadlock, _liveness, _serial
 from ._current import RUNNING
 from ._events import Outbox, fan_out
 from ._stats import add_into
-from .errors import Timeout
+from .errors import Timeout, WouldDeadlock
 
 if TYPE_CHECKING:
     from ._peer import Peer
@@ -192,15 +192,32 @@ class Publisher:
             return sorted(name for name, events in self._wanted.items()
                           if event is None or event in events)
 
-    def flush(self, timeout: float | None = None) -> None:
+    def flush(self, timeout: float | None = None, *, skip_blocked: bool = False) -> None:
         """Wait until every event triggered so far was handled by its subscribers.
+
+        A subscriber whose acknowledgement waits for this very thread (see
+        :mod:`localnet._deadlock`) makes it raise at once, or with
+        ``skip_blocked``, is not waited for.
 
         Raises:
             Timeout: some subscriber had not acknowledged within ``timeout``.
+            WouldDeadlock: waiting would wait for this thread.
         """
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         with self._lock:
             marks = [(outbox, outbox.mark()) for outbox in self._outboxes.values()]
+        peer = self._peer
+        blocked = _deadlock.blocked(peer.name, peer.pid)
+        if blocked:
+            stuck = [outbox.name for outbox, seq in marks
+                     if (outbox.name, outbox.pid) in blocked and seq > outbox.acked]
+            if stuck and not skip_blocked:
+                raise WouldDeadlock(
+                    f"{peer.name!r}.flush() would wait forever: subscriber {stuck[0]!r} "
+                    f"acknowledges {peer.name!r}'s events only once its handler returns, and "
+                    f"that handler is running on this thread, or waiting for the call this "
+                    f"thread serves; flush from another thread, or after the handler returned")
+            marks = [(outbox, seq) for outbox, seq in marks if outbox.name not in stuck]
         for outbox, seq in marks:
             if not outbox.wait_delivered(seq, deadline):
                 raise Timeout(f"subscriber {outbox.name!r} had not handled every event "

@@ -30,7 +30,7 @@ from inspect import isawaitable
 from itertools import accumulate, chain, pairwise
 from typing import Any
 
-from . import _serial
+from . import _deadlock, _serial
 from ._catalog import CATALOG
 from ._wire import BATCH_MARK, ITEMS_MARK, Frame, Kind, unpack_batch
 from .errors import UnknownConnection
@@ -113,11 +113,12 @@ class Receiver:
         returns them as ``[first, last]`` ranges of sequence numbers; usually
         none).  What depends only on the publisher (its context record, which
         subscriptions accept it) is worked out once per event name and kept
-        until the catalog changes.
+        until the catalog changes.  Called on the thread that will run it.
         """
         name, group, hub = publisher.get("name", ""), publisher.get("group"), \
             bool(publisher.get("hub"))
         pid = int(publisher.get("pid", 0))
+        _deadlock.receiving(str(name), pid, self.name)  # (flush() must not wait for it)
         cache: dict[str, tuple[EventContext, tuple[Callable[..., Any], ...], list[int]]] = {}
         table = [CATALOG.by_event]
         received, handling, loads = self.received, _handling, _serial.unpickle

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import _liveness
+from . import _deadlock, _liveness
 from ._serial import Payload
 from ._signals import spawn_thread
 from ._wire import (
@@ -132,7 +132,7 @@ class Server:
             role = hello.get("role")
             if role == "call":
                 handed_over = True
-                conn = _CallConnection(self, sock, reader)
+                conn = _CallConnection(self, sock, reader, _deadlock.caller_handling(hello))
                 with self._lock:
                     self._calls.add(conn)
                 conn.run()
@@ -252,8 +252,12 @@ class _CallConnection:
     finds it changed after its handler knows the role went on without it.
     """
 
-    def __init__(self, server: Server, sock: socket.socket, reader: FrameReader) -> None:
+    def __init__(self, server: Server, sock: socket.socket, reader: FrameReader,
+                 handling: tuple[int, str] | None = None) -> None:
         self.server = server
+        # (the caller's pid, a subscriber): calls from the thread running that
+        # subscriber's handlers for our events (see _deadlock)
+        self.handling = handling
         self.sock = sock
         self.reader = reader
         self.lock = threading.Lock()
@@ -270,6 +274,8 @@ class _CallConnection:
         host = self.server.host
         reader, sock, lock, watch = self.reader, self.sock, self.lock, self.server.watch
         monotonic = time.monotonic
+        if self.handling is not None:
+            _deadlock.serving(host.name, self.handling)
         try:
             while True:
                 kind, ident, body, fds = reader.read()

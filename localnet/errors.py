@@ -13,7 +13,8 @@ Every error localnet raises derives from :class:`LocalnetError`, so one
     ├── ConnectionLost            the other side went away (peer died, closed, or sent garbage)
     ├── RegistryUnavailable       the registry could not be reached or started in time
     ├── PeerClosed                you closed this peer and then used it
-    └── Timeout                   an operation took longer than its timeout (also a TimeoutError)
+    ├── Timeout                   an operation took longer than its timeout (also a TimeoutError)
+    └── WouldDeadlock             flush() would wait for itself (also a RuntimeError)
 
 A remote call re-raises the remote exception as its own type when it can be
 rebuilt in the caller (so ``except ValueError`` works); the remote traceback
@@ -38,6 +39,7 @@ __all__ = [
     "SerializationError",
     "Timeout",
     "UnknownConnection",
+    "WouldDeadlock",
 ]
 
 
@@ -132,3 +134,13 @@ class PeerClosed(LocalnetError):
 
 class Timeout(LocalnetError, TimeoutError):
     """An operation did not finish within its timeout."""
+
+
+class WouldDeadlock(LocalnetError, RuntimeError):
+    """Waiting here would wait for itself, forever.
+
+    ``flush()`` raises it, before waiting for anything, when a subscriber's
+    acknowledgement waits for the calling thread: called from a handler of
+    the flushing peer's own events, or from a connection that a subscriber's
+    handler for those events is calling.
+    """

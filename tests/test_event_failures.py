@@ -269,3 +269,110 @@ def test_the_receiving_peer_hands_over_without_losing_or_doubling_events(spawn) 
         localnet.unsubscribe(got.append)
     assert counts == {"sent": total, "delivered": total, "dropped": 0, "failed": 0}
     assert len(got) == total and sorted(got) == list(range(total))
+
+
+# -- flush() that would wait for itself ----------------------------------------------
+
+def test_flush_from_a_handler_of_the_peers_own_events_raises_instead_of_hanging(spawn) -> None:
+    # Two peers in one process; "me" receives for both.  A handler for a peer's
+    # event that flushes that peer would wait forever without the check: the
+    # acknowledgement comes once this very handler has returned.  Flushing the
+    # other peer waits, and returns.  The child runs the scenario; the test
+    # waits for its lines with a deadline.
+    child = spawn("""
+        outcome = []
+        phase = threading.Event()
+
+        @localnet.subscribe("ping")
+        def on_ping(i):
+            if i not in (0, 10):
+                return
+            source = localnet.current_event().publisher
+            stuck, free = (me, other) if source == "me" else (other, me)
+            for who in (stuck, free):
+                who.publish("ping", (i + 1,), {})
+                try:
+                    who.flush()  # no timeout
+                    outcome.append(f"{source}: {who.name} returned")
+                except localnet.WouldDeadlock as exc:
+                    outcome.append(f"{source}: {who.name} raised: {exc}")
+            phase.set()
+
+        with localnet.Peer(name="me") as me, localnet.Peer(name="other") as other:
+            for first, start in ((me, 0), (other, 10)):
+                phase.clear()
+                first.publish("ping", (start,), {})
+                if not phase.wait(10):
+                    say("STUCK")
+            me.flush(10)
+            other.flush(10)
+            for line in outcome:
+                say("OUTCOME", line)
+            say("DONE", me.stats().received["ping"].handled)
+    """, ready=None)
+    lines = child.collect("DONE 6", timeout=30)
+    assert [line.split(" raised:")[0] for line in lines] == [
+        "OUTCOME me: me", "OUTCOME me: other returned",
+        "OUTCOME other: other", "OUTCOME other: me returned"]
+    assert "'me'.flush() would wait forever" in lines[0]
+    assert "'other'.flush() would wait forever" in lines[2]
+    assert child.wait_exit() == 0
+
+
+CALLBACK_PUBLISHER = """
+@localnet.event("tick")
+def tick(*args, **kwargs):
+    return args, kwargs
+
+@localnet.connect()
+def kick():
+    tick(0)
+    return True
+
+@localnet.connect()
+def again(i):
+    # called by a subscriber's handler for tick: that subscriber acknowledges
+    # only once this call returns, so waiting for it here would never end
+    tick(i)
+    peer.flush()  # no timeout
+    return "flushed"
+
+@localnet.connect()
+def fire_and_flush(i):
+    tick(i)
+    peer.flush()
+    return "flushed"
+
+peer = localnet.Peer(name="pub")
+peer.start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+CALLBACK_SUBSCRIBER = """
+@localnet.subscribe("tick")
+def on_tick(i):
+    if i == 0:
+        try:
+            say("RESULT", localnet.peer("pub").again(1))
+        except localnet.WouldDeadlock as exc:
+            say("RAISED", exc)
+    else:
+        say("TICK", i)
+
+peer = localnet.Peer(name="sub")
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_flush_in_a_call_from_a_subscribers_handler_raises_instead_of_hanging(spawn) -> None:
+    spawn(CALLBACK_PUBLISHER)
+    sub = spawn(CALLBACK_SUBSCRIBER)
+    with localnet.Peer(name="driver"):
+        pub = localnet.peer("pub")
+        assert pub.kick() is True
+        raised = sub.expect("RAISED", timeout=15)  # the old code never answers
+        assert "'pub'.flush() would wait forever" in raised and "'sub'" in raised
+        assert sub.expect("TICK") == "TICK 1"  # the event it triggered still arrives
+        # a flush in a call that no handler waits on still waits, and returns
+        assert pub.fire_and_flush(2) == "flushed"
+        assert sub.expect("TICK") == "TICK 2"
