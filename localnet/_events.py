@@ -122,6 +122,10 @@ class Outbox:
     def put(self, event: str, frame: bytes | Payload) -> bool:
         """Queue one event's frame; False when it was dropped (full or closed).
 
+        An outbox that retired and closed (it left the routes) does not count
+        the event dropped: it no longer subscribes to it (the trigger sends it
+        to whichever outbox replaced this one, see ``Publisher._reroute``).
+
         ``frame`` is the event's item or whole pickle (``dumps_event``), or
         for shared memory a :class:`Payload` held once for this outbox,
         which the outbox settles when the event is acknowledged, or at once
@@ -132,7 +136,8 @@ class Outbox:
             # it in the routes before it left them: its subscriber handles them
             # before it closes, and no other outbox got them.
             if self.closed or (len(self._queue) >= self.limit and not self._wait_for_room()):
-                self._dropped[event] = self._dropped.get(event, 0) + 1
+                if not (self.closed and self.retiring):  # (else: no longer its event)
+                    self._dropped[event] = self._dropped.get(event, 0) + 1
                 if type(frame) is not bytes:
                     frame.settle()  # type: ignore[union-attr]
                 return False
@@ -408,15 +413,29 @@ def _payloads_in(entries: list[tuple[str, bytes | Payload]]) -> list[Payload]:
     return [frame for _, frame in entries if type(frame) is not bytes]  # type: ignore[misc]
 
 
-def fan_out(outboxes: tuple[Outbox, ...], event: str, item: bytes) -> None:
+def fan_out(outboxes: tuple[Outbox, ...], event: str, item: bytes) -> bool:
     """Queue one event's item for every outbox, without taking their locks
-    (see :class:`Outbox`); a full or closing outbox takes the locked path."""
+    (see :class:`Outbox`); a full or closing outbox takes the locked path.
+
+    Returns True when a retiring outbox refused it (see ``Publisher._reroute``).
+    """
     entry = (event, item)
+    moved = False
     for outbox in outboxes:
         queue = outbox._queue
         if outbox.accepting and len(queue) < outbox.limit:
             queue.append(entry)
             if outbox._writer_idle:
                 outbox.wake()
-        else:
-            outbox.put(event, item)  # drop, or wait for room
+        elif not outbox.put(event, item) and outbox.retiring:  # drop, or wait for room
+            moved = True
+    return moved
+
+
+def put_all(outboxes: tuple[Outbox, ...], event: str, frame: bytes | Payload) -> bool:
+    """Queue one event for every outbox through :meth:`Outbox.put`; as :func:`fan_out`."""
+    moved = False
+    for outbox in outboxes:
+        if not outbox.put(event, frame) and outbox.retiring:
+            moved = True
+    return moved

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _deadlock, _liveness, _serial
 from ._current import RUNNING
-from ._events import Outbox, fan_out
+from ._events import Outbox, fan_out, put_all
 from ._stats import add_into
 from .errors import Timeout, WouldDeadlock
 
@@ -154,26 +154,35 @@ class Publisher:
         if _encode_item is not None:
             item = _encode_item(event, args, kwargs, self._item_max)
             if item is not None:  # the common case: an item of plain values
-                if targets:
-                    fan_out(targets, event, item)
+                if targets and fan_out(targets, event, item):
+                    self._reroute(targets, event, item)
                 return
         payload = _serial.dumps_event(event, args, kwargs, peer.shm_threshold)
         if len(payload) > peer.max_frame:
             _serial.refuse_oversize(payload, peer.max_frame, f"an argument of event {event!r}")
         if type(payload) is bytes:  # pickled once; the outboxes frame it, in batches
-            if targets:
-                if payload[0] != 0x80:  # an item
-                    fan_out(targets, event, payload)
-                else:
-                    for outbox in targets:
-                        outbox.put(event, payload)
+            if targets and (fan_out(targets, event, payload) if payload[0] != 0x80  # an item
+                            else put_all(targets, event, payload)):
+                self._reroute(targets, event, payload)
             return
         assert isinstance(payload, _serial.Payload)
         if targets:
             payload.hold(len(targets))  # one per outbox; the buffers are written once
-            for outbox in targets:
-                outbox.put(event, payload)
+            if put_all(targets, event, payload):
+                self._reroute(targets, event, payload)
         payload.settle()
+
+    def _reroute(self, targets: tuple[Outbox, ...], event: str,
+                 frame: bytes | _serial.Payload) -> None:
+        """An outbox of ``targets`` (the routes this trigger looked up) retired and
+        closed before it took the event: the outboxes that have joined the routes
+        since (a subscriber that took the subscriptions over, see ``hand_over`` in
+        _registry) get it instead, so the event is neither lost nor sent twice."""
+        for outbox in self._routes.get(event, ()):
+            if outbox not in targets:
+                if type(frame) is not bytes:
+                    frame.hold()  # type: ignore[union-attr]
+                outbox.put(event, frame)
 
     def _first_trigger(self, event: str) -> tuple[Outbox, ...] | None:
         """Route an event triggered here for the first time; its outboxes are made now.
