@@ -12,16 +12,13 @@ An event counts as failed when it cannot be rebuilt here (its class is
 missing in this process, say), when one of its handlers raises, or when a
 handler returns an awaitable (an ``async def`` handler): handlers are plain
 calls here, so the coroutine is closed unrun.  The first such failure per
-publisher and event is also written to stderr (:func:`tell_once`), since the
-``localnet`` logger prints nothing unless the application configures logging.
+publisher and event is also written to stderr (:mod:`localnet._failures`),
+since the ``localnet`` logger prints nothing unless logging is configured.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import pickletools
-import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
@@ -32,6 +29,7 @@ from typing import Any
 
 from . import _deadlock, _serial
 from ._catalog import CATALOG
+from ._failures import event_name, not_awaited, tell_once
 from ._wire import BATCH_MARK, ITEMS_MARK, Frame, Kind, unpack_batch
 from .errors import UnknownConnection
 
@@ -133,7 +131,7 @@ class Receiver:
             # pickle, when there is one, which usually still names the event).
             if first <= last:
                 failed.append([first, last])
-            event = _event_name(body) if body is not None else None
+            event = event_name(body) if body is not None else None
             if event is not None:
                 counts = received.setdefault(event, [0, 0, 0])
                 counts[0] += 1
@@ -262,7 +260,7 @@ class Receiver:
                                 counts[2] += 1
                                 seq = seq_of(message)
                                 failed.append([seq, seq])
-                                _not_awaited(result, handler, event, name, pid)
+                                not_awaited(result, handler, event, name, pid)
                                 continue
                             handled += 1
                         except Exception:
@@ -279,71 +277,6 @@ class Receiver:
             return failed
 
         return receive
-
-_told: set[tuple[str, int, str | None, str]] = set()
-_TOLD_MAX = 1000  # distinct failures told about; then only the logger
-
-
-def tell_once(key: tuple[str, int, str | None, str], message: str) -> None:
-    """Write ``message`` to stderr the first time ``key`` fails: (publisher, its pid,
-    event, kind of failure).
-
-    Logging is the application's to configure, and the ``localnet`` logger
-    has only a NullHandler by default: a failure nobody configured logging
-    for would otherwise leave no trace.  One line per (publisher, event)
-    keeps a stream of failures from flooding stderr; the caller logs every one.
-    """
-    if key in _told or len(_told) >= _TOLD_MAX:
-        return
-    _told.add(key)
-    try:
-        sys.stderr.write(f"localnet: {message} (shown once per publisher and event; "
-                         f"every failure goes to the 'localnet' logger)\n")
-        sys.stderr.flush()
-    except (OSError, ValueError, AttributeError):
-        pass  # no usable stderr
-
-
-def _not_awaited(result: Any, handler: Callable[..., Any], event: str, publisher: str,
-                 pid: int) -> None:
-    """A handler returned an awaitable (``async def``): close it unrun and say so."""
-    close = getattr(result, "close", None)
-    if close is not None:
-        try:
-            close()  # a coroutine never started: no "never awaited" warning
-        except Exception:
-            pass
-    what = getattr(handler, "__qualname__", repr(handler))
-    message = (f"handler {what} for event {event!r} from peer {publisher!r} returned a "
-               f"{type(result).__name__} object, which localnet cannot await: subscription "
-               f"handlers must be plain functions; the event counts as failed")
-    logger.error("%s", message)
-    tell_once((publisher, pid, event, "await"), message)
-
-
-_STRINGS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"})
-
-
-def _event_name(body: Any) -> str | None:
-    """The event name in the pickle of an event that cannot be rebuilt, if it shows.
-
-    The pickle of ``(name, args, kwargs)`` pushes the name first; its opcodes
-    are read without running any of them.
-    """
-    try:
-        data = bytes(body[:4096])
-        if data[:1] == b"O":  # shared memory: a table of segments, then the pickle
-            count = _serial._COUNT.unpack_from(data, 1)[0]
-            data = data[1 + _serial._COUNT.size + count * _serial._ENTRY.size:]
-        for number, (opcode, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
-            if opcode.name in _STRINGS:
-                return str(arg)
-            if number > 4:
-                return None
-    except Exception:
-        return None
-    return None
-
 
 def _error_reply(exc: BaseException) -> bytes:
     """The body of an ERROR reply; drops the traceback once it is text.
