@@ -48,6 +48,7 @@ __all__ = [
     "Timeout",
     "TooManyCalls",
     "UnknownConnection",
+    "WouldDeadlock",
     "connect",
     "current_event",
     "empty",
@@ -72,7 +73,7 @@ _WHERE = {
     **dict.fromkeys(["ConfigurationError", "ConnectionLost", "LocalnetError", "NameTaken",
                      "OutOfResources", "PeerClosed", "PeerNotFound", "RegistryUnavailable",
                      "RemoteError", "SerializationError", "Timeout", "TooManyCalls",
-                     "UnknownConnection"],
+                     "UnknownConnection", "WouldDeadlock"],
                     ".errors"),
 }
 
@@ -125,4 +126,5 @@ if TYPE_CHECKING:
         Timeout,
         TooManyCalls,
         UnknownConnection,
+        WouldDeadlock,
     )

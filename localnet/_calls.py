@@ -21,7 +21,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from . import _serial
+from . import _deadlock, _serial
 from ._current import RUNNING
 from ._remote import CallChannel, NotSent, RemotePeer
 from ._timeouts import check_timeout
@@ -69,11 +69,15 @@ class Caller:
         if timeout is not None:
             timeout = check_timeout(timeout)
         name = target if type(target) is str else target.name  # type: ignore[union-attr]
-        pool = self._pools.get(name)
+        # A thread running handlers for ``name``'s events calls it on channels
+        # that say so (see _deadlock), kept apart from the others.
+        handling = _deadlock.handling_for(name)
+        key = name if handling is None else f"{name}\0{handling}"
+        pool = self._pools.get(key)
         try:
             channel = pool.idle.pop()  # type: ignore[union-attr]
         except (AttributeError, IndexError):
-            pool, channel = self._open(name, target)
+            pool, channel = self._open(key, target, handling)
         assert pool is not None
         try:
             payload = _serial.dumps_call(connection, args, kwargs, "an argument of",
@@ -93,7 +97,8 @@ class Caller:
         except NotSent:
             # A stale connection (the peer restarted or died since this
             # channel was opened): nothing ran; look the peer up again.
-            pool, channel, answer = self._retry(pool, channel, name, payload, timeout)
+            pool, channel, answer = self._retry(pool, channel, key, payload, timeout,
+                                                handling)
             kind, body, fds, ident = answer
         except BaseException:
             self._drop(pool, channel)
@@ -124,8 +129,8 @@ class Caller:
         payload.settle()  # answered: the callee holds what it still uses
         return answer
 
-    def _retry(self, pool: _Pool, channel: CallChannel, name: str,
-               payload: bytes | _serial.Payload, timeout: float | None
+    def _retry(self, pool: _Pool, channel: CallChannel, key: str,
+               payload: bytes | _serial.Payload, timeout: float | None, handling: str | None
                ) -> tuple[_Pool, CallChannel, tuple[int, bytes | bytearray, list[int], int]]:
         """Send again on a fresh channel after NotSent; drop the idle (stale) ones."""
         self._drop(pool, channel)
@@ -136,7 +141,7 @@ class Caller:
         for old in stale:
             self._drop(pool, old)
         try:
-            pool, channel = self._open(name, name)
+            pool, channel = self._open(key, key.partition("\0")[0], handling)
         except BaseException:
             if isinstance(payload, _serial.Payload):
                 payload.settle()
@@ -171,13 +176,15 @@ class Caller:
             "raise max_frame there, or send large data as NumPy arrays/bytearrays so it "
             "goes through shared memory")
 
-    def _open(self, name: str, target: str | RemotePeer) -> tuple[_Pool, CallChannel]:
-        """An idle channel to ``name`` if one came back meanwhile, else a new one."""
+    def _open(self, key: str, target: str | RemotePeer,
+              handling: str | None = None) -> tuple[_Pool, CallChannel]:
+        """An idle channel of pool ``key`` if one came back meanwhile, else a new one."""
         peer = self._peer
+        name = target if isinstance(target, str) else target.name
         with self._lock:
-            pool = self._pools.get(name)
+            pool = self._pools.get(key)
             if pool is None:
-                pool = self._pools[name] = _Pool(peer.max_frame)
+                pool = self._pools[key] = _Pool(peer.max_frame)
             try:
                 return pool, pool.idle.pop()
             except IndexError:
@@ -195,6 +202,8 @@ class Caller:
                     self._learn(pool, peer.lookup(name))
                 assert pool.address is not None
                 hello = {"role": "call", "name": peer.name, "pid": peer.pid}
+                if handling is not None:
+                    hello["handling"] = handling
                 try:
                     channel = CallChannel(pool.address, name, hello, peer.max_frame)
                     break

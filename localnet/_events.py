@@ -20,7 +20,8 @@ A stopped or slow subscriber therefore delays a trigger by at most
 Counts, per event and per subscriber: ``sent`` (accepted into the outbox),
 ``delivered`` (acknowledged after the subscriber's handlers ran),
 ``dropped`` (refused because the outbox was full) and ``failed`` (sent but
-never acknowledged: the subscriber died or left first).
+never acknowledged: the subscriber died or left first; or acknowledged as
+failed: the subscriber could not rebuild it, or a handler raised).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from ._wire import (
     pack_items,
     send_frame,
     send_raw_with_fds,
+    unpack_ack,
 )
 
 logger = logging.getLogger("localnet.events")
@@ -122,15 +124,22 @@ class Outbox:
     def put(self, event: str, frame: bytes | Payload) -> bool:
         """Queue one event's frame; False when it was dropped (full or closed).
 
+        An outbox that retired and closed (it left the routes) does not count
+        the event dropped: it no longer subscribes to it (the trigger sends it
+        to whichever outbox replaced this one, see ``Publisher._reroute``).
+
         ``frame`` is the event's item or whole pickle (``dumps_event``), or
         for shared memory a :class:`Payload` held once for this outbox,
         which the outbox settles when the event is acknowledged, or at once
         when it is dropped.
         """
         with self._lock:
-            if self.closed or self.retiring or (len(self._queue) >= self.limit
-                                                and not self._wait_for_room()):
-                self._dropped[event] = self._dropped.get(event, 0) + 1
+            # A retiring outbox still takes the events of triggers that found
+            # it in the routes before it left them: its subscriber handles them
+            # before it closes, and no other outbox got them.
+            if self.closed or (len(self._queue) >= self.limit and not self._wait_for_room()):
+                if not (self.closed and self.retiring):  # (else: no longer its event)
+                    self._dropped[event] = self._dropped.get(event, 0) + 1
                 if type(frame) is not bytes:
                     frame.settle()  # type: ignore[union-attr]
                 return False
@@ -279,7 +288,7 @@ class Outbox:
     def _read_acks(self, reader: FrameReader) -> None:
         queue = self._queue
         while True:
-            kind, seq, _, _ = reader.read()
+            kind, seq, body, _ = reader.read()
             if kind != Kind.ACK:
                 raise ProtocolError(f"unexpected {Kind(kind).name} frame from a subscriber")
             settle: list[Payload] = []
@@ -288,15 +297,18 @@ class Outbox:
                 if n > self._written:
                     raise ProtocolError(f"the subscriber acknowledged event {seq}, "
                                         f"which was never sent")
+                failed = unpack_ack(body, self._base, seq) if body else None
                 if n > 0:
                     done = queue[:n]
                     del queue[:n]
-                    self._base = seq
-                    self._written -= n
-                    if self._only is not None:
+                    if failed:  # some of them could not be handled
+                        self._count_failed(done, failed)
+                    elif self._only is not None:
                         self._delivered[self._only] += n
                     else:
                         self._delivered.update(map(_event_of, done))  # counted in C
+                    self._base = seq
+                    self._written -= n
                     if self._payloads:
                         settle = _payloads_in(done)
                         self._payloads -= len(settle)
@@ -311,11 +323,24 @@ class Outbox:
                 self.close()
                 return
 
-    def retire(self) -> None:
-        """Take no more events; close once those already sent are acknowledged.
+    def _count_failed(self, done: list[tuple[str, bytes | Payload]],
+                      ranges: list[tuple[int, int]]) -> None:
+        """Count acknowledged events ``done`` (from ``_base + 1``) delivered,
+        but those in ``ranges`` failed; called with the lock held."""
+        base, start = self._base + 1, 0
+        for low, high in ranges:
+            self._delivered.update(map(_event_of, done[start:low - base]))
+            self._failed.update(map(_event_of, done[low - base:high - base + 1]))
+            start = high - base + 1
+        self._delivered.update(map(_event_of, done[start:]))
 
-        For a subscriber that unsubscribed or left: what it was sent still
-        reaches it (it drains its channels before closing).
+    def retire(self) -> None:
+        """Close once the events queued so far are acknowledged.
+
+        For a subscriber that unsubscribed, left, or handed its subscriptions
+        over: what it was sent still reaches it (it drains its channels before
+        closing).  Called once no route leads here any more; only a trigger
+        that looked the routes up just before may still queue an event.
         """
         with self._lock:
             if self.closed:
@@ -399,15 +424,29 @@ def _payloads_in(entries: list[tuple[str, bytes | Payload]]) -> list[Payload]:
     return [frame for _, frame in entries if type(frame) is not bytes]  # type: ignore[misc]
 
 
-def fan_out(outboxes: tuple[Outbox, ...], event: str, item: bytes) -> None:
+def fan_out(outboxes: tuple[Outbox, ...], event: str, item: bytes) -> bool:
     """Queue one event's item for every outbox, without taking their locks
-    (see :class:`Outbox`); a full or closing outbox takes the locked path."""
+    (see :class:`Outbox`); a full or closing outbox takes the locked path.
+
+    Returns True when a retiring outbox refused it (see ``Publisher._reroute``).
+    """
     entry = (event, item)
+    moved = False
     for outbox in outboxes:
         queue = outbox._queue
         if outbox.accepting and len(queue) < outbox.limit:
             queue.append(entry)
             if outbox._writer_idle:
                 outbox.wake()
-        else:
-            outbox.put(event, item)  # drop, or wait for room
+        elif not outbox.put(event, item) and outbox.retiring:  # drop, or wait for room
+            moved = True
+    return moved
+
+
+def put_all(outboxes: tuple[Outbox, ...], event: str, frame: bytes | Payload) -> bool:
+    """Queue one event for every outbox through :meth:`Outbox.put`; as :func:`fan_out`."""
+    moved = False
+    for outbox in outboxes:
+        if not outbox.put(event, frame) and outbox.retiring:
+            moved = True
+    return moved

@@ -38,6 +38,7 @@ from ._stats import EventCounts, ReceivedCounts, Stats, snapshot
 from ._wire import DEFAULT_MAX_FRAME
 from .errors import (
     ConfigurationError,
+    LocalnetError,
     PeerClosed,
     PeerNotFound,
     RegistryUnavailable,
@@ -220,6 +221,7 @@ class Peer:
                 raise translate_os_error(exc, f"cannot listen on {self.address}",
                                          ConfigurationError) from exc
             CATALOG.add_listener(self)
+            _current.claim_receiving(self)
             self._registry = RegistryClient(directory, self._registration,
                                             self._publisher.apply_push)
             try:
@@ -229,6 +231,7 @@ class Peer:
                     raise translate_os_error(exc, f"cannot reach the registry in {directory}",
                                              RegistryUnavailable) from exc
             except BaseException:
+                _current.release_receiving(self)
                 CATALOG.remove_listener(self)
                 self._server.close()
                 self._server = None
@@ -248,8 +251,9 @@ class Peer:
                 return
             _current.peer_stopped(self)
             CATALOG.remove_listener(self)
-        try:
-            self.flush(self.linger)
+        _hand_over(self, self._registry)
+        try:  # (closing from a handler: what waits for that handler is not waited for)
+            self._publisher.flush(self.linger, skip_blocked=True)
         except Timeout:
             logger.warning("%r closed with events still unacknowledged", self)
         with self._lock:
@@ -288,7 +292,9 @@ class Peer:
             "hub": self.hub, "address": self.address, "max_frame": self.max_frame,
             "connections": sorted(CATALOG.connections), "events": sorted(CATALOG.events),
         }
-        return {"info": info, "subs": [s.describe() for s in CATALOG.subscriptions()]}
+        receiving = _current.receiving.peer is self  # (see _current: one peer a process)
+        return {"info": info, "subs": [s.describe() for s in CATALOG.subscriptions()]
+                if receiving else []}
 
     # -- catalog changes after start ------------------------------------------
     def catalog_changed(self, added: Subscription | None, removed: list[Subscription]) -> None:
@@ -299,18 +305,20 @@ class Peer:
         if registry is None:
             return
         try:
-            if added is not None:
-                try:
-                    registry.request("subscribe", sub=added.describe())
-                except BaseException:
-                    # The request may still be queued at a registry that is
-                    # stopped, not dead: undo it behind it, so a subscribe
-                    # that raised never takes effect later (the catalog
-                    # forgets it too).
-                    registry.request_nowait("unsubscribe", id=added.id)
-                    raise
-            for sub in removed:
-                registry.request("unsubscribe", id=sub.id)
+            with _current.subscribing:  # only the receiving peer registers subscriptions
+                if _current.receiving.peer is self:
+                    if added is not None:
+                        try:
+                            registry.request("subscribe", sub=added.describe())
+                        except BaseException:
+                            # The request may still be queued at a registry that
+                            # is stopped, not dead: undo it behind it, so a
+                            # subscribe that raised never takes effect later
+                            # (the catalog forgets it too).
+                            registry.request_nowait("unsubscribe", id=added.id)
+                            raise
+                    for sub in removed:
+                        registry.request("unsubscribe", id=sub.id)
             if added is None and not removed:
                 registry.request("update", connections=sorted(CATALOG.connections),
                                  events=sorted(CATALOG.events))
@@ -377,6 +385,8 @@ class Peer:
 
         Raises:
             Timeout: some subscriber had not acknowledged within ``timeout``.
+            WouldDeadlock: at once, when a subscriber's acknowledgement waits
+                for the calling thread (see README, "Flush from a handler").
         """
         self._publisher.flush(timeout)
 
@@ -395,6 +405,23 @@ class Peer:
         return snapshot(self._caller.made, served, errors, self._publisher.delivery(),
                         self._receiver.received,
                         registry.recoveries if registry is not None else 0)
+
+
+def _hand_over(peer: Peer, registry: RegistryClient | None) -> None:
+    """A closing peer hands this process's subscriptions to the oldest peer still
+    running, if it held them (see :mod:`localnet._current`)."""
+    with _current.subscribing:
+        heir = _current.next_receiving(peer)
+        if heir is None or registry is None:
+            return
+        try:
+            registry.request("hand_over", to=heir.name)
+        except LocalnetError as exc:
+            # The heir subscribes on its own: for a moment both may get an event.
+            logger.warning("%r could not hand its subscriptions over to %r: %s", peer, heir,
+                           exc)
+            for sub in CATALOG.subscriptions():
+                heir.catalog_changed(sub, [])
 
 
 def _check_threshold(value: object) -> int | None:

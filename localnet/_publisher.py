@@ -18,11 +18,11 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import _liveness, _serial
+from . import _deadlock, _liveness, _serial
 from ._current import RUNNING
-from ._events import Outbox, fan_out
+from ._events import Outbox, fan_out, put_all
 from ._stats import add_into
-from .errors import Timeout
+from .errors import Timeout, WouldDeadlock
 
 if TYPE_CHECKING:
     from ._peer import Peer
@@ -49,28 +49,36 @@ class Publisher:
 
     # -- the registry's pushes: who subscribes to us --------------------------
     def apply_push(self, changes: list[Any]) -> None:
-        """Apply the registry's subscription changes, in order."""
+        """Apply the registry's subscription changes, in order.
+
+        Outboxes that leave the routes retire only once the new routes are in
+        place: until then triggers still queue events to them (see
+        ``hand_over`` in _registry: one subscriber's routes may pass to another).
+        """
+        leaving: list[Outbox] = []
         with self._lock:
             for change in changes:
                 if not (isinstance(change, list) and len(change) == 3):
                     continue
                 action, event, target = change
                 if action == "add" and isinstance(target, dict):
-                    self._add_route(str(event), target)
+                    self._add_route(str(event), target, leaving)
                 elif action == "remove":
-                    self._remove_route(str(event), str(target))
+                    self._remove_route(str(event), str(target), leaving)
             self._rebuild_routes()
+            for outbox in leaving:
+                outbox.retire()
 
-    def _add_route(self, event: str, entry: dict[str, Any]) -> None:
+    def _add_route(self, event: str, entry: dict[str, Any], leaving: list[Outbox]) -> None:
         name = str(entry["name"])
         outbox = self._outboxes.get(name)
         key = (name, int(entry["pid"]), float(entry["started"]), str(entry["address"]))
         if outbox is not None and (outbox.key != key or outbox.closed or outbox.retiring):
-            self._retire(outbox)
+            self._retire(outbox, leaving)
         self._entries[name] = entry
         self._wanted.setdefault(name, set()).add(event)
 
-    def _remove_route(self, event: str, name: str) -> None:
+    def _remove_route(self, event: str, name: str, leaving: list[Outbox]) -> None:
         events = self._wanted.get(name)
         if events is None:
             return
@@ -80,10 +88,10 @@ class Publisher:
             self._entries.pop(name, None)
             outbox = self._outboxes.pop(name, None)
             if outbox is not None:
-                self._retire(outbox)
+                self._retire(outbox, leaving)
 
-    def _retire(self, outbox: Outbox) -> None:
-        outbox.retire()
+    def _retire(self, outbox: Outbox, leaving: list[Outbox]) -> None:
+        leaving.append(outbox)  # (retired by apply_push, once the routes changed)
         self._fold_retired()
         self._retired.append(outbox)
         if self._outboxes.get(outbox.name) is outbox:
@@ -146,26 +154,35 @@ class Publisher:
         if _encode_item is not None:
             item = _encode_item(event, args, kwargs, self._item_max)
             if item is not None:  # the common case: an item of plain values
-                if targets:
-                    fan_out(targets, event, item)
+                if targets and fan_out(targets, event, item):
+                    self._reroute(targets, event, item)
                 return
         payload = _serial.dumps_event(event, args, kwargs, peer.shm_threshold)
         if len(payload) > peer.max_frame:
             _serial.refuse_oversize(payload, peer.max_frame, f"an argument of event {event!r}")
         if type(payload) is bytes:  # pickled once; the outboxes frame it, in batches
-            if targets:
-                if payload[0] != 0x80:  # an item
-                    fan_out(targets, event, payload)
-                else:
-                    for outbox in targets:
-                        outbox.put(event, payload)
+            if targets and (fan_out(targets, event, payload) if payload[0] != 0x80  # an item
+                            else put_all(targets, event, payload)):
+                self._reroute(targets, event, payload)
             return
         assert isinstance(payload, _serial.Payload)
         if targets:
             payload.hold(len(targets))  # one per outbox; the buffers are written once
-            for outbox in targets:
-                outbox.put(event, payload)
+            if put_all(targets, event, payload):
+                self._reroute(targets, event, payload)
         payload.settle()
+
+    def _reroute(self, targets: tuple[Outbox, ...], event: str,
+                 frame: bytes | _serial.Payload) -> None:
+        """An outbox of ``targets`` (the routes this trigger looked up) retired and
+        closed before it took the event: the outboxes that have joined the routes
+        since (a subscriber that took the subscriptions over, see ``hand_over`` in
+        _registry) get it instead, so the event is neither lost nor sent twice."""
+        for outbox in self._routes.get(event, ()):
+            if outbox not in targets:
+                if type(frame) is not bytes:
+                    frame.hold()  # type: ignore[union-attr]
+                outbox.put(event, frame)
 
     def _first_trigger(self, event: str) -> tuple[Outbox, ...] | None:
         """Route an event triggered here for the first time; its outboxes are made now.
@@ -184,15 +201,32 @@ class Publisher:
             return sorted(name for name, events in self._wanted.items()
                           if event is None or event in events)
 
-    def flush(self, timeout: float | None = None) -> None:
+    def flush(self, timeout: float | None = None, *, skip_blocked: bool = False) -> None:
         """Wait until every event triggered so far was handled by its subscribers.
+
+        A subscriber whose acknowledgement waits for this very thread (see
+        :mod:`localnet._deadlock`) makes it raise at once, or with
+        ``skip_blocked``, is not waited for.
 
         Raises:
             Timeout: some subscriber had not acknowledged within ``timeout``.
+            WouldDeadlock: waiting would wait for this thread.
         """
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         with self._lock:
             marks = [(outbox, outbox.mark()) for outbox in self._outboxes.values()]
+        peer = self._peer
+        blocked = _deadlock.blocked(peer.name, peer.pid)
+        if blocked:
+            stuck = [outbox.name for outbox, seq in marks
+                     if (outbox.name, outbox.pid) in blocked and seq > outbox.acked]
+            if stuck and not skip_blocked:
+                raise WouldDeadlock(
+                    f"{peer.name!r}.flush() would wait forever: subscriber {stuck[0]!r} "
+                    f"acknowledges {peer.name!r}'s events only once its handler returns, and "
+                    f"that handler is running on this thread, or waiting for the call this "
+                    f"thread serves; flush from another thread, or after the handler returned")
+            marks = [(outbox, seq) for outbox, seq in marks if outbox.name not in stuck]
         for outbox, seq in marks:
             if not outbox.wait_delivered(seq, deadline):
                 raise Timeout(f"subscriber {outbox.name!r} had not handled every event "

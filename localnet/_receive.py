@@ -4,7 +4,16 @@ A :class:`Receiver` is what a peer's :class:`~localnet._server.Server`
 hands incoming work to.  ``run_call`` runs one call and returns its reply;
 ``event_receiver`` makes the function that runs this process's handlers
 for the events of one publisher's channel, whose counts it keeps per event
-(``received``, ``handled``, ``failed``: :class:`~localnet._stats.ReceivedCounts`).
+(``received``, ``handled``, ``failed``: :class:`~localnet._stats.ReceivedCounts`)
+and which returns the sequence numbers of the events it could not handle
+(see :func:`~localnet._wire.pack_ack`), so the publisher counts them failed.
+
+An event counts as failed when it cannot be rebuilt here (its class is
+missing in this process, say), when one of its handlers raises, or when a
+handler returns an awaitable (an ``async def`` handler): handlers are plain
+calls here, so the coroutine is closed unrun.  The first such failure per
+publisher and event is also written to stderr (:mod:`localnet._failures`),
+since the ``localnet`` logger prints nothing unless logging is configured.
 """
 
 from __future__ import annotations
@@ -13,11 +22,13 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from inspect import isawaitable
 from itertools import accumulate, chain, pairwise
 from typing import Any
 
-from . import _serial
+from . import _deadlock, _serial
 from ._catalog import CATALOG
+from ._failures import event_name, not_awaited, tell_once
 from ._tracebacks import user_traceback
 from ._wire import BATCH_MARK, ITEMS_MARK, Frame, Kind, close_fds, unpack_batch
 from .errors import TooManyCalls, UnknownConnection
@@ -26,6 +37,8 @@ logger = logging.getLogger("localnet.peer")
 
 _REPLY = int(Kind.REPLY)
 _NO_RUN = object()  # equal to no event name
+#: Sequences of events that could not be handled, as ``[first, last]`` ranges.
+Failed = list[list[int]]
 
 
 @dataclass(frozen=True)
@@ -108,78 +121,133 @@ class Receiver:
         finally:
             slots.append(None)
 
-    def event_receiver(self, publisher: dict[str, Any]) -> Callable[[list[Frame]], None]:
+    def event_receiver(self, publisher: dict[str, Any]) -> Callable[[list[Frame]], Failed]:
         """A function that runs this process's handlers for a batch of one publisher's events.
 
         The batch is what arrived together, in order; the channel acknowledges
-        it as a whole afterwards.  What depends only on the publisher (its
-        context record, which subscriptions accept it) is worked out once per
-        event name and kept until the catalog changes.
+        it as a whole afterwards, naming the events that failed (the function
+        returns them as ``[first, last]`` ranges of sequence numbers; usually
+        none).  What depends only on the publisher (its context record, which
+        subscriptions accept it) is worked out once per event name and kept
+        until the catalog changes.  Called on the thread that will run it.
         """
         name, group, hub = publisher.get("name", ""), publisher.get("group"), \
             bool(publisher.get("hub"))
         pid = int(publisher.get("pid", 0))
+        _deadlock.receiving(str(name), pid, self.name)  # (flush() must not wait for it)
         cache: dict[str, tuple[EventContext, tuple[Callable[..., Any], ...], list[int]]] = {}
         table = [CATALOG.by_event]
         received, handling, loads = self.received, _handling, _serial.unpickle
+        # The frame being handled: the sequence of its first event and its
+        # events (None stands for one that could not be rebuilt), so a failure
+        # finds its event's sequence; and the last sequence seen on the channel.
+        where: list[Any] = [0, None, 0]
 
-        def unpickled(frames: list[Frame]) -> Iterator[list[Any]]:
+        def unreadable(failed: Failed, first: int, last: int, body: Any,
+                       exc: BaseException) -> None:
+            # Events first..last could not be rebuilt (body: the one event's
+            # pickle, when there is one, which usually still names the event).
+            if first <= last:
+                failed.append([first, last])
+            event = event_name(body) if body is not None else None
+            if event is not None:
+                counts = received.setdefault(event, [0, 0, 0])
+                counts[0] += 1
+                counts[2] += 1
+            what = f"event {event!r}" if event is not None else \
+                "an event" if first == last else f"{max(0, last - first + 1)} events"
+            cause = exc.__cause__ or exc
+            tell_once((name, pid, event, "rebuild"),
+                      f"peer {self.name!r} cannot rebuild {what} from peer {name!r} "
+                      f"({type(cause).__name__}: {cause}); it counts as failed, here and at "
+                      f"the publisher")
+
+        def seq_of(message: Any) -> int:
+            for i, other in enumerate(where[1] or ()):
+                if other is message:
+                    return int(where[0]) + i
+            return int(where[0])
+
+        def unpickled(frames: list[Frame], failed: Failed) -> Iterator[list[Any]]:
             # A frame holds one payload, a list of items (_wire.pack_items), or a
             # batch of whole pickles (_wire.pack_batch).  Its events are rebuilt
             # when the previous frame's were handled (see ITEMS_PER_FRAME).
-            for _, _, body, fds in frames:
+            for _, ident, body, fds in frames:
+                previous = where[2]
+                where[2] = ident
                 if not fds and body and body[0] == ITEMS_MARK:  # the common case
                     try:
                         items = loads(body[1:])
                         if type(items) is not list:
                             raise ValueError(f"{type(items).__name__}, not a list")
-                    except Exception:
+                    except Exception as exc:
                         logger.exception("dropping a batch of events from %r that cannot "
                                          "be rebuilt (%d bytes)", name, len(body))
+                        unreadable(failed, previous + 1, ident, None, exc)
                         continue
+                    where[0], where[1] = ident - len(items) + 1, items
                     yield items
+                    where[1] = None
                     del items
                     continue
                 if fds or not body or body[0] != BATCH_MARK:  # one payload
                     try:
                         message = _serial.loads(body, "an event", fds)
-                    except Exception:
+                    except Exception as exc:
                         logger.exception("dropping an event from %r that cannot be rebuilt",
                                          name)
+                        unreadable(failed, ident, ident, body, exc)
                         continue
-                    yield [message]
+                    where[0], where[1] = ident, [message]
+                    yield where[1]
+                    where[1] = None
                     continue
                 try:
                     first, sizes = unpack_batch(body)
                 except ValueError as exc:
                     logger.error("dropping a malformed batch of events from %r: %s", name, exc)
+                    unreadable(failed, previous + 1, ident, None, exc)
                     continue
                 messages: list[Any] = []
+                where[0] = ident - len(sizes) + 1
                 for start, end in pairwise(accumulate(sizes, initial=first)):
                     try:
                         messages.append(loads(body[start:end]))
-                    except Exception:
+                    except Exception as exc:
                         logger.exception("dropping an event from %r that cannot be rebuilt",
                                          name)
+                        seq = where[0] + len(messages)
+                        messages.append(None)
+                        unreadable(failed, seq, seq, body[start:end], exc)
+                where[1] = messages
                 yield messages
+                where[1] = None
                 del messages
 
-        def receive(frames: list[Frame]) -> None:
+        def malformed(message: Any, failed: Failed) -> None:
+            logger.error("dropping a malformed event from %r", name)
+            seq = seq_of(message)
+            failed.append([seq, seq])
+
+        def receive(frames: list[Frame]) -> Failed:
             # Invariant: events are handled in the order they arrived.  A run
             # is consecutive events of one name: its handlers are looked up
             # once, and its counts kept in the locals n (received) and handled
             # until the run ends, when they are added to received[event]
-            # (ReceivedCounts); a handler's failure is added at once.
+            # (ReceivedCounts); a handler's failure is added at once, and its
+            # event's sequence goes to ``failed`` (see seq_of).
             run: object = _NO_RUN
             handlers: tuple[Callable[..., Any], ...] = ()
             counts = [0, 0, 0]
             n = handled = 0
+            failed: Failed = []
             try:
-                for message in chain.from_iterable(unpickled(frames)):
+                for message in chain.from_iterable(unpickled(frames, failed)):
                     try:
                         event, args, kwargs = message
                     except (TypeError, ValueError):
-                        logger.error("dropping a malformed event from %r", name)
+                        if message is not None:  # (None: could not be rebuilt, counted)
+                            malformed(message, failed)
                         continue
                     # (checked per event: a handler may unsubscribe itself)
                     if event != run or table[0] is not CATALOG.by_event:
@@ -193,7 +261,7 @@ class Receiver:
                         entry = cache.get(event) if type(event) is str else None
                         if entry is None:
                             if type(event) is not str:
-                                logger.error("dropping a malformed event from %r", name)
+                                malformed(message, failed)
                                 continue
                             handlers = tuple(s.handler for s in table[0].get(event, ())
                                              if s.accepts(name, group, hub))
@@ -205,13 +273,18 @@ class Receiver:
                     n += 1
                     for handler in handlers:
                         try:
-                            if kwargs:
-                                handler(*args, **kwargs)
-                            else:
-                                handler(*args)
+                            result = handler(*args, **kwargs) if kwargs else handler(*args)
+                            if result is not None and isawaitable(result):
+                                counts[2] += 1
+                                seq = seq_of(message)
+                                failed.append([seq, seq])
+                                not_awaited(result, handler, event, name, pid)
+                                continue
                             handled += 1
                         except Exception:
                             counts[2] += 1
+                            seq = seq_of(message)
+                            failed.append([seq, seq])
                             logger.exception("handler %s for event %r from %r raised",
                                              getattr(handler, "__qualname__", handler), event,
                                              name)
@@ -219,9 +292,9 @@ class Receiver:
                 counts[0] += n
                 counts[1] += handled
                 handling.context = None
+            return failed
 
         return receive
-
 
 def _error_reply(exc: BaseException) -> bytes:
     """The body of an ERROR reply; drops the traceback once it is text.

@@ -19,6 +19,7 @@ unregister      {}                                           null
 update          connections, events                          null
 subscribe       sub (id, event, peers, group, hubs_only)     null
 unsubscribe     id                                           null
+hand_over       to (a peer of the requester's own process)   null
 list            {}                                           [info, ...]
 lookup          name                                         info or null
 =============== ============================================ =======================
@@ -28,7 +29,10 @@ subscribers match it (``["add", event, subscriber]`` / ``["remove", event,
 name]``), and waits for every live publisher to acknowledge a change before
 answering the ``subscribe`` or ``register`` that caused it.  That is what
 lets a subscription reach publishers that exist now *and* ones that start
-later, with no window in between.
+later, with no window in between.  ``hand_over`` moves the requester's
+subscriptions to another peer of the same process in one change, so each
+publisher switches from one to the other between two events: none goes to
+both, none to neither.
 
 A peer is forgotten when its connection closes or when psutil shows its
 process (pid + creation time) has gone; the publishers are told at once.
@@ -542,6 +546,20 @@ class Registry:
     def _op_unsubscribe(self, conn: _Conn, args: dict[str, Any]) -> _Answer:
         member = self._member_of(conn)
         member.subs.pop(str(args.get("id")), None)
+        return None, self._sync()
+
+    def _op_hand_over(self, conn: _Conn, args: dict[str, Any]) -> _Answer:
+        member = self._member_of(conn)
+        name = str(args.get("to"))
+        heir = self._members.get(name)
+        if heir is None or heir.conn.closed:
+            raise RequestError("PeerNotFound", f"no live peer named {name!r}", name=name)
+        if (heir.info["pid"], heir.info["started"]) != (member.info["pid"],
+                                                       member.info["started"]):
+            raise RequestError("ProtocolError", "subscriptions are handed over only to a "
+                               "peer of the same process")
+        heir.subs.update(member.subs)
+        member.subs = {}
         return None, self._sync()
 
     def _op_list(self, conn: _Conn, args: dict[str, Any]) -> _Answer:

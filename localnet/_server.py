@@ -16,7 +16,8 @@ process is dropped before a byte is read), then announces its role in a
 * ``events``: a publisher's channel.  One thread reads events, runs the
   handlers in order and acknowledges the last one handled whenever it has
   nothing more buffered, so acknowledgements are batched under load and
-  immediate otherwise.
+  immediate otherwise.  An acknowledgement names the events among them
+  that failed (see ``_wire.pack_ack``), if any.
 
 A malformed or oversized frame, or a protocol violation, closes that one
 connection (and is logged); everyone else is served on.
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import _liveness
+from . import _deadlock, _liveness
 from ._serial import Payload
 from ._signals import current_mask, spawn_thread
 from ._wire import (
@@ -44,6 +45,7 @@ from ._wire import (
     ProtocolError,
     close_fds,
     decode_control,
+    pack_ack,
     send_frame,
 )
 
@@ -64,7 +66,8 @@ class Host(Protocol):
     def run_call(self, body: bytes | bytearray, fds: list[int]) -> tuple[int, bytes | Payload]:
         ...
 
-    def event_receiver(self, publisher: dict[str, Any]) -> Callable[[list[Frame]], None]:
+    def event_receiver(self, publisher: dict[str, Any]
+                       ) -> Callable[[list[Frame]], list[list[int]]]:
         ...
 
 
@@ -143,7 +146,7 @@ class Server:
             role = hello.get("role")
             if role == "call":
                 handed_over = True
-                conn = _CallConnection(self, sock, reader)
+                conn = _CallConnection(self, sock, reader, _deadlock.caller_handling(hello))
                 with self._lock:
                     self._calls.add(conn)
                 conn.run()
@@ -191,7 +194,7 @@ class Server:
 
     @staticmethod
     def _receive_loop(sock: socket.socket, reader: FrameReader,
-                      receive: Callable[[list[Frame]], None]) -> None:
+                      receive: Callable[[list[Frame]], list[list[int]]]) -> None:
         read, drain = reader.read, reader.drain
         while True:
             batch = [read()]  # waits for the next event,
@@ -202,8 +205,11 @@ class Server:
                         close_fds(frame[3])
                     raise ProtocolError(
                         f"unexpected {Kind(kind).name} frame on an event channel")
-            receive(batch)  # handles it all,
-            send_frame(sock, _ACK, batch[-1][1])  # and acknowledges it at once
+            failed = receive(batch)  # handles it all,
+            if failed:  # and acknowledges it at once, naming what failed
+                sock.sendall(pack_ack(batch[-1][1], failed))
+            else:
+                send_frame(sock, _ACK, batch[-1][1])
 
     def close(self, drain: float = 0.0) -> None:
         """Stop accepting, close every connection and remove the socket file.
@@ -279,8 +285,12 @@ class _CallConnection:
     finds it changed after its handler knows the role went on without it.
     """
 
-    def __init__(self, server: Server, sock: socket.socket, reader: FrameReader) -> None:
+    def __init__(self, server: Server, sock: socket.socket, reader: FrameReader,
+                 handling: tuple[int, str] | None = None) -> None:
         self.server = server
+        # (the caller's pid, a subscriber): calls from the thread running that
+        # subscriber's handlers for our events (see _deadlock)
+        self.handling = handling
         self.sock = sock
         self.reader = reader
         self.lock = threading.Lock()
@@ -298,6 +308,8 @@ class _CallConnection:
         host = self.server.host
         reader, sock, lock, watch = self.reader, self.sock, self.lock, self.server.watch
         monotonic = time.monotonic
+        if self.handling is not None:
+            _deadlock.serving(host.name, self.handling)
         try:
             while True:
                 kind, ident, body, fds = reader.read()

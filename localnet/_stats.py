@@ -20,8 +20,9 @@ class EventCounts:
     ``sent``: accepted for delivery; ``delivered``: acknowledged after the
     subscriber's handlers ran; ``dropped``: refused because the subscriber's
     queue was full; ``failed``: sent but never acknowledged (the subscriber
-    died or left first).  Events still on their way are the difference
-    ``sent - delivered - failed``.
+    died or left first), or acknowledged as not handled (the subscriber could
+    not rebuild it, or one of its handlers raised or returned an awaitable).
+    Events still on their way are the difference ``sent - delivered - failed``.
     """
 
     sent: int = 0

@@ -32,7 +32,12 @@ EVENT            publisher → subscriber    payload of (event, args, kwargs), o
                                            :func:`pack_items`, :func:`pack_batch`);
                                            id = the last event's sequence (each
                                            channel numbers its events 1, 2, ...)
-ACK              subscriber → publisher    empty; id = last sequence handled
+ACK              subscriber → publisher    id = last sequence handled; body empty
+                                           (the usual case), or the events up to id
+                                           that could not be handled, as ranges
+                                           ``[first, last]`` (two u64 each, in
+                                           order, at most ``ACK_RANGES``; see
+                                           :func:`pack_ack`)
 REQUEST          peer → registry           pickled (operation, arguments)
 RESPONSE         registry → peer           pickled (ok, value)
 PUSH             registry → peer           pickled list of changes
@@ -81,6 +86,9 @@ MAX_FDS = 64  # per frame; more buffers than this travel in several segments' st
 #: frame of up to this many bytes (see :func:`pack_batch`); a subscriber accepts
 #: EVENT frames this large whatever its max_frame.
 EVENT_BATCH = 64 * 1024
+#: At most this many ranges of failed events to an ACK frame (1 KiB of body).
+ACK_RANGES = 64
+_RANGE = struct.Struct("<QQ")
 #: At most this many events to a list frame (:func:`pack_items`).  A subscriber
 #: rebuilds a frame's events at once and frees them once handled: about two
 #: new containers an event, which stays under the collector's first threshold
@@ -241,6 +249,49 @@ def pack_batch(bodies: list[bytes], first: int) -> list[bytes]:
         parts.append(struct.pack(f"<BI{count}I", BATCH_MARK, count, *sizes[start:end]))
         parts += bodies[start:end]
     return parts
+
+
+def pack_ack(last: int, failed: list[list[int]]) -> bytes:
+    """The ACK frames for events up to ``last``, of which ``failed`` were not handled.
+
+    ``failed`` holds ``[first, last]`` ranges of sequences, in any order,
+    overlapping or not.  More ranges than one frame carries make several
+    frames, each acknowledging up to the end of its last range (an
+    acknowledgement is cumulative), the final one up to ``last``.
+    """
+    ranges: list[list[int]] = []
+    for low, high in sorted(failed):
+        high = min(high, last)
+        if low > high or low < 1:
+            continue
+        if ranges and low <= ranges[-1][1] + 1:
+            ranges[-1][1] = max(ranges[-1][1], high)
+        else:
+            ranges.append([low, high])
+    frames = []
+    for start in range(0, len(ranges), ACK_RANGES):
+        chunk = ranges[start:start + ACK_RANGES]
+        ident = last if start + ACK_RANGES >= len(ranges) else chunk[-1][1]
+        body = b"".join(_RANGE.pack(low, high) for low, high in chunk)
+        frames.append(_pack(VERSION, Kind.ACK, 0, len(body), ident) + body)
+    return b"".join(frames) or _pack(VERSION, Kind.ACK, 0, 0, last)
+
+
+def unpack_ack(body: Buffer, after: int, last: int) -> list[tuple[int, int]]:
+    """The ranges of failed events in an ACK body, each within ``after + 1 .. last``.
+
+    Raises:
+        ProtocolError: the body is not such ranges, in order and apart.
+    """
+    if len(body) % _RANGE.size:
+        raise ProtocolError(f"an acknowledgement of {len(body)} bytes")
+    ranges = list(_RANGE.iter_unpack(body))
+    for low, high in ranges:
+        if not after < low <= high <= last:
+            raise ProtocolError(f"an acknowledgement up to event {last} names events "
+                                f"{low}..{high} as failed")
+        after = high
+    return ranges
 
 
 def unpack_batch(body: Buffer) -> tuple[int, tuple[int, ...]]:

@@ -16,7 +16,8 @@ Every error localnet raises derives from :class:`LocalnetError`, so one
     │                             its parent's)
     ├── OutOfResources            the system refused descriptors, disk or memory (also an OSError)
     ├── TooManyCalls              a limit on calls at once was reached (nothing ran)
-    └── Timeout                   an operation took longer than its timeout (also a TimeoutError)
+    ├── Timeout                   an operation took longer than its timeout (also a TimeoutError)
+    └── WouldDeadlock             flush() would wait for itself (also a RuntimeError)
 
 A remote call re-raises the remote exception as its own type when it can be
 rebuilt in the caller (so ``except ValueError`` works); the remote traceback
@@ -45,6 +46,7 @@ __all__ = [
     "Timeout",
     "TooManyCalls",
     "UnknownConnection",
+    "WouldDeadlock",
 ]
 
 
@@ -195,3 +197,13 @@ def translate_os_error(exc: OSError, doing: str,
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         return OutOfResources(exc.errno, f"{doing}: {advice.format(limit=limit)}")
     return other(f"{doing}: {exc.strerror or exc}")
+
+
+class WouldDeadlock(LocalnetError, RuntimeError):
+    """Waiting here would wait for itself, forever.
+
+    ``flush()`` raises it, before waiting for anything, when a subscriber's
+    acknowledgement waits for the calling thread: called from a handler of
+    the flushing peer's own events, or from a connection that a subscriber's
+    handler for those events is calling.
+    """
