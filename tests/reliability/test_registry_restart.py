@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from helpers import JOINER, STREAM_PUBLISHER, registry_pid, wait_until
 
+import localnet
+
 pytestmark = pytest.mark.slow
 
 
@@ -78,3 +80,22 @@ def test_registry_killed_every_200_ms_while_peers_join_leave_and_subscribe(
         thread.join(15)
     assert len(kills) >= 10 and len(results) >= 4, (len(kills), results)
     assert results == ["RESULT 0 []"] * len(results), results
+
+
+def test_peers_right_after_a_registry_restart_lists_every_live_peer(spawn,
+                                                                  runtime_dir: Path) -> None:
+    # peers() called a moment after the registry died used to return [] while
+    # every peer was alive: name lookups waited for re-registration, listings
+    # did not.  A listing now waits for the peers that were live, as joins do.
+    for name in ("alpha", "beta", "gamma"):
+        spawn(f"""
+            localnet.serve_forever(localnet.Peer(name="{name}"), ready=lambda: say("READY"))
+        """)
+    with localnet.Peer(name="observer"):
+        for _ in range(5):
+            old = registry_pid(runtime_dir)
+            assert old is not None
+            os.kill(old, signal.SIGKILL)
+            assert [p.name for p in localnet.peers()] == ["alpha", "beta", "gamma"]
+            wait_until(lambda old=old: registry_pid(runtime_dir) not in (None, old),
+                       timeout=10, what="the new registry")
