@@ -47,6 +47,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _deadlock, _liveness
+from ._listen import ListeningSocket
 from ._serial import Payload, dumps_exception
 from ._signals import current_mask, spawn_thread
 from ._wire import (
@@ -91,18 +92,7 @@ class Server:
     def __init__(self, host: Host, address: str) -> None:
         self.host = host
         self.address = address
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            os.unlink(address)
-        except FileNotFoundError:
-            pass
-        try:
-            self._listener.bind(address)
-            os.chmod(address, 0o600)
-            self._listener.listen(256)
-        except BaseException:
-            self._listener.close()
-            raise
+        self._listening = ListeningSocket(address)  # (its file is made again if removed)
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
         self._event_channels: list[threading.Event] = []
@@ -120,34 +110,36 @@ class Server:
         self.mask = current_mask()
 
     def start(self) -> None:
-        self._thread = spawn_thread(self._accept_loop, name="localnet-accept")
+        self._thread = spawn_thread(self._listening.serve, self._take, self._shed_idle_calls,
+                                    name="localnet-accept")
 
-    def _accept_loop(self) -> None:
-        failures = 0
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                if self._closed:
-                    return
-                # A persistent error (no descriptors left, a listener shut down
-                # by another process) must not spin: back off, log once per run.
-                failures += 1
-                if failures == 1:
-                    logger.exception("accept failed on %s; retrying with back-off", self.address)
-                time.sleep(min(0.001 * 2 ** min(failures, 10), 1.0))
-                continue
-            failures = 0
-            if not _liveness.same_user(sock):
-                logger.warning("refused a connection from another user's process")
+    def _take(self, sock: socket.socket) -> None:
+        """A new connection: checked, then served on a thread of its own."""
+        if not _liveness.same_user(sock):
+            logger.warning("refused a connection from another user's process")
+            sock.close()
+            return
+        with self._lock:
+            if self._closed:
                 sock.close()
-                continue
-            with self._lock:
-                if self._closed:
-                    sock.close()
-                    return
-                self._socks.add(sock)
-            spawn_thread(self._serve, sock, name="localnet-conn", mask=self.mask)
+                return
+            self._socks.add(sock)
+        spawn_thread(self._serve, sock, name="localnet-conn", mask=self.mask)
+
+    def _shed_idle_calls(self) -> None:
+        """Out of descriptors: close the call connections that run nothing.
+
+        Their callers keep them idle in their pools, and connections waiting
+        to be accepted would wait for them forever.  Each is shut for reading
+        only: a request already sent is still served, and a caller's next
+        request on it fails before it leaves, so it goes on a new connection.
+        """
+        with self._lock:
+            idle = [c for c in self._calls if not c.busy_since]
+        if idle:
+            logger.debug("out of descriptors: closing %d idle call connections", len(idle))
+        for conn in idle:
+            conn.shut_reading()
 
     def _serve(self, sock: socket.socket) -> None:
         reader = FrameReader(sock, self.host.max_frame)
@@ -251,11 +243,7 @@ class Server:
             self.closing = True
         self.wind_down()
         self._watchdog.close()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
+        self._listening.close()
         deadline = time.monotonic() + drain
         with self._lock:
             channels = list(self._event_channels)
@@ -304,7 +292,8 @@ class Server:
         self._calls_done = threading.Condition(self._lock)
         self._closed = self.closing = True
         self._watchdog._closed = True
-        socks, self._socks = [self._listener, *self._socks], set()
+        self._listening._after_fork_in_child()
+        socks, self._socks = list(self._socks), set()
         calls, self._calls = list(self._calls), set()
         for conn in calls:
             conn.closed = True
