@@ -133,12 +133,15 @@ class ListeningSocket:
             logger.warning("the socket file %s was removed and cannot be made again (%s); "
                            "retrying", self.address, exc)
             return
+        made = _identity(self.address)
         with self._lock:
-            if self._closed:
+            if self._closed:  # closed meanwhile: its owner may have removed the file already
+                if made is not None and _identity(self.address) == made:
+                    os.unlink(self.address)
                 new.close()
                 return
             old, self.sock = self.sock, new
-            self._identity = _identity(self.address)
+            self._identity = made
             self.rebinds += 1
         logger.warning("the socket file %s was removed or replaced; listening there again",
                        self.address)
