@@ -77,7 +77,7 @@ class Outbox:
     """
 
     def __init__(self, entry: dict[str, Any], hello: dict[str, Any], limit: int, block: float,
-                 on_dead: Callable[[Outbox, str], None]) -> None:
+                 on_dead: Callable[[Outbox, str], None], delay: float = 0.0) -> None:
         self.name = str(entry["name"])
         self.pid = int(entry["pid"])
         self.started = float(entry["started"])
@@ -108,6 +108,7 @@ class Outbox:
         self._dropped: dict[str, int] = {}
         self._failed: Counter[str] = Counter()
         self._sock: socket.socket | None = None
+        self._delay = delay  # before connecting: the subscriber was unreachable a moment ago
         self._writer = spawn_thread(self._write_loop, name="localnet-outbox")
 
     def __repr__(self) -> str:
@@ -219,6 +220,11 @@ class Outbox:
         return sock
 
     def _write_loop(self) -> None:
+        if self._delay:  # events queue meanwhile, and go once connected
+            deadline = time.monotonic() + self._delay
+            with self._lock:
+                while not self.closed and time.monotonic() < deadline:
+                    self._has_work.wait(deadline - time.monotonic())
         try:
             sock = self._connect()
         except Exception as exc:  # whatever the address or the peer, never die silently

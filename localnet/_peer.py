@@ -251,6 +251,8 @@ class Peer:
                 return
             _current.peer_stopped(self)
             CATALOG.remove_listener(self)
+            if self._server is not None:
+                self._server.wind_down()  # new calls are refused from here on
         _hand_over(self, self._registry)
         try:  # (closing from a handler: what waits for that handler is not waited for)
             self._publisher.flush(self.linger, skip_blocked=True)

@@ -8,6 +8,14 @@ once this peer first triggers one of its events, so a hundred peers
 subscribed to everything do not open ten thousand idle channels between
 them.  Counts of outboxes that closed are folded into ``settled`` so
 ``stats()`` stays exact without keeping the outboxes.
+
+A route stays as long as the registry lists the subscription: when a live
+subscriber cannot be reached (its socket file was removed, it dropped the
+channel), its outbox closes, counting what it held as failed, and a new
+one takes its place, connecting after a pause that grows with each
+failure in a row (``RETRY_DELAYS``).  So every event triggered for it is
+counted (delivered, dropped or failed), and delivery resumes by itself
+once the subscriber is reachable again.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("localnet.peer")
 
+# Seconds a new outbox waits before connecting, after 1, 2, 3 ... failures in a row.
+RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
+
 _encode_item = _serial.encode_item
 
 
@@ -46,6 +57,7 @@ class Publisher:
         self._published: set[str] = set()  # events this peer has triggered
         self._retired: list[Outbox] = []  # closing outboxes, until their counts are final
         self._settled: dict[tuple[str, str], list[int]] = {}  # (event, subscriber) -> counts
+        self._unreachable: dict[str, int] = {}  # subscriber name -> failures in a row
 
     # -- the registry's pushes: who subscribes to us --------------------------
     def apply_push(self, changes: list[Any]) -> None:
@@ -86,6 +98,7 @@ class Publisher:
         if not events:
             del self._wanted[name]
             self._entries.pop(name, None)
+            self._unreachable.pop(name, None)
             outbox = self._outboxes.pop(name, None)
             if outbox is not None:
                 self._retire(outbox, leaving)
@@ -112,8 +125,10 @@ class Publisher:
             outbox = self._outboxes.get(name)
             if outbox is None:
                 hello = {"role": "events", **peer.identity}
+                failures = self._unreachable.get(name, 0)
+                delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS)) - 1] if failures else 0.0
                 outbox = Outbox(self._entries[name], hello, peer.event_queue,
-                                peer.event_block, self._outbox_died)
+                                peer.event_block, self._outbox_died, delay)
                 self._outboxes[name] = outbox
             outbox.carry(wanted)
             for event in wanted:
@@ -123,7 +138,8 @@ class Publisher:
 
     def _outbox_died(self, outbox: Outbox, reason: str) -> None:
         alive = _liveness.is_alive(outbox.pid, outbox.started, outbox.ticks)
-        if alive and (outbox.retiring or self._peer.state is not RUNNING):
+        leaving = outbox.retiring or self._peer.state is not RUNNING
+        if alive and leaving:
             logger.debug("subscriber %r left: %s", outbox.name, reason)
         elif alive:
             logger.warning("subscriber %r (pid %d) dropped its event channel: %s",
@@ -133,9 +149,17 @@ class Publisher:
         with self._lock:
             if self._outboxes.get(outbox.name) is outbox:
                 del self._outboxes[outbox.name]
-                self._wanted.pop(outbox.name, None)
-                self._entries.pop(outbox.name, None)
                 self._retired.append(outbox)
+                if alive and not leaving:
+                    # Still subscribed as far as the registry says: a new outbox
+                    # takes its events and tries again (see the module docstring).
+                    # (An outbox that delivered was a healthy channel: start over.)
+                    self._unreachable[outbox.name] = \
+                        0 if outbox.acked else self._unreachable.get(outbox.name, 0) + 1
+                else:
+                    self._wanted.pop(outbox.name, None)
+                    self._entries.pop(outbox.name, None)
+                    self._unreachable.pop(outbox.name, None)
                 self._rebuild_routes()
 
     # -- publishing -------------------------------------------------------------

@@ -45,6 +45,7 @@ import fcntl
 import logging
 import math
 import os
+import resource
 import select
 import socket
 import struct
@@ -57,6 +58,7 @@ from typing import Any
 import psutil
 
 from . import _liveness, _paths
+from ._listen import Backoff
 from ._signals import Stopper, reset_inherited, spawn_thread, wait_for_stop
 from ._wire import FrameReader, Kind, ProtocolError, decode_control, encode_control, send_frame
 
@@ -366,14 +368,19 @@ class Registry:
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
+        # Out of descriptors, accept() fails at once until some are freed:
+        # back off instead of spinning, or of giving up on every peer.
+        backoff = Backoff(self.address)
         try:
             while not self._stopping.is_set():
                 try:
                     sock, _ = self._listener.accept()
-                except OSError:
+                except OSError as exc:
                     if self._stopping.is_set():
                         break
-                    raise
+                    backoff.failed(exc)
+                    continue
+                backoff.succeeded()
                 if not _liveness.same_user(sock):
                     logger.warning("refused a registry connection from another user")
                     sock.close()
@@ -693,6 +700,22 @@ class Registry:
                 self.stop()
 
 
+def _raise_descriptor_limit() -> None:
+    """Raise the soft limit on open files to the hard one.
+
+    A registry started by a peer inherits that peer's limit, whatever it is,
+    and holds a descriptor per live peer (plus a thread): it takes all the
+    kernel allows the user.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard,
+                           exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a registry: ``python -m localnet._registry [--spawned] [--ready-fd N]``."""
     parser = argparse.ArgumentParser(prog="localnet-registry")
@@ -707,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGINT and SIGQUIT for background commands: undo that too.  In the
     # foreground, dispositions the user chose (nohup) stay.
     reset_inherited(dispositions=options.detach)
+    _raise_descriptor_limit()
     if options.detach:
         os.setsid()
     if os.environ.get("LOCALNET_DEBUG", "").lower() in ("1", "true", "yes", "on"):

@@ -21,6 +21,18 @@ process is dropped before a byte is read), then announces its role in a
 
 A malformed or oversized frame, or a protocol violation, closes that one
 connection (and is logged); everyone else is served on.
+
+Winding down (``wind_down``, then ``close``): from the moment a peer starts
+to close (SIGTERM in ``serve_forever``, ``close()``), a call read from any
+connection is answered with :class:`~localnet.errors.PeerStopping` without
+running, except calls from a subscriber's handler for this peer's events,
+which the closing peer's ``flush()`` may be waiting on (until ``close``).  Calls already
+running finish and send their replies (``close`` waits for them up to its
+``drain``).  Then each call connection is shut for reading only: requests
+already sent are still read and answered (refused), a caller that sends
+later finds the connection closed before its request left (its call tries
+again, and finds the peer gone), so no caller is left with a request that
+went unanswered for no reason it can tell.
 """
 
 from __future__ import annotations
@@ -35,7 +47,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _deadlock, _liveness
-from ._serial import Payload
+from ._listen import ListeningSocket
+from ._serial import Payload, dumps_exception
 from ._signals import current_mask, spawn_thread
 from ._wire import (
     EVENT_BATCH,
@@ -48,12 +61,14 @@ from ._wire import (
     pack_ack,
     send_frame,
 )
+from .errors import PeerStopping
 
 logger = logging.getLogger("localnet.server")
 
 _HELLO_TIMEOUT = 10.0
 HAND_OVER_AFTER = 0.01  # a handler running longer than this hands the connection on
-_CALL, _EVENT, _ACK = int(Kind.CALL), int(Kind.EVENT), int(Kind.ACK)
+_REFUSE_GRACE = 0.25  # how long close() lets connections answer refused calls past its drain
+_CALL, _EVENT, _ACK, _ERROR = int(Kind.CALL), int(Kind.EVENT), int(Kind.ACK), int(Kind.ERROR)
 
 
 class Host(Protocol):
@@ -77,18 +92,7 @@ class Server:
     def __init__(self, host: Host, address: str) -> None:
         self.host = host
         self.address = address
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            os.unlink(address)
-        except FileNotFoundError:
-            pass
-        try:
-            self._listener.bind(address)
-            os.chmod(address, 0o600)
-            self._listener.listen(256)
-        except BaseException:
-            self._listener.close()
-            raise
+        self._listening = ListeningSocket(address)  # (its file is made again if removed)
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
         self._event_channels: list[threading.Event] = []
@@ -96,6 +100,8 @@ class Server:
         self._calls_done = threading.Condition(self._lock)  # notified while closing
         self._closed = False
         self.closing = False
+        self.stopping = False  # winding down: new calls are refused (see wind_down)
+        self.refusal = b""  # the ERROR body they get
         self._thread: threading.Thread | None = None
         self._watchdog = _Watchdog()
         self.watch = self._watchdog.watch
@@ -104,34 +110,36 @@ class Server:
         self.mask = current_mask()
 
     def start(self) -> None:
-        self._thread = spawn_thread(self._accept_loop, name="localnet-accept")
+        self._thread = spawn_thread(self._listening.serve, self._take, self._shed_idle_calls,
+                                    name="localnet-accept")
 
-    def _accept_loop(self) -> None:
-        failures = 0
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                if self._closed:
-                    return
-                # A persistent error (no descriptors left, a listener shut down
-                # by another process) must not spin: back off, log once per run.
-                failures += 1
-                if failures == 1:
-                    logger.exception("accept failed on %s; retrying with back-off", self.address)
-                time.sleep(min(0.001 * 2 ** min(failures, 10), 1.0))
-                continue
-            failures = 0
-            if not _liveness.same_user(sock):
-                logger.warning("refused a connection from another user's process")
+    def _take(self, sock: socket.socket) -> None:
+        """A new connection: checked, then served on a thread of its own."""
+        if not _liveness.same_user(sock):
+            logger.warning("refused a connection from another user's process")
+            sock.close()
+            return
+        with self._lock:
+            if self._closed:
                 sock.close()
-                continue
-            with self._lock:
-                if self._closed:
-                    sock.close()
-                    return
-                self._socks.add(sock)
-            spawn_thread(self._serve, sock, name="localnet-conn", mask=self.mask)
+                return
+            self._socks.add(sock)
+        spawn_thread(self._serve, sock, name="localnet-conn", mask=self.mask)
+
+    def _shed_idle_calls(self) -> None:
+        """Out of descriptors: close the call connections that run nothing.
+
+        Their callers keep them idle in their pools, and connections waiting
+        to be accepted would wait for them forever.  Each is shut for reading
+        only: a request already sent is still served, and a caller's next
+        request on it fails before it leaves, so it goes on a new connection.
+        """
+        with self._lock:
+            idle = [c for c in self._calls if not c.busy_since]
+        if idle:
+            logger.debug("out of descriptors: closing %d idle call connections", len(idle))
+        for conn in idle:
+            conn.shut_reading()
 
     def _serve(self, sock: socket.socket) -> None:
         reader = FrameReader(sock, self.host.max_frame)
@@ -149,6 +157,9 @@ class Server:
                 conn = _CallConnection(self, sock, reader, _deadlock.caller_handling(hello))
                 with self._lock:
                     self._calls.add(conn)
+                    closing = self.closing
+                if closing:
+                    conn.shut_reading()
                 conn.run()
             elif role == "events":
                 reader.max_frame = max(reader.max_frame, EVENT_BATCH)
@@ -211,6 +222,13 @@ class Server:
             else:
                 send_frame(sock, _ACK, batch[-1][1])
 
+    def wind_down(self) -> None:
+        """Refuse new calls from now on with PeerStopping; running ones go on.  Idempotent."""
+        if not self.stopping:
+            self.refusal = dumps_exception(PeerStopping(
+                f"peer {self.host.name!r} is stopping and refused the call; it did not run"), "")
+            self.stopping = True
+
     def close(self, drain: float = 0.0) -> None:
         """Stop accepting, close every connection and remove the socket file.
 
@@ -223,12 +241,9 @@ class Server:
                 return
             self._closed = True
             self.closing = True
+        self.wind_down()
         self._watchdog.close()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
+        self._listening.close()
         deadline = time.monotonic() + drain
         with self._lock:
             channels = list(self._event_channels)
@@ -238,6 +253,18 @@ class Server:
         with self._lock:  # calls already running finish and send their replies
             while any(c.busy_since for c in self._calls):
                 remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._calls_done.wait(remaining)
+            calls = list(self._calls)
+        # Requests already sent are refused; then each connection reads its
+        # end and closes (see the module docstring).
+        for conn in calls:
+            conn.shut_reading()
+        grace = time.monotonic() + _REFUSE_GRACE
+        with self._lock:
+            while any(not c.busy_since for c in self._calls):
+                remaining = grace - time.monotonic()
                 if remaining <= 0:
                     break
                 self._calls_done.wait(remaining)
@@ -265,7 +292,8 @@ class Server:
         self._calls_done = threading.Condition(self._lock)
         self._closed = self.closing = True
         self._watchdog._closed = True
-        socks, self._socks = [self._listener, *self._socks], set()
+        self._listening._after_fork_in_child()
+        socks, self._socks = list(self._socks), set()
         calls, self._calls = list(self._calls), set()
         for conn in calls:
             conn.closed = True
@@ -305,8 +333,9 @@ class _CallConnection:
 
     def run(self) -> None:
         """The body of every thread of this connection."""
-        host = self.server.host
-        reader, sock, lock, watch = self.reader, self.sock, self.lock, self.server.watch
+        server = self.server
+        host = server.host
+        reader, sock, lock, watch = self.reader, self.sock, self.lock, server.watch
         monotonic = time.monotonic
         if self.handling is not None:
             _deadlock.serving(host.name, self.handling)
@@ -315,6 +344,11 @@ class _CallConnection:
                 kind, ident, body, fds = reader.read()
                 if kind != _CALL:
                     self._control(kind, ident, fds)
+                    continue
+                if server.stopping and (self.handling is None or server.closing):
+                    close_fds(fds)  # winding down: refused, nothing runs
+                    with self.send_lock:
+                        send_frame(sock, _ERROR, ident, server.refusal)
                     continue
                 # No lock: only the watchdog hands over, and only once
                 # busy_since is set, which happens after this read.
@@ -357,6 +391,13 @@ class _CallConnection:
             logger.exception("a call connection to %s failed", host.name)
         self._close()
 
+    def shut_reading(self) -> None:
+        """Read what the caller sent, then end (see the module docstring: winding down)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
     def _control(self, kind: int, ident: int, fds: list[int]) -> None:
         if kind != Kind.TAKEN:
             close_fds(fds)
@@ -384,7 +425,10 @@ class _CallConnection:
             since = self.busy_since
             if not since or self.closed:
                 return False
-            if now - since >= HAND_OVER_AFTER and self._request_waiting():
+            # (Not while closing: the connection reads as ready at its end, and a
+            # new reader would close it under the running handler.)
+            if now - since >= HAND_OVER_AFTER and not self.server.closing \
+                    and self._request_waiting():
                 self._hand_over()
             return True
 

@@ -11,6 +11,7 @@ Every error localnet raises derives from :class:`LocalnetError`, so one
     ├── SerializationError        an argument or result could not be pickled or unpickled
     ├── RemoteError               a remote exception that could not be rebuilt locally
     ├── ConnectionLost            the other side went away (peer died, closed, or sent garbage)
+    │   └── PeerStopping          the called peer is winding down and refused the call (nothing ran)
     ├── RegistryUnavailable       the registry could not be reached or started in time
     ├── PeerClosed                you closed this peer and then used it (or a forked child used
     │                             its parent's)
@@ -40,6 +41,7 @@ __all__ = [
     "OutOfResources",
     "PeerClosed",
     "PeerNotFound",
+    "PeerStopping",
     "RegistryUnavailable",
     "RemoteError",
     "SerializationError",
@@ -133,6 +135,16 @@ class RemoteError(LocalnetError):
 
 class ConnectionLost(LocalnetError, ConnectionError):
     """The other side went away: the peer died, closed, or broke the protocol."""
+
+
+class PeerStopping(ConnectionLost):
+    """The called peer is winding down (SIGTERM, ``close()``) and refused this call.
+
+    Nothing ran, so the call may be made again elsewhere.  Calls the peer
+    had already started still get their answers; new ones get this error
+    instead of a bare :class:`ConnectionLost` (which says nothing about
+    whether the call ran).
+    """
 
 
 class RegistryUnavailable(LocalnetError):

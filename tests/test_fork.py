@@ -306,7 +306,7 @@ def test_listener_shut_down_elsewhere_does_not_spin_the_accept_loop(spawn) -> No
 
         logging.getLogger("localnet").addHandler(Count())
         peer = localnet.Peer(name="lone").start()
-        peer._server._listener.shutdown(socket.SHUT_RDWR)
+        peer._server._listening.sock.shutdown(socket.SHUT_RDWR)
         say("READY")
         sys.stdin.readline()
         say("LOGGED", Count.seen)
