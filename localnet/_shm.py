@@ -40,6 +40,7 @@ import fcntl
 import logging
 import mmap
 import os
+import resource
 import threading
 import time
 import weakref
@@ -52,6 +53,12 @@ DEFAULT_THRESHOLD = 1024 * 1024  # measured: below it the socket is as fast (see
 _MIN_CLASS = 64 * 1024
 _IDLE_SECONDS = 5.0
 _IDLE_LIMIT = 1 << 30  # bytes of idle segments kept at most
+
+
+def _idle_count() -> int:
+    """Idle segments kept at most: each holds a descriptor, so an eighth of the limit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 20 if soft == resource.RLIM_INFINITY else max(4, soft // 8)
 
 
 def threshold_from_env() -> int | None:
@@ -182,12 +189,16 @@ class Pool:
             segment.users -= 1
             if segment.users > 0:
                 return
-            if segment.pid == self.pid:
+            mine = segment.pid == self.pid
+            if mine:
                 segment.idle_since = time.monotonic()
                 self._free.setdefault(segment.size, []).append(segment)
                 self._start_trimmer()
-                return
-        segment.close()  # the parent's, inherited through fork(): never reuse it here
+                crowded = sum(map(len, self._free.values())) > _idle_count()
+        if not mine:
+            segment.close()  # the parent's, inherited through fork(): never reuse it here
+        elif crowded:
+            self.trim()
 
     def abandon(self, segment: Segment) -> None:
         """A message whose fate is unknown carried it: never reuse it."""
@@ -222,17 +233,19 @@ class Pool:
         """Drop segments idle for a while (all when ``everything``); True if some remain."""
         now = time.monotonic()
         dropped: list[Segment] = []
+        most = _idle_count()
         with self._lock:
-            kept_bytes = 0
+            kept_bytes = kept = 0
             for size in sorted(self._free):
                 keep = []
                 for segment in self._free[size]:
                     old = now - segment.idle_since > _IDLE_SECONDS
-                    if everything or old or kept_bytes + size > _IDLE_LIMIT:
+                    if everything or old or kept_bytes + size > _IDLE_LIMIT or kept >= most:
                         dropped.append(segment)
                     else:
                         keep.append(segment)
                         kept_bytes += size
+                        kept += 1
                 self._free[size] = keep
             waiting = self._waiting
             if everything:
