@@ -29,7 +29,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._serial import Payload
 
-#: The default bound on the bytes held for one subscriber (``Peer(event_bytes=)``).
+#: The default bound on the bytes held for one subscriber (``Peer(event_bytes=)``):
+#: above what 10,000 small events can hold (at most 16 KiB each, 156 MiB), so
+#: small events meet only the event bound and are never counted; as large as
+#: the largest inline message (``max_frame``); 15 arrays of 16 MiB, or 255 of
+#: 1 MiB (the shared-memory threshold), so also at most about 256 descriptors.
 DEFAULT_EVENT_BYTES = 256 * 1024 * 1024
 
 Entry = tuple[str, "bytes | Payload"]

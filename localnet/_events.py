@@ -71,9 +71,9 @@ class Outbox:
     The trigger side appends items to ``_queue`` without the lock while it
     is shorter than ``room`` (:func:`fan_out`; ``list.append`` is atomic;
     ``room`` keeps both bounds, see :class:`~localnet._budget.Budget`): the
-    writer and the acknowledgement reader,
-    which hold the lock, only cut from the front and read below the length
-    they saw, so an append never moves what they index.  Everything else -
+    writer and the acknowledgement reader, which hold the lock, only cut
+    from the front and read below the length they saw, so an append never
+    moves what they index.  Everything else -
     shared-memory payloads, whole pickles, a full, retiring or closed
     outbox - goes through :meth:`put`, under the lock.  (Two threads
     triggering at once may each see room for one more event: the bound is

@@ -114,8 +114,9 @@ class Peer:
     triggers wait, default 10,000), ``event_bytes`` (bytes those events may
     hold per subscriber, inline and in shared memory, default 256 MiB; one
     larger event goes when nothing else is held), ``event_block`` (seconds a
-    trigger waits for room before dropping, default 1.0), ``linger`` (seconds ``close()``
-    waits for queued events to be handled, default 2.0), ``max_workers``
+    trigger waits for room before dropping, default 1.0), ``linger``
+    (seconds ``close()`` waits for queued events to be handled, default
+    2.0), ``max_workers``
     (calls this peer runs at once for all its callers, a thread each, default
     64), ``max_calls`` (calls in flight from this peer to any one peer, a
     connection each, default 64; beyond either limit a call raises
