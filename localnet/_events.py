@@ -9,11 +9,12 @@ frames of up to ``EVENT_BATCH`` bytes each (:func:`~localnet._wire.pack_items`,
 calls and a few frame headers, not one each), and an acknowledgement reader,
 which counts what the subscriber has handled.
 
-Bounds (per subscriber): at most ``limit`` events may be queued or in flight
-unacknowledged.  When an outbox is full, a trigger waits up to ``block``
-seconds for room, then drops the event for that subscriber only, logs it,
-counts it, and marks the outbox *congested*: further events for it are
-dropped at once, without waiting, until it has drained to half the limit.
+Bounds (per subscriber): at most ``limit`` events, and ``max_bytes`` bytes
+(:mod:`localnet._budget`), may be queued or in flight unacknowledged.  When
+an outbox is full, a trigger waits up to ``block`` seconds for room, then
+drops the event for that subscriber only, logs it, counts it, and marks the
+outbox *congested*: further events for it are dropped at once, without
+waiting, until it has drained to half of both limits.
 A stopped or slow subscriber therefore delays a trigger by at most
 ``block`` seconds once, and never blocks the other subscribers.
 
@@ -37,7 +38,8 @@ from operator import itemgetter
 from typing import Any
 
 from . import _liveness
-from ._serial import Payload
+from ._budget import Budget, size_of
+from ._serial import ITEM_MAX, Payload
 from ._signals import spawn_thread
 from ._wire import (
     FrameReader,
@@ -66,10 +68,12 @@ class Outbox:
     entry at index i is event ``_base + i + 1``, and an acknowledgement
     (cumulative) cuts its events from the front.
 
-    The trigger side appends to ``_queue`` without the lock (:func:`fan_out`;
-    ``list.append`` is atomic): the writer and the acknowledgement reader,
-    which hold the lock, only cut from the front and read below the length
-    they saw, so an append never moves what they index.  Everything else -
+    The trigger side appends items to ``_queue`` without the lock while it
+    is shorter than ``room`` (:func:`fan_out`; ``list.append`` is atomic;
+    ``room`` keeps both bounds, see :class:`~localnet._budget.Budget`): the
+    writer and the acknowledgement reader, which hold the lock, only cut
+    from the front and read below the length they saw, so an append never
+    moves what they index.  Everything else -
     shared-memory payloads, whole pickles, a full, retiring or closed
     outbox - goes through :meth:`put`, under the lock.  (Two threads
     triggering at once may each see room for one more event: the bound is
@@ -77,7 +81,8 @@ class Outbox:
     """
 
     def __init__(self, entry: dict[str, Any], hello: dict[str, Any], limit: int, block: float,
-                 on_dead: Callable[[Outbox, str], None], delay: float = 0.0) -> None:
+                 max_bytes: int, on_dead: Callable[[Outbox, str], None],
+                 delay: float = 0.0) -> None:
         self.name = str(entry["name"])
         self.pid = int(entry["pid"])
         self.started = float(entry["started"])
@@ -88,6 +93,8 @@ class Outbox:
         self._hello = hello
         self.limit = limit
         self.block = block
+        self._budget = Budget(max_bytes, limit, ITEM_MAX)
+        self.room = self._budget.room()  # fan_out appends while the queue is shorter
         self._on_dead = on_dead
         lock = self._lock = threading.Lock()
         self._has_work = threading.Condition(lock)
@@ -134,11 +141,14 @@ class Outbox:
         which the outbox settles when the event is acknowledged, or at once
         when it is dropped.
         """
+        size = size_of(frame)
         with self._lock:
+            budget = self._budget
             # A retiring outbox still takes the events of triggers that found
             # it in the routes before it left them: its subscriber handles them
             # before it closes, and no other outbox got them.
-            if self.closed or (len(self._queue) >= self.limit and not self._wait_for_room()):
+            if self.closed or (not budget.fits(self._queue, size)
+                               and not self._wait_for_room(size)):
                 if not (self.closed and self.retiring):  # (else: no longer its event)
                     self._dropped[event] = self._dropped.get(event, 0) + 1
                 if type(frame) is not bytes:
@@ -148,8 +158,10 @@ class Outbox:
             kind = _kind(frame)
             if kind != _ITEM:
                 self._mixed = True
-            if kind == _PAYLOAD:
-                self._payloads += 1
+                budget.add(frame)
+                if kind == _PAYLOAD:
+                    self._payloads += 1
+            self.room = budget.room()
             self._notify_writer()
             return True
 
@@ -179,21 +191,24 @@ class Outbox:
         with self._lock:
             return self._base + len(self._queue)
 
-    def _wait_for_room(self) -> bool:
-        # called with the lock held and the outbox full
+    def _wait_for_room(self, size: int) -> bool:
+        # called with the lock held and no room for ``size`` bytes
+        budget, queue = self._budget, self._queue
         if not self._congested and self.block > 0:
             deadline = time.monotonic() + self.block
-            while len(self._queue) >= self.limit and not self.closed:
+            while not self.closed and not budget.fits(queue, size):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._has_room.wait(remaining)
-            if len(self._queue) < self.limit and not self.closed:
-                return True
+            else:
+                return not self.closed
         if not self._congested:
             self._congested = True
-            logger.warning("subscriber %r is not keeping up (%d events unacknowledged); "
-                           "dropping its events until it catches up", self.name, self.limit)
+            budget.count(queue)
+            logger.warning("subscriber %r is not keeping up (%d events, %d bytes "
+                           "unacknowledged); dropping its events until it catches up",
+                           self.name, len(queue), budget.held)
         return False
 
     def wait_delivered(self, seq: int, deadline: float) -> bool:
@@ -315,10 +330,14 @@ class Outbox:
                         self._delivered.update(map(_event_of, done))  # counted in C
                     self._base = seq
                     self._written -= n
+                    if self._budget.held:  # (0 while only uncounted items are queued)
+                        self._budget.cut(done)
+                        self.room = self._budget.room()
                     if self._payloads:
                         settle = _payloads_in(done)
                         self._payloads -= len(settle)
-                if self._congested and len(queue) <= self.limit // 2:
+                if self._congested and len(queue) <= self.limit // 2 \
+                        and not self._budget.over(queue, 0.5):
                     self._congested = False
                     logger.info("subscriber %r caught up", self.name)
                 self._has_room.notify_all()
@@ -376,6 +395,7 @@ class Outbox:
             self._failed.update(map(_event_of, entries))
             payloads = _payloads_in(entries)
             self._payloads = 0
+            self._budget.clear()
             self._has_work.notify_all()
             self._has_room.notify_all()
             sock = self._sock
@@ -440,7 +460,7 @@ def fan_out(outboxes: tuple[Outbox, ...], event: str, item: bytes) -> bool:
     moved = False
     for outbox in outboxes:
         queue = outbox._queue
-        if outbox.accepting and len(queue) < outbox.limit:
+        if outbox.accepting and len(queue) < outbox.room:
             queue.append(entry)
             if outbox._writer_idle:
                 outbox.wake()

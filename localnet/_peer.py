@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _current, _fork, _liveness, _paths, _shm
+from ._budget import DEFAULT_EVENT_BYTES
 from ._calls import Caller
 from ._catalog import CATALOG, Subscription
 from ._current import State
@@ -110,9 +111,12 @@ class Peer:
     ``directory`` (``LOCALNET_DIR``).  Tuning: ``max_frame`` (bytes of inline
     data in one message, ``LOCALNET_MAX_FRAME``, default 256 MiB),
     ``event_queue`` (events queued or unacknowledged per subscriber before
-    triggers wait, default 10,000), ``event_block`` (seconds a trigger waits
-    for room before dropping, default 1.0), ``linger`` (seconds ``close()``
-    waits for queued events to be handled, default 2.0), ``max_workers``
+    triggers wait, default 10,000), ``event_bytes`` (bytes those events may
+    hold per subscriber, inline and in shared memory, default 256 MiB; one
+    larger event goes when nothing else is held), ``event_block`` (seconds a
+    trigger waits for room before dropping, default 1.0), ``linger``
+    (seconds ``close()`` waits for queued events to be handled, default
+    2.0), ``max_workers``
     (calls this peer runs at once for all its callers, a thread each, default
     64), ``max_calls`` (calls in flight from this peer to any one peer, a
     connection each, default 64; beyond either limit a call raises
@@ -133,6 +137,7 @@ class Peer:
     def __init__(self, name: str | None = None, group: str | None = None,
                  hub: bool | None = None, *, directory: str | os.PathLike[str] | None = None,
                  max_frame: int | None = None, event_queue: int = 10_000,
+                 event_bytes: int = DEFAULT_EVENT_BYTES,
                  event_block: float = 1.0, linger: float = 2.0, max_workers: int = 64,
                  max_calls: int = 64, shm_threshold: int | None | str = "env") -> None:
         _debug_from_env()
@@ -151,12 +156,15 @@ class Peer:
                              _env_number("LOCALNET_MAX_FRAME", DEFAULT_MAX_FRAME))
         if self.max_frame < 1024:
             raise ConfigurationError("max_frame must be at least 1024 bytes")
+        if type(event_bytes) is not int or event_bytes < 1:
+            raise ConfigurationError(f"event_bytes={event_bytes!r}: use a positive number of bytes")
         if event_queue < 1 or event_block < 0 or linger < 0 or max_workers < 1 or max_calls < 1:
             raise ConfigurationError("event_queue, max_workers and max_calls must be positive; "
                                      "event_block and linger must not be negative")
         self.shm_threshold: int | None = _shm.threshold_from_env() \
             if shm_threshold == "env" else _check_threshold(shm_threshold)
         self.event_queue = event_queue
+        self.event_bytes = event_bytes
         self.event_block = event_block
         self.linger = linger
         self.max_workers = max_workers

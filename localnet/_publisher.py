@@ -30,7 +30,7 @@ from . import _deadlock, _liveness, _serial
 from ._current import RUNNING
 from ._events import Outbox, fan_out, put_all
 from ._stats import add_into
-from .errors import Timeout, WouldDeadlock
+from .errors import SerializationError, Timeout, WouldDeadlock, translate_os_error
 
 if TYPE_CHECKING:
     from ._peer import Peer
@@ -128,7 +128,8 @@ class Publisher:
                 failures = self._unreachable.get(name, 0)
                 delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS)) - 1] if failures else 0.0
                 outbox = Outbox(self._entries[name], hello, peer.event_queue,
-                                peer.event_block, self._outbox_died, delay)
+                                peer.event_block, peer.event_bytes, self._outbox_died,
+                                delay)
                 self._outboxes[name] = outbox
             outbox.carry(wanted)
             for event in wanted:
@@ -167,7 +168,8 @@ class Publisher:
         """Send one event to every matching subscriber; never waits for them.
 
         Raises :class:`SerializationError` (nothing is sent) when an argument
-        does not pickle.
+        does not pickle, :class:`OutOfResources` when there are no descriptors
+        or memory left for shared memory.
         """
         peer = self._peer
         if peer.state is not RUNNING:
@@ -181,7 +183,13 @@ class Publisher:
                 if targets and fan_out(targets, event, item):
                     self._reroute(targets, event, item)
                 return
-        payload = _serial.dumps_event(event, args, kwargs, peer.shm_threshold)
+        try:
+            payload = _serial.dumps_event(event, args, kwargs, peer.shm_threshold)
+        except OSError as exc:  # no shared memory for its buffers (nothing was sent)
+            raise translate_os_error(
+                exc, f"cannot put the large buffers of event {event!r} in shared memory "
+                "(each one a subscriber has not acknowledged yet holds a descriptor; a "
+                "smaller event_bytes holds fewer)", SerializationError) from exc
         if len(payload) > peer.max_frame:
             _serial.refuse_oversize(payload, peer.max_frame, f"an argument of event {event!r}")
         if type(payload) is bytes:  # pickled once; the outboxes frame it, in batches

@@ -227,14 +227,18 @@ class Payload:
     ``fds`` go with the body.  Each holder (a call, an outbox) calls
     :meth:`settle` once its receiver acknowledged, or :meth:`abandon` when
     that is unknown; the pooled segments go back when the last one does.
+    ``nbytes`` is the memory it holds: the body, the pooled segments whole,
+    and the bytes it carries of arrays from :func:`localnet.empty`.
     """
 
-    __slots__ = ("body", "fds", "_segments", "_keep", "_holders", "_abandoned", "_lock")
+    __slots__ = ("body", "fds", "nbytes", "_segments", "_keep", "_holders", "_abandoned",
+                 "_lock")
 
     def __init__(self, body: bytes, fds: list[int], segments: list[_shm.Segment],
-                 keep: list[Any]) -> None:
+                 keep: list[Any], shared: int = 0) -> None:
         self.body = body
         self.fds = fds
+        self.nbytes = len(body) + shared
         self._segments = segments
         self._keep = keep  # mappings of arrays from empty(): alive while in flight
         self._holders = 1
@@ -354,6 +358,7 @@ def _to_shared(data: bytes, large: list[memoryview]) -> Payload:
     index: dict[int, int] = {}
     segments: list[_shm.Segment] = []
     keep: list[Any] = []
+    shared = 0  # bytes of shared memory it holds
     table = [_COUNT.pack(len(large))]
     try:
         for raw in large:
@@ -361,11 +366,13 @@ def _to_shared(data: bytes, large: list[memoryview]) -> Payload:
             if owned is not None:
                 mapping, fd, offset = owned
                 keep.append(mapping)
+                shared += raw.nbytes
             else:
                 segment = _shm.POOL.acquire(raw.nbytes)
                 segments.append(segment)
-                segment.mm[: raw.nbytes] = raw.cast("B") if raw.format != "B" else raw
+                segment.write(raw.cast("B") if raw.format != "B" else raw)
                 fd, offset = segment.fd, 0
+                shared += segment.size
             if fd not in index:
                 index[fd] = len(fds)
                 fds.append(fd)
@@ -374,7 +381,7 @@ def _to_shared(data: bytes, large: list[memoryview]) -> Payload:
         for segment in segments:
             _shm.POOL.abandon(segment)
         raise
-    return Payload(b"O" + b"".join(table) + data, fds, segments, keep)
+    return Payload(b"O" + b"".join(table) + data, fds, segments, keep, shared)
 
 
 def _label(what: str, name: str | None) -> str:

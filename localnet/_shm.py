@@ -23,8 +23,10 @@ them, but only once every receiver has let go:
   exclusive ``flock`` succeeds.
 
 Idle segments are dropped after a few seconds, so memory returns after a
-burst.  Arrays made by :func:`empty` / :func:`zeros` live in a segment of
-their own from the start: sending one passes only its descriptor.
+burst (and at once when the process runs out of descriptors or memory).
+Each segment holds one descriptor, however long receivers take.  Arrays
+made by :func:`empty` / :func:`zeros` live in a segment of their own from
+the start: sending one passes only its descriptor.
 
 Where ``os.memfd_create`` is missing (or ``LOCALNET_SHM=off``), large
 buffers travel inline in the socket instead.
@@ -33,10 +35,12 @@ buffers travel inline in the socket instead.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import logging
 import mmap
 import os
+import resource
 import threading
 import time
 import weakref
@@ -49,6 +53,12 @@ DEFAULT_THRESHOLD = 1024 * 1024  # measured: below it the socket is as fast (see
 _MIN_CLASS = 64 * 1024
 _IDLE_SECONDS = 5.0
 _IDLE_LIMIT = 1 << 30  # bytes of idle segments kept at most
+
+
+def _idle_count() -> int:
+    """Idle segments kept at most: each holds a descriptor, so an eighth of the limit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 20 if soft == resource.RLIM_INFINITY else max(4, soft // 8)
 
 
 def threshold_from_env() -> int | None:
@@ -72,15 +82,20 @@ def _address(buffer: Any) -> int:
 
 
 class Segment:
-    """One memfd mapped read-write by the process that made it."""
+    """One memfd, mapped read-write by the process that made it.
 
-    __slots__ = ("fd", "size", "mm", "users", "idle_since", "pid")
+    It holds one descriptor: the mapping is made with libc's ``mmap``, since
+    ``mmap.mmap`` keeps a duplicate of the descriptor it maps, and a sender
+    holds a segment for as long as any receiver has not acknowledged it.
+    """
+
+    __slots__ = ("fd", "size", "address", "users", "idle_since", "pid")
 
     def __init__(self, size: int) -> None:
         self.fd = os.memfd_create("localnet", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, size)
-            self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+            self.address = _map(self.fd, size)
         except BaseException:
             os.close(self.fd)
             raise
@@ -89,12 +104,17 @@ class Segment:
         self.idle_since = 0.0
         self.pid = os.getpid()  # reused by this process only: a forked child shares the pages
 
+    def write(self, data: memoryview) -> None:
+        """Copy ``data`` (a contiguous byte view) to the start of the segment."""
+        with memoryview((ctypes.c_char * data.nbytes).from_address(self.address)) as view, \
+                view.cast("B") as target:
+            target[:] = data
+
     def close(self) -> None:
         """Let go of it; receivers that still map it keep it alive."""
-        try:
-            self.mm.close()
-        except BufferError:
-            pass  # an exported view still uses it: the garbage collector frees it later
+        address, self.address = self.address, 0
+        if address:
+            _libc.munmap(address, self.size)
         try:
             os.close(self.fd)
         except OSError:
@@ -108,6 +128,23 @@ class Segment:
             return False
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         return True
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _map(fd: int, size: int) -> int:
+    """The address of a fresh shared read-write mapping of ``fd``'s first ``size`` bytes."""
+    address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return int(address)
 
 
 class Pool:
@@ -135,7 +172,13 @@ class Pool:
                     self.reused += 1
                     return segment
                 self._waiting.append(segment)
-        segment = Segment(size)
+        try:
+            segment = Segment(size)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise
+            self.trim(everything=True)  # idle segments hold descriptors and memory too
+            segment = Segment(size)
         segment.users = 1
         self.created += 1
         return segment
@@ -146,12 +189,16 @@ class Pool:
             segment.users -= 1
             if segment.users > 0:
                 return
-            if segment.pid == self.pid:
+            mine = segment.pid == self.pid
+            if mine:
                 segment.idle_since = time.monotonic()
                 self._free.setdefault(segment.size, []).append(segment)
                 self._start_trimmer()
-                return
-        segment.close()  # the parent's, inherited through fork(): never reuse it here
+                crowded = sum(map(len, self._free.values())) > _idle_count()
+        if not mine:
+            segment.close()  # the parent's, inherited through fork(): never reuse it here
+        elif crowded:
+            self.trim()
 
     def abandon(self, segment: Segment) -> None:
         """A message whose fate is unknown carried it: never reuse it."""
@@ -186,17 +233,19 @@ class Pool:
         """Drop segments idle for a while (all when ``everything``); True if some remain."""
         now = time.monotonic()
         dropped: list[Segment] = []
+        most = _idle_count()
         with self._lock:
-            kept_bytes = 0
+            kept_bytes = kept = 0
             for size in sorted(self._free):
                 keep = []
                 for segment in self._free[size]:
                     old = now - segment.idle_since > _IDLE_SECONDS
-                    if everything or old or kept_bytes + size > _IDLE_LIMIT:
+                    if everything or old or kept_bytes + size > _IDLE_LIMIT or kept >= most:
                         dropped.append(segment)
                     else:
                         keep.append(segment)
                         kept_bytes += size
+                        kept += 1
                 self._free[size] = keep
             waiting = self._waiting
             if everything:

@@ -1,0 +1,127 @@
+"""The bytes an outbox holds for its subscriber, and their bound (``event_bytes``).
+
+Every event a subscriber has not acknowledged stays in its publisher: the
+inline bytes (an item, a whole pickle, the body of a shared-memory payload)
+and the shared memory its buffers occupy.  A stopped or slow subscriber
+would otherwise let a publisher of large arrays grow without limit, so each
+outbox bounds these bytes as it bounds the number of events
+(``event_queue``), with the same rule: a trigger that finds no room waits up
+to ``event_block`` seconds, then drops the event for that subscriber and
+counts it.  A payload's segments count for every subscriber that holds them.
+
+One event larger than the whole bound still goes to a subscriber that holds
+nothing else (it has acknowledged everything): a publisher holds at most
+``max(event_bytes, one event)`` per subscriber.
+
+Counting costs the common path nothing.  A trigger of small events appends
+an item to the queue without a lock and counts nothing (``fan_out`` in
+localnet._events); items are at most ``item_max`` bytes, so as long as the
+queue is shorter than :meth:`Budget.room` another item fits whatever the
+uncounted ones weigh.  Only past that are the items counted, each once,
+under the outbox's lock.  With the defaults (10,000 events of at most 16 KiB
+against 256 MiB) small events never get there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._serial import Payload
+
+#: The default bound on the bytes held for one subscriber (``Peer(event_bytes=)``):
+#: above what 10,000 small events can hold (at most 16 KiB each, 156 MiB), so
+#: small events meet only the event bound and are never counted; as large as
+#: the largest inline message (``max_frame``); 15 arrays of 16 MiB, or 255 of
+#: 1 MiB (the shared-memory threshold), so also at most about 256 descriptors.
+DEFAULT_EVENT_BYTES = 256 * 1024 * 1024
+
+Entry = tuple[str, "bytes | Payload"]
+
+
+def size_of(frame: bytes | Payload) -> int:
+    """The bytes a queued frame holds: its length, or a payload's ``nbytes``."""
+    return len(frame) if type(frame) is bytes else frame.nbytes  # type: ignore[union-attr]
+
+
+def _heavy_size(frame: bytes | Payload) -> int:
+    """The size of a frame that is not an item (counted when queued), else 0."""
+    if type(frame) is bytes:
+        return len(frame) if frame[0] == 0x80 else 0
+    return frame.nbytes  # type: ignore[union-attr]
+
+
+def _item_size(frame: bytes | Payload) -> int:
+    """The size of an item (counted late, see :class:`Budget`), else 0."""
+    return len(frame) if type(frame) is bytes and frame[0] != 0x80 else 0
+
+
+class Budget:
+    """The bytes held by one outbox's queue; used under the outbox's lock.
+
+    ``held`` counts every entry that is not an item (whole pickles, payloads:
+    :meth:`add` when queued) and the items among the first ``counted``
+    entries; the items past those were appended without a lock and are not
+    counted yet, but each is at most ``item_max`` bytes.
+    """
+
+    __slots__ = ("limit", "held", "counted", "_events", "_item_max")
+
+    def __init__(self, limit: int, events: int, item_max: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.counted = 0
+        self._events = events  # the bound on entries (event_queue)
+        self._item_max = item_max
+
+    def __repr__(self) -> str:
+        return f"<Budget held={self.held} of {self.limit} counted={self.counted}>"
+
+    def room(self) -> int:
+        """The queue length below which one more item fits, uncounted (and the
+        event bound allows it): what a lock-free trigger compares against."""
+        spare = max(self.limit - self.held, 0) // self._item_max
+        return min(self._events, self.counted + spare)
+
+    def fits(self, queue: list[Entry], size: int) -> bool:
+        """Whether an event of ``size`` bytes may join ``queue`` now."""
+        n = len(queue)
+        if n >= self._events:
+            return False
+        if not n:
+            return True  # one event of any size, for a subscriber that holds nothing
+        if self.held + (n - self.counted) * self._item_max + size <= self.limit:
+            return True  # whatever the uncounted items weigh
+        self.count(queue)
+        return self.held + size <= self.limit
+
+    def over(self, queue: list[Entry], fraction: float) -> bool:
+        """Whether ``queue`` holds more than ``fraction`` of the limit (counting it)."""
+        self.count(queue)
+        return self.held > self.limit * fraction
+
+    def count(self, queue: list[Entry]) -> None:
+        """Count the items queued since the last count."""
+        new = queue[self.counted:]
+        if new:
+            self.held += sum(_item_size(frame) for _, frame in new)
+            self.counted += len(new)
+
+    def add(self, frame: bytes | Payload) -> None:
+        """A frame that is not an item was queued (its size is counted at once)."""
+        self.held += _heavy_size(frame)
+
+    def cut(self, done: list[Entry]) -> None:
+        """``done`` left the front of the queue (acknowledged); only needed while ``held``."""
+        counted = self.counted
+        if counted >= len(done):
+            self.held -= sum(size_of(frame) for _, frame in done)
+            self.counted = counted - len(done)
+        else:
+            self.held -= (sum(size_of(frame) for _, frame in done[:counted])
+                          + sum(_heavy_size(frame) for _, frame in done[counted:]))
+            self.counted = 0
+
+    def clear(self) -> None:
+        """The queue was emptied (the outbox closed)."""
+        self.held = self.counted = 0
