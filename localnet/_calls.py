@@ -305,11 +305,14 @@ class Caller:
                 if remaining <= 0:
                     raise Timeout(
                         f"peer {name!r} has not yet read {len(waiting)} earlier call(s) that "
-                        "timed out (it is stopped or overloaded); this call was not sent")
+                        "ended without an answer (it is stopped or overloaded); this call "
+                        "was not sent")
                 wait = min(wait, remaining)
             poller = select.poll()
             for channel in waiting:
-                poller.register(channel.fileno(), select.POLLIN)
+                fd = channel.fileno()
+                if fd >= 0:  # (-1: closed by another thread meanwhile)
+                    poller.register(fd, select.POLLIN)
             poller.poll(wait * 1000.0)
             period = min(period * 2, 0.1)
 
