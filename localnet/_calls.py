@@ -13,11 +13,28 @@ since waiting could deadlock nested callbacks (each level of a callback
 chain between two peers holds a channel on the way).  A call that ends
 without its reply (timeout, KeyboardInterrupt, the peer went away) drops
 its channel: a late reply could otherwise be read by the next call.
+
+A call with a timeout ends by its deadline, counted from its start, in
+every step: waiting (see below), looking the peer up in the registry,
+connecting, sending and reading the reply.  The deadline travels with the
+request, and a callee that reads it too late skips it (see _remote).
+
+A stopped or badly overloaded callee reads nothing: what a timed-out call
+sent stays in its socket queue, shared memory included, until it reads it
+or exits; closing our end frees nothing.  So a dropped channel whose
+request the callee has not read yet is kept (``_Pool.unread``, see
+``CallChannel.abandon``), and further calls to that peer send nothing
+until the callee has read it: they wait for that, within their own
+timeout, then go on or raise Timeout.  What a stopped callee holds of
+this peer's is thus at most the calls that were in flight to it when it
+stopped (at most ``max_calls``).
 """
 
 from __future__ import annotations
 
+import select
 import threading
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +43,15 @@ from ._current import RUNNING
 from ._remote import CallChannel, NotSent, RemotePeer
 from ._timeouts import check_timeout
 from ._wire import Kind
-from .errors import ConnectionLost, PeerClosed, PeerNotFound, SerializationError, TooManyCalls
+from .errors import (
+    ConnectionLost,
+    PeerClosed,
+    PeerNotFound,
+    RegistryUnavailable,
+    SerializationError,
+    Timeout,
+    TooManyCalls,
+)
 
 if TYPE_CHECKING:
     from ._peer import Peer
@@ -37,11 +62,14 @@ _REPLY = int(Kind.REPLY)
 class _Pool:
     """The channels to one remote peer: the idle ones, and every open one."""
 
-    __slots__ = ("idle", "open", "address", "limit", "callee_limit")
+    __slots__ = ("idle", "open", "opening", "unread", "address", "limit", "callee_limit")
 
     def __init__(self, limit: int) -> None:
         self.idle: deque[CallChannel] = deque()
         self.open: set[CallChannel] = set()
+        self.opening = 0  # channels being opened (they count towards max_calls)
+        # dropped channels whose request the peer has not read yet (abandoned)
+        self.unread: list[CallChannel] = []
         self.address: str | None = None  # where the peer listens, once known
         self.limit = limit  # the largest inline request: this peer's max_frame, or the callee's
         self.callee_limit: int | None = None  # the callee's max_frame, once known
@@ -54,6 +82,7 @@ class Caller:
         self._peer = peer
         self._lock = threading.Lock()
         self._pools: dict[str, _Pool] = {}
+        self._closed = False
         self.made = 0  # calls made (Stats.calls_made)
 
     def call(self, target: str | RemotePeer, connection: str, args: tuple[Any, ...],
@@ -66,18 +95,21 @@ class Caller:
         peer = self._peer
         if peer.state is not RUNNING:
             peer.require_running()
+        deadline = None
         if timeout is not None:
-            timeout = check_timeout(timeout)
+            deadline = time.monotonic() + check_timeout(timeout)  # type: ignore[operator]
         name = target if type(target) is str else target.name  # type: ignore[union-attr]
         # A thread running handlers for ``name``'s events calls it on channels
         # that say so (see _deadlock), kept apart from the others.
         handling = _deadlock.handling_for(name)
         key = name if handling is None else f"{name}\0{handling}"
         pool = self._pools.get(key)
+        if pool is not None and pool.unread:
+            self._await_unread(pool, name, deadline)
         try:
             channel = pool.idle.pop()  # type: ignore[union-attr]
         except (AttributeError, IndexError):
-            pool, channel = self._open(key, target, handling)
+            pool, channel = self._open(key, target, handling, deadline)
         assert pool is not None
         try:
             payload = _serial.dumps_call(connection, args, kwargs, "an argument of",
@@ -90,14 +122,14 @@ class Caller:
         self.made += 1
         try:
             if type(payload) is bytes:
-                kind, body, fds, ident = channel.request(payload, timeout)
+                kind, body, fds, ident = channel.request(payload, deadline)
             else:
                 assert isinstance(payload, _serial.Payload)
-                kind, body, fds, ident = self._request_shared(channel, payload, timeout)
+                kind, body, fds, ident = self._request_shared(channel, payload, deadline)
         except NotSent:
             # A stale connection (the peer restarted or died since this
             # channel was opened): nothing ran; look the peer up again.
-            pool, channel, answer = self._retry(pool, channel, key, payload, timeout,
+            pool, channel, answer = self._retry(pool, channel, key, payload, deadline,
                                                 handling)
             kind, body, fds, ident = answer
         except BaseException:
@@ -116,11 +148,11 @@ class Caller:
         raise _serial.loads_exception(body)
 
     @staticmethod
-    def _request_shared(channel: CallChannel, payload: _serial.Payload, timeout: float | None
+    def _request_shared(channel: CallChannel, payload: _serial.Payload, deadline: float | None
                         ) -> tuple[int, bytes | bytearray, list[int], int]:
         """A request whose payload has buffers in shared memory."""
         try:
-            answer = channel.request(payload.body, timeout, payload.fds)
+            answer = channel.request(payload.body, deadline, payload.fds)
         except NotSent:
             raise  # nothing left: the payload goes again
         except BaseException:
@@ -130,7 +162,7 @@ class Caller:
         return answer
 
     def _retry(self, pool: _Pool, channel: CallChannel, key: str,
-               payload: bytes | _serial.Payload, timeout: float | None, handling: str | None
+               payload: bytes | _serial.Payload, deadline: float | None, handling: str | None
                ) -> tuple[_Pool, CallChannel, tuple[int, bytes | bytearray, list[int], int]]:
         """Send again on a fresh channel after NotSent; drop the idle (stale) ones."""
         self._drop(pool, channel)
@@ -141,17 +173,17 @@ class Caller:
         for old in stale:
             self._drop(pool, old)
         try:
-            pool, channel = self._open(key, key.partition("\0")[0], handling)
+            pool, channel = self._open(key, key.partition("\0")[0], handling, deadline)
         except BaseException:
             if isinstance(payload, _serial.Payload):
                 payload.settle()
             raise
         try:
             if type(payload) is bytes:
-                answer = channel.request(payload, timeout)
+                answer = channel.request(payload, deadline)
             else:
                 assert isinstance(payload, _serial.Payload)
-                answer = self._request_shared(channel, payload, timeout)
+                answer = self._request_shared(channel, payload, deadline)
         except NotSent as exc:
             self._drop(pool, channel)
             if isinstance(payload, _serial.Payload):
@@ -176,12 +208,19 @@ class Caller:
             "raise max_frame there, or send large data as NumPy arrays/bytearrays so it "
             "goes through shared memory")
 
-    def _open(self, key: str, target: str | RemotePeer,
-              handling: str | None = None) -> tuple[_Pool, CallChannel]:
-        """An idle channel of pool ``key`` if one came back meanwhile, else a new one."""
+    def _open(self, key: str, target: str | RemotePeer, handling: str | None = None,
+              deadline: float | None = None) -> tuple[_Pool, CallChannel]:
+        """An idle channel of pool ``key`` if one came back meanwhile, else a new one.
+
+        The registry lookup and connect() happen outside the lock (either may
+        wait, up to ``deadline``); a channel being opened counts towards
+        ``max_calls`` already.
+        """
         peer = self._peer
         name = target if isinstance(target, str) else target.name
         with self._lock:
+            if self._closed:
+                raise PeerClosed(f"peer {peer.name!r} is closed")
             pool = self._pools.get(key)
             if pool is None:
                 pool = self._pools[key] = _Pool(peer.max_frame)
@@ -189,44 +228,116 @@ class Caller:
                 return pool, pool.idle.pop()
             except IndexError:
                 pass
-            if len(pool.open) >= peer.max_calls:
+            if len(pool.open) + pool.opening >= peer.max_calls:
                 raise TooManyCalls(
-                    f"peer {peer.name!r} already has {len(pool.open)} calls in flight to peer "
-                    f"{name!r}, its limit (max_calls); raise it with "
+                    f"peer {peer.name!r} already has {len(pool.open) + pool.opening} calls in "
+                    f"flight to peer {name!r}, its limit (max_calls); raise it with "
                     f"Peer(max_calls=...)")
-            if pool.address is None and isinstance(target, RemotePeer):
-                self._learn(pool, target.describe())
-            channel = None
+            pool.opening += 1
+        channel = None
+        try:
+            address = pool.address
+            if address is None and isinstance(target, RemotePeer):
+                address = self._learn(pool, target.describe())
+            hello = {"role": "call", "name": peer.name, "pid": peer.pid}
+            if handling is not None:
+                hello["handling"] = handling
             for attempt in range(2):
-                if pool.address is None:
-                    self._learn(pool, peer.lookup(name))
-                assert pool.address is not None
-                hello = {"role": "call", "name": peer.name, "pid": peer.pid}
-                if handling is not None:
-                    hello["handling"] = handling
+                if address is None:
+                    address = self._learn(pool, self._lookup(name, deadline))
                 try:
-                    channel = CallChannel(pool.address, name, hello, peer.max_frame)
+                    channel = CallChannel(address, name, hello, peer.max_frame, deadline)
                     break
                 except ConnectionLost:
                     if attempt:
                         raise PeerNotFound(name) from None
-                    pool.address = None  # the peer may have restarted: ask the registry again
-            assert channel is not None
-            pool.open.add(channel)
-            return pool, channel
+                    # the peer may have restarted: ask the registry again
+                    pool.address = address = None
+        finally:
+            with self._lock:
+                pool.opening -= 1
+                if channel is not None:
+                    if self._closed:  # close() ran meanwhile and could not see it
+                        channel.close()
+                        raise PeerClosed(f"peer {peer.name!r} was closed while its call to "
+                                         f"peer {name!r} connected")
+                    pool.open.add(channel)
+        assert channel is not None
+        return pool, channel
 
-    def _learn(self, pool: _Pool, info: dict[str, Any]) -> None:
-        """Take the address and the message limit from a registry record."""
-        pool.address = str(info["address"])
+    def _lookup(self, name: str, deadline: float | None) -> dict[str, Any]:
+        """The registry's record of peer ``name``, by ``deadline`` when given."""
+        if deadline is None:
+            return self._peer.lookup(name)
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            try:
+                return self._peer.lookup(name, remaining)
+            except RegistryUnavailable:
+                if time.monotonic() < deadline:
+                    raise
+        raise Timeout(f"the registry did not tell where peer {name!r} is within the "
+                      "timeout (it is stopped or overloaded)")
+
+    def _await_unread(self, pool: _Pool, name: str, deadline: float | None) -> None:
+        """Wait until peer ``name`` has read every request it was sent on ``pool``'s
+        abandoned channels (a stopped peer reads none), or raise Timeout at ``deadline``.
+
+        A peer that resumes reads them (and answers, or closes): that wakes
+        the wait; so does each period, since a peer may read a request
+        without answering yet.
+        """
+        period = 0.005
+        while True:
+            with self._lock:
+                waiting = []
+                for channel in pool.unread:
+                    if channel.unread():
+                        waiting.append(channel)
+                    else:
+                        channel.close()
+                pool.unread[:] = waiting
+            if not waiting:
+                return
+            wait = period
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(
+                        f"peer {name!r} has not yet read {len(waiting)} earlier call(s) that "
+                        "ended without an answer (it is stopped or overloaded); this call "
+                        "was not sent")
+                wait = min(wait, remaining)
+            poller = select.poll()
+            for channel in waiting:
+                fd = channel.fileno()
+                if fd >= 0:  # (-1: closed by another thread meanwhile)
+                    poller.register(fd, select.POLLIN)
+            poller.poll(wait * 1000.0)
+            period = min(period * 2, 0.1)
+
+    def _learn(self, pool: _Pool, info: dict[str, Any]) -> str:
+        """Take the address and the message limit from a registry record; the address."""
+        address = pool.address = str(info["address"])
         callee = info.get("max_frame")
         pool.callee_limit = callee if isinstance(callee, int) else None
         pool.limit = min(self._peer.max_frame, pool.callee_limit or self._peer.max_frame)
+        return address
 
     def _drop(self, pool: _Pool, channel: CallChannel) -> None:
-        """Close a channel that will carry no other call."""
-        channel.close()
+        """Let go of a channel that will carry no other call.
+
+        It is closed, unless the peer has yet to read what was sent on it:
+        then it waits in ``pool.unread`` (see the module docstring).
+        """
+        kept = channel.abandon()
         with self._lock:
             pool.open.discard(channel)
+            if kept:
+                if self._closed:
+                    channel.close()
+                else:
+                    pool.unread.append(channel)
 
     def channels(self, name: str) -> list[CallChannel]:
         """The open channels to peer ``name`` (for tests and diagnostics)."""
@@ -237,17 +348,21 @@ class Caller:
     def close(self) -> None:
         """Close every channel: calls still waiting raise PeerClosed."""
         with self._lock:
+            self._closed = True
             pools, self._pools = self._pools, {}
+            unread = [c for pool in pools.values() for c in pool.unread]
         for name, pool in pools.items():
             for channel in list(pool.open):
                 channel.close(PeerClosed(
                     f"peer {self._peer.name!r} was closed while its call to peer {name!r} "
                     "waited for the answer"))
+        for channel in unread:
+            channel.close()
 
     # -- fork (see localnet._fork) ---------------------------------------------
     def _after_fork_in_child(self) -> None:
         """Drop the parent's channels (their sockets are the parent's) and locks."""
-        channels = [c for pool in self._pools.values() for c in pool.open]
+        channels = [c for pool in self._pools.values() for c in (*pool.open, *pool.unread)]
         self._lock = threading.Lock()
         self._pools = {}
         for channel in channels:

@@ -336,13 +336,20 @@ class Peer:
             pass
 
     # -- discovery --------------------------------------------------------------
-    def lookup(self, name: str) -> dict[str, Any]:
-        """The registry's record of peer ``name``; raises :class:`PeerNotFound`."""
+    def lookup(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The registry's record of peer ``name``, within ``timeout`` seconds.
+
+        Raises :class:`PeerNotFound`, or RegistryUnavailable after ``timeout``.
+        """
         assert self._registry is not None
-        info = self._registry.request("lookup", name=name)
+        deadline = time.monotonic() + timeout
+        info = self._registry.request("lookup", timeout, name=name)
         if not isinstance(info, dict):
-            names = [str(i["name"]) for i in self._registry.request("list")
-                     if i.get("name") != self.name]
+            try:  # the others' names, for the message
+                names = [str(i["name"]) for i in self._registry.request(
+                    "list", max(0.001, deadline - time.monotonic())) if i.get("name") != self.name]
+            except RegistryUnavailable:
+                names = None
             raise PeerNotFound(name, names)
         return info
 

@@ -31,7 +31,7 @@ from ._catalog import CATALOG
 from ._failures import event_name, not_awaited, tell_once
 from ._tracebacks import user_traceback
 from ._wire import BATCH_MARK, ITEMS_MARK, Frame, Kind, close_fds, unpack_batch
-from .errors import TooManyCalls, UnknownConnection
+from .errors import Timeout, TooManyCalls, UnknownConnection
 
 logger = logging.getLogger("localnet.peer")
 
@@ -120,6 +120,15 @@ class Receiver:
             return Kind.ERROR, _error_reply(exc)
         finally:
             slots.append(None)
+
+    def expired_call(self, fds: list[int]) -> bytes:
+        """The ERROR reply to a call read after its deadline, which is not run."""
+        close_fds(fds)
+        self.counts[0] += 1
+        self.counts[1] += 1
+        return _serial.dumps_exception(Timeout(
+            f"peer {self.name!r} read the call after its deadline (it was stopped or "
+            "overloaded) and did not run it"), "")
 
     def event_receiver(self, publisher: dict[str, Any]) -> Callable[[list[Frame]], Failed]:
         """A function that runs this process's handlers for a batch of one publisher's events.

@@ -33,7 +33,15 @@ from typing import Any
 from . import _fork, _paths
 from ._registry import DEFAULT_IDLE_EXIT
 from ._signals import current_mask, spawn_thread, thread_mask
-from ._wire import FrameReader, Kind, ProtocolError, decode_control, encode_control, send_frame
+from ._wire import (
+    FrameReader,
+    Kind,
+    ProtocolError,
+    decode_control,
+    encode_control,
+    pack_header,
+    send_frame,
+)
 from .errors import (
     ConnectionLost,
     LocalnetError,
@@ -187,6 +195,35 @@ def connect_registry(directory: Path, timeout: float = 5.0,
     if sock is None:
         raise RegistryUnavailable(f"no registry answers on {address}")
     return sock
+
+
+def _send_whole(sock: socket.socket, kind: int, ident: int, body: bytes) -> bool:
+    """Send a frame now, or not at all (False: the socket's buffer is full).
+
+    A frame of one socket buffer (as requests are) leaves whole or not at
+    all; a longer one that left in part is finished, waiting if need be.
+    Raises OSError when the socket is broken.
+    """
+    frame = pack_header(kind, ident, len(body)) + body
+    try:
+        sent = sock.send(frame, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    if sent < len(frame):
+        sock.sendall(frame[sent:])  # the rest of a started frame must follow
+    return True
+
+
+def _wait_writable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has room to send within ``timeout`` seconds (or is broken)."""
+    if timeout <= 0:
+        return False
+    fd = sock.fileno()
+    if fd < 0:  # closed meanwhile (the registry was lost): try again
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(timeout * 1000.0))
 
 
 class _Waiter:
@@ -389,11 +426,20 @@ class RegistryClient:
                 ident = self._next_id
                 self._pending[ident] = waiter
                 try:
-                    send_frame(sock, Kind.REQUEST, ident, body)
+                    full = not _send_whole(sock, Kind.REQUEST, ident, body)
                 except OSError:
+                    full = False
                     self._pending.pop(ident, None)
                     waiter.value = _RETRY
                     waiter.event.set()
+                if full:
+                    self._pending.pop(ident, None)
+            if full:  # a stopped registry: its queue is full; wait for room, not the lock
+                if not _wait_writable(sock, deadline - time.monotonic()):
+                    raise RegistryUnavailable(
+                        f"the registry did not take {op!r} within {timeout:g} s (it is "
+                        "stopped or overloaded)")
+                continue
             if not waiter.event.wait(max(0.0, deadline - time.monotonic())):
                 with self._lock:
                     self._pending.pop(ident, None)

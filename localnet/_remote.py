@@ -17,12 +17,29 @@ per call or a delay.  A connection per call in flight costs neither.
 A call that ends without its reply (timeout, KeyboardInterrupt, a broken
 connection) leaves its channel unusable (``broken``): a reply may still be
 on its way, or half read.  The pool drops it; the next call takes another.
+
+A call with a timeout has a deadline (``time.monotonic()``), from its start:
+connecting, sending and waiting for the reply all end by it (the socket
+stays blocking for calls without one: each send is made with MSG_DONTWAIT
+and a full buffer waited on with poll(); connect() waits under
+SO_SNDTIMEO).  The request carries the deadline (a ``TIMED_CALL`` frame), so
+a callee that reads it too late does not run it.  A call that timed out
+before the callee read all of it (a stopped callee) leaves its request, and
+any shared memory sent with it, in the callee's socket queue: the kernel
+keeps it there until the callee reads it or exits, whatever this side does.
+So such a channel is not closed but kept :meth:`~CallChannel.abandon`-ed,
+shut for writing, until the callee has read it (:meth:`~CallChannel.unread`
+is 0); the caller sends nothing more to that peer meanwhile (see
+:mod:`localnet._calls`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
+import termios
 import time
 from typing import Any, Protocol
 
@@ -34,12 +51,17 @@ from ._wire import (
     FrameTooLarge,
     Kind,
     ProtocolError,
+    SendTimeout,
     encode_control,
+    send_call_by,
     send_frame,
+    send_frame_by,
 )
 from .errors import ConnectionLost, PeerClosed, SerializationError, Timeout, UnknownConnection
 
 _CALL, _REPLY, _ERROR, _TAKEN = int(Kind.CALL), int(Kind.REPLY), int(Kind.ERROR), int(Kind.TAKEN)
+_OUTQ = getattr(termios, "TIOCOUTQ", None)  # SIOCOUTQ on Linux: bytes the peer has not read
+_INT = struct.Struct("i")
 
 
 class NotSent(ConnectionLost):
@@ -58,13 +80,25 @@ class CallChannel:
     """
 
     def __init__(self, address: str, target: str, hello: dict[str, Any],
-                 max_frame: int = DEFAULT_MAX_FRAME) -> None:
+                 max_frame: int = DEFAULT_MAX_FRAME, deadline: float | None = None) -> None:
+        """Connect and say HELLO, by ``deadline`` when given.
+
+        Raises ConnectionLost, or Timeout when the deadline passed first (a
+        stopped peer whose queue of connections is full, say).
+        """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(address)
+            if deadline is None:
+                sock.connect(address)
+            else:
+                _connect_by(sock, address, deadline)
             if not _liveness.same_user(sock):
                 raise ConnectionLost(f"peer {target!r} runs as another user; refusing it")
-            send_frame(sock, Kind.HELLO, 0, encode_control(hello))
+            send_frame_by(sock, Kind.HELLO, 0, encode_control(hello), deadline)
+        except (TimeoutError, BlockingIOError):  # (both OSErrors: first)
+            sock.close()
+            raise Timeout(f"peer {target!r} did not accept a connection within the timeout "
+                          "(it is stopped or overloaded)") from None
         except OSError as exc:
             sock.close()
             raise ConnectionLost(f"cannot connect to peer {target!r}: {exc}") from exc
@@ -84,33 +118,43 @@ class CallChannel:
         state = "BROKEN" if self.broken is not None else "BUSY" if self._busy else "IDLE"
         return f"<CallChannel to {self.target!r} [{state}]>"
 
-    def request(self, payload: bytes, timeout: float | None,
+    def request(self, payload: bytes, deadline: float | None,
                 fds: list[int] | tuple[int, ...] = ()
                 ) -> tuple[int, bytes | bytearray, list[int], int]:
-        """Send one CALL and return the ``(kind, body, fds, id)`` of its answer.
+        """Send one call and return the ``(kind, body, fds, id)`` of its answer.
+
+        With a ``deadline`` (``time.monotonic()``) the call goes as a
+        TIMED_CALL, and sending and waiting both end by it.
 
         Raises:
             NotSent: the connection was found broken before the request left.
             ConnectionLost: the connection broke or the peer went away.
             PeerClosed: this peer closed the channel (see :meth:`close`).
-            Timeout: no answer within ``timeout`` seconds.
+            Timeout: no answer by ``deadline``.
         Any of these, or an exception such as KeyboardInterrupt on the way,
-        leaves the channel ``broken``.
+        leaves the channel ``broken``; after a timeout or an interruption its
+        socket stays open until :meth:`abandon` or :meth:`close`.
         """
         if self.broken is not None:
             raise self._fail(NotSent(f"the connection to peer {self.target!r} is closed"))
-        deadline = None if timeout is None else time.monotonic() + timeout
         ident = self._next
         self._next = ident + 1
         self._busy = True
         error: BaseException
         try:
-            send_frame(self._sock, _CALL, ident, payload, fds)
+            if deadline is None:
+                send_frame(self._sock, _CALL, ident, payload, fds)
+            else:
+                send_call_by(self._sock, ident, payload, fds, deadline)
+        except SendTimeout:  # (an OSError: first)
+            error = self._fail(Timeout(f"peer {self.target!r} did not take the call within "
+                                       "the timeout (it is stopped or overloaded)"), False)
+            raise error from None
         except OSError as exc:
             error = self._fail(NotSent(f"peer {self.target!r} went away: {exc}"))
             raise error from exc
         except BaseException:
-            self._fail(ConnectionLost("a call was interrupted while sending"))
+            self._fail(ConnectionLost("a call was interrupted while sending"), False)
             raise
         try:
             if deadline is None:
@@ -123,7 +167,7 @@ class CallChannel:
                                     f"expected {ident}) on a call channel")
         except TimeoutError:
             error = self._fail(Timeout(f"peer {self.target!r} did not answer within the "
-                                       "timeout"))
+                                       "timeout"), False)
             raise error from None
         except EOFError:
             error = self._fail(ConnectionLost(f"peer {self.target!r} closed the connection"))
@@ -139,7 +183,7 @@ class CallChannel:
             error = self._fail(ConnectionLost(f"peer {self.target!r} went away: {exc}"))
             raise error from exc
         except BaseException:
-            self._fail(ConnectionLost("a call was interrupted while reading its reply"))
+            self._fail(ConnectionLost("a call was interrupted while reading its reply"), False)
             raise
         self._busy = False
         if self.broken is not None:  # closed meanwhile; the answer came anyway
@@ -153,16 +197,51 @@ class CallChannel:
         except OSError:
             pass  # the callee went away; it settles its segments itself
 
-    def _fail(self, error: BaseException) -> BaseException:
-        """Mark the channel broken and close it; what the failed call raises."""
+    def _fail(self, error: BaseException, close: bool = True) -> BaseException:
+        """Mark the channel broken and close it (``close``, or when this peer closed it);
+        what the failed call raises."""
         local = self.broken
         if local is None:
             self.broken = error
         self._busy = False
-        self._close_socket()
+        if close or local is not None:
+            self._close_socket()
         if isinstance(local, PeerClosed):  # this peer closed it: say so
             return PeerClosed(str(local))
         return error
+
+    def abandon(self) -> bool:
+        """After a call that ended without its reply: close, unless the peer has yet to
+        read the request.
+
+        Returns True when the channel is kept: its socket shut for writing
+        (the peer reads the request, then the end), so that what the peer has
+        not read stays known (:meth:`unread`) until it has; then
+        :meth:`close` it.
+        """
+        if self.broken is None:
+            self.broken = ConnectionLost(f"the connection to peer {self.target!r} was closed")
+        if self.unread():
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+                return True
+            except OSError:
+                pass
+        self.close()
+        return False
+
+    def unread(self) -> int:
+        """Bytes sent on this channel that the peer has not read yet (0 once closed)."""
+        if self._closed or _OUTQ is None:
+            return 0
+        try:
+            return int(_INT.unpack(fcntl.ioctl(self._sock.fileno(), _OUTQ, b"\0" * 4))[0])
+        except OSError:
+            return 0
+
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 once closed), to poll an abandoned channel."""
+        return -1 if self._closed else self._sock.fileno()
 
     def close(self, error: BaseException | None = None) -> None:
         """Close the channel; idempotent.
@@ -199,6 +278,23 @@ class CallChannel:
         self._closed = True
         self._reader.close()
         self._sock.close()
+
+
+def _connect_by(sock: socket.socket, address: str, deadline: float) -> None:
+    """connect() by ``deadline``.
+
+    A Unix socket's connect() waits while the listener's backlog is full
+    (its peer stopped or overloaded) for as long as SO_SNDTIMEO allows, then
+    fails with EAGAIN (BlockingIOError); a non-blocking one would fail at
+    once, with nothing to poll for.  The timeout is cleared afterwards.
+    """
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("the deadline passed before connecting")
+    seconds, micros = divmod(max(1, int(remaining * 1e6)), 1_000_000)  # (0, 0): no limit
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros))
+    sock.connect(address)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
 
 
 def _close_fds(fds: list[int]) -> None:

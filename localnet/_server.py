@@ -6,7 +6,9 @@ process is dropped before a byte is read), then announces its role in a
 
 * ``call``: a caller's channel.  Served by leader/followers: the thread
   holding the reading role reads a request, runs the handler and writes
-  the reply itself, with no hand-off between threads.  localnet callers
+  the reply itself, with no hand-off between threads.  A request read
+  after its deadline (a ``TIMED_CALL`` whose caller has given up: this
+  peer was stopped, say) is not run; its answer is a Timeout error.  localnet callers
   send one call at a time on a connection (a connection per call in
   flight), so that is all it takes.  For a client that sends more while a
   handler runs, a watchdog passes the reading role to another thread of the
@@ -52,6 +54,7 @@ from ._serial import Payload, dumps_exception
 from ._signals import current_mask, spawn_thread
 from ._wire import (
     EVENT_BATCH,
+    CutShort,
     Frame,
     FrameReader,
     Kind,
@@ -60,6 +63,7 @@ from ._wire import (
     decode_control,
     pack_ack,
     send_frame,
+    take_deadline,
 )
 from .errors import PeerStopping
 
@@ -68,7 +72,8 @@ logger = logging.getLogger("localnet.server")
 _HELLO_TIMEOUT = 10.0
 HAND_OVER_AFTER = 0.01  # a handler running longer than this hands the connection on
 _REFUSE_GRACE = 0.25  # how long close() lets connections answer refused calls past its drain
-_CALL, _EVENT, _ACK, _ERROR = int(Kind.CALL), int(Kind.EVENT), int(Kind.ACK), int(Kind.ERROR)
+_CALL, _EVENT, _ACK = int(Kind.CALL), int(Kind.EVENT), int(Kind.ACK)
+_TIMED_CALL, _ERROR = int(Kind.TIMED_CALL), int(Kind.ERROR)
 
 
 class Host(Protocol):
@@ -79,6 +84,9 @@ class Host(Protocol):
     max_workers: int
 
     def run_call(self, body: bytes | bytearray, fds: list[int]) -> tuple[int, bytes | Payload]:
+        ...
+
+    def expired_call(self, fds: list[int]) -> bytes:
         ...
 
     def event_receiver(self, publisher: dict[str, Any]
@@ -343,8 +351,14 @@ class _CallConnection:
             while True:
                 kind, ident, body, fds = reader.read()
                 if kind != _CALL:
-                    self._control(kind, ident, fds)
-                    continue
+                    if kind != _TIMED_CALL:
+                        self._control(kind, ident, fds)
+                        continue
+                    if monotonic() >= take_deadline(body):  # type: ignore[arg-type]
+                        # its caller gave up before we read it: never run it
+                        with self.send_lock:
+                            send_frame(sock, _ERROR, ident, host.expired_call(fds))
+                        continue
                 if server.stopping and (self.handling is None or server.closing):
                     close_fds(fds)  # winding down: refused, nothing runs
                     with self.send_lock:
@@ -381,8 +395,9 @@ class _CallConnection:
                     return
         except EOFError:
             pass
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            # the caller gave up (timeout, interrupt) and closed its channel
+        except (BrokenPipeError, ConnectionResetError, CutShort) as exc:
+            # the caller gave up (timeout, interrupt) and closed its channel,
+            # maybe while it was sending
             logger.debug("a caller of %s left before its reply: %s", host.name, exc)
         except (ProtocolError, OSError) as exc:
             if not self.closed:

@@ -25,6 +25,13 @@ kind             direction                 body
 ================ ========================= ======================================
 HELLO            connecting side → server  JSON object: role, name, pid, ...
 CALL             caller → callee           payload of (connection, args, kwargs)
+TIMED_CALL       caller → callee           a call with a deadline: the deadline
+                                           (f64, seconds of ``time.monotonic()``,
+                                           i.e. CLOCK_MONOTONIC, which every
+                                           process of the machine shares), then
+                                           the payload of a CALL.  A callee that
+                                           reads it after its deadline does not
+                                           run it; it answers ERROR (Timeout).
 REPLY            callee → caller           payload of the result
 ERROR            callee → caller           payload of (exception, traceback text)
 EVENT            publisher → subscriber    payload of (event, args, kwargs), or
@@ -129,12 +136,14 @@ class Kind(IntEnum):
     PUSH = 9
     PUSH_ACK = 10
     TAKEN = 11
+    TIMED_CALL = 12
 
 
 _KINDS = frozenset(int(k) for k in Kind)
 # Only these carry descriptors (shared memory); any other kind declaring some
 # is refused, and what arrived with it is closed.
-_FD_KINDS = frozenset({int(Kind.CALL), int(Kind.REPLY), int(Kind.EVENT)})
+_FD_KINDS = frozenset({int(Kind.CALL), int(Kind.TIMED_CALL), int(Kind.REPLY),
+                       int(Kind.EVENT)})
 _EVENT = int(Kind.EVENT)
 
 
@@ -149,6 +158,10 @@ def close_fds(fds: Sequence[int]) -> None:
 
 class ProtocolError(ConnectionLost):
     """The other side sent something that is not a valid frame."""
+
+
+class CutShort(ProtocolError):
+    """The connection ended inside a frame (the sender gave up, or died, while sending)."""
 
 
 class FrameTooLarge(ProtocolError):
@@ -339,6 +352,121 @@ def send_frame(
     _send_rest(sock, header, body, sent)
 
 
+class SendTimeout(TimeoutError):
+    """A send gave up at its deadline; ``sent`` bytes of the frame had left.
+
+    With ``sent`` 0 the connection is as it was; otherwise it carries the
+    start of a frame and nothing else can follow on it.
+    """
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"timed out sending a frame ({sent} bytes sent)")
+        self.sent = sent
+
+
+#: A TIMED_CALL's header and deadline, packed at once.
+_TIMED_HEAD = struct.Struct("<BBHIQd")
+DEADLINE_SIZE = 8
+_DEADLINE = struct.Struct("<d")
+_TIMED_CALL = int(Kind.TIMED_CALL)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+
+
+def send_call_by(sock: socket.socket, ident: int, body: Buffer, fds: Sequence[int],
+                 deadline: float) -> None:
+    """Send a TIMED_CALL frame, giving up at ``deadline`` (``time.monotonic()``).
+
+    The socket stays blocking (a call without a timeout blocks on it);
+    each send here is made with MSG_DONTWAIT, and a full socket buffer is
+    waited on with poll() until the deadline.
+
+    Raises:
+        SendTimeout: the deadline passed first (``sent`` says how far it got).
+        OSError: the socket is broken.
+    """
+    length = len(body) if not isinstance(body, memoryview) else body.nbytes
+    head = _TIMED_HEAD.pack(VERSION, _TIMED_CALL, len(fds), DEADLINE_SIZE + length, ident,
+                            deadline)
+    if not fds and length <= _SMALL_SEND:
+        data = head + body
+        try:
+            sent = sock.send(data, _MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            send_by(sock, [memoryview(data)[sent:]], (), deadline, sent)
+    else:
+        send_by(sock, [head, body], fds, deadline)
+
+
+def send_frame_by(sock: socket.socket, kind: int, ident: int, body: Buffer = b"",
+                  deadline: float | None = None) -> None:
+    """:func:`send_frame` without descriptors, giving up at ``deadline``.
+
+    Raises SendTimeout or OSError, as :func:`send_call_by` does.
+    """
+    if deadline is None:
+        send_frame(sock, kind, ident, body)
+        return
+    length = len(body) if not isinstance(body, memoryview) else body.nbytes
+    send_by(sock, [_pack(VERSION, kind, 0, length, ident), body], (), deadline)
+
+
+def send_by(sock: socket.socket, parts: list[Buffer], fds: Sequence[int],
+            deadline: float, sent: int = 0) -> None:
+    """Send ``parts`` back to back (``fds`` with the first bytes) by ``deadline``.
+
+    ``sent``: bytes of the frame that already left (for SendTimeout).
+    """
+    views = [memoryview(part).cast("B") for part in parts]
+    total = sent + sum(len(view) for view in views)
+    ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
+    poll: select.poll | None = None
+    if sent:
+        poll = _wait_writable(sock, deadline, sent)
+    while True:
+        try:
+            if len(views) == 1 and not ancillary:
+                n = sock.send(views[0], _MSG_DONTWAIT)
+            else:
+                n = sock.sendmsg(views, ancillary, _MSG_DONTWAIT)
+        except BlockingIOError:
+            n = 0
+        if n:
+            ancillary = []  # the descriptors went with the first bytes
+            sent += n
+            if sent >= total:
+                return
+            while n >= len(views[0]):  # drop what left; keep the rest of a part
+                n -= len(views.pop(0))
+            views[0] = views[0][n:]
+        poll = _wait_writable(sock, deadline, sent, poll)
+
+
+def _wait_writable(sock: socket.socket, deadline: float, sent: int,
+                   poll: select.poll | None = None) -> select.poll:
+    """Wait until ``sock`` has room; raise SendTimeout(sent) at ``deadline``."""
+    if poll is None:
+        poll = select.poll()
+        poll.register(sock.fileno(), select.POLLOUT)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not poll.poll(remaining * 1000.0):
+        raise SendTimeout(sent)
+    return poll
+
+
+def take_deadline(body: bytearray) -> float:
+    """Remove the deadline from the front of a TIMED_CALL body and return it.
+
+    Raises ProtocolError when the body is too short to hold one.
+    """
+    if len(body) < DEADLINE_SIZE:
+        raise ProtocolError(f"a TIMED_CALL of {len(body)} bytes has no deadline")
+    deadline: float = _DEADLINE.unpack_from(body)[0]
+    del body[:DEADLINE_SIZE]  # (cheap: a bytearray drops its head in place)
+    return deadline
+
+
 def send_raw_with_fds(sock: socket.socket, data: Buffer, fds: Sequence[int]) -> None:
     """Send one complete frame (header included) with its descriptors."""
     ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))]
@@ -507,7 +635,7 @@ class FrameReader:
             if n == 0:
                 if self._end == self._start:
                     raise EOFError("connection closed")
-                raise ProtocolError("connection closed in the middle of a frame")
+                raise CutShort("connection closed in the middle of a frame")
             self._end += n
 
     def _read_large(self, deadline: float | None) -> Frame:
@@ -525,7 +653,7 @@ class FrameReader:
                 with memoryview(body) as view:
                     n = self._recv_into(view[got:], deadline)
                 if n == 0:
-                    raise ProtocolError("connection closed in the middle of a frame")
+                    raise CutShort("connection closed in the middle of a frame")
                 got += n
                 large[5] = got
         except TimeoutError:

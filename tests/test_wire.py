@@ -125,6 +125,52 @@ def test_read_timeout_is_one_deadline_and_a_large_frame_resumes() -> None:
         assert (kind, ident, fds, got == body) == (Kind.REPLY, 7, [], True)
 
 
+def test_a_timed_call_carries_its_deadline_and_descriptors() -> None:
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        reader = FrameReader(b)
+        for body, fds in ((b"x" * 100, []), (b"y" * (1024 * 1024), [r])):
+            deadline = time.monotonic() + 5
+            sender = threading.Thread(target=_wire.send_call_by, args=(a, 7, body, fds,
+                                                                       deadline))
+            sender.start()
+            kind, ident, got, got_fds = reader.read(5)
+            sender.join(10)
+            assert (kind, ident, len(got_fds)) == (Kind.TIMED_CALL, 7, len(fds))
+            assert _wire.take_deadline(got) == deadline  # (a f64, bit for bit)
+            assert got == body
+            for fd in got_fds:
+                os.close(fd)
+        with pytest.raises(ProtocolError, match="no deadline"):
+            _wire.take_deadline(bytearray(b"short"))
+    finally:
+        for sock in (a, b):
+            sock.close()
+        for fd in (r, w):
+            os.close(fd)
+
+
+def test_sending_by_a_deadline_gives_up_when_nobody_reads() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        started = time.monotonic()
+        with pytest.raises(_wire.SendTimeout) as caught:  # more than a socket buffer
+            _wire.send_call_by(a, 1, b"z" * (8 * 1024 * 1024), [], started + 0.3)
+        assert time.monotonic() - started < 0.3 + 1.5
+        assert 0 < caught.value.sent < 8 * 1024 * 1024  # the start of a frame left
+        b.setblocking(False)
+        while True:  # read what left, then the socket has room again
+            try:
+                b.recv(1024 * 1024)
+            except BlockingIOError:
+                break
+        with pytest.raises(_wire.SendTimeout) as caught:  # a full buffer: nothing leaves
+            while True:
+                _wire.send_call_by(a, 2, b"w" * 1000, [], time.monotonic() + 0.1)
+        assert caught.value.sent == 0
+
+
 def test_eof_inside_a_frame_is_a_protocol_error() -> None:
     a, b = socket.socketpair()
     with b:

@@ -256,7 +256,7 @@ def lengths(limit: int) -> st.SearchStrategy:
 def any_header(draw: st.DrawFn, limit: int) -> bytes:
     """A header with arbitrary fields, then up to 64 body bytes (often fewer than declared)."""
     version = draw(st.sampled_from([VERSION, VERSION, 0, 2, 255]) | st.integers(0, 255))
-    kind = draw(st.sampled_from(list(Kind)) | st.sampled_from([0, 12, 200, 255]))
+    kind = draw(st.sampled_from(list(Kind)) | st.sampled_from([0, max(Kind) + 1, 200, 255]))
     nfds = draw(st.sampled_from([0, 0, 1, MAX_FDS, MAX_FDS + 1, 0xFFFF]) | st.integers(0, 0xFFFF))
     length = draw(lengths(limit))
     body = draw(st.binary(max_size=64))
