@@ -140,7 +140,13 @@ class CallChannel:
         ident = self._next
         self._next = ident + 1
         self._busy = True
-        error: BaseException
+        # A failure is raised after its except block, with no local left
+        # pointing at it: raised inside, it would carry the low-level error as
+        # its context, whose traceback holds the frames (and the half-read
+        # reply) for as long as anyone keeps the exception, and the frame
+        # holding it would make a cycle only the garbage collector breaks.
+        error: BaseException | None = None
+        cause: BaseException | None = None
         try:
             if deadline is None:
                 send_frame(self._sock, _CALL, ident, payload, fds)
@@ -149,42 +155,48 @@ class CallChannel:
         except SendTimeout:  # (an OSError: first)
             error = self._fail(Timeout(f"peer {self.target!r} did not take the call within "
                                        "the timeout (it is stopped or overloaded)"), False)
-            raise error from None
         except OSError as exc:
             error = self._fail(NotSent(f"peer {self.target!r} went away: {exc}"))
-            raise error from exc
+            cause = exc
         except BaseException:
             self._fail(ConnectionLost("a call was interrupted while sending"), False)
             raise
-        try:
-            if deadline is None:
-                kind, got, body, got_fds = self._reader.read()
-            else:
-                kind, got, body, got_fds = self._reader.read(deadline - time.monotonic())
-            if got != ident or (kind != _REPLY and kind != _ERROR):
-                _close_fds(got_fds)
-                raise ProtocolError(f"unexpected {Kind(kind).name} frame (id {got}, "
-                                    f"expected {ident}) on a call channel")
-        except TimeoutError:
-            error = self._fail(Timeout(f"peer {self.target!r} did not answer within the "
-                                       "timeout"), False)
-            raise error from None
-        except EOFError:
-            error = self._fail(ConnectionLost(f"peer {self.target!r} closed the connection"))
-            raise error from None
-        except FrameTooLarge as exc:
-            error = self._fail(SerializationError(
-                f"peer {self.target!r} answered with {exc.length} bytes inline, over this "
-                f"peer's {exc.limit}-byte message limit (its max_frame); raise max_frame "
-                "here, or return large data as NumPy arrays/bytearrays so it goes through "
-                "shared memory"))
-            raise error from None
-        except (OSError, ProtocolError) as exc:
-            error = self._fail(ConnectionLost(f"peer {self.target!r} went away: {exc}"))
-            raise error from exc
-        except BaseException:
-            self._fail(ConnectionLost("a call was interrupted while reading its reply"), False)
-            raise
+        if error is None:
+            try:
+                if deadline is None:
+                    kind, got, body, got_fds = self._reader.read()
+                else:
+                    kind, got, body, got_fds = self._reader.read(deadline - time.monotonic())
+                if got != ident or (kind != _REPLY and kind != _ERROR):
+                    _close_fds(got_fds)
+                    raise ProtocolError(f"unexpected {Kind(kind).name} frame (id {got}, "
+                                        f"expected {ident}) on a call channel")
+            except TimeoutError:
+                error = self._fail(Timeout(f"peer {self.target!r} did not answer within the "
+                                           "timeout"), False)
+            except EOFError:
+                error = self._fail(ConnectionLost(f"peer {self.target!r} closed the "
+                                                  "connection"))
+            except FrameTooLarge as exc:
+                error = self._fail(SerializationError(
+                    f"peer {self.target!r} answered with {exc.length} bytes inline, over "
+                    f"this peer's {exc.limit}-byte message limit (its max_frame); raise "
+                    "max_frame here, or return large data as NumPy arrays/bytearrays so it "
+                    "goes through shared memory"))
+            except (OSError, ProtocolError) as exc:
+                error = self._fail(ConnectionLost(f"peer {self.target!r} went away: {exc}"))
+                cause = exc
+            except BaseException:
+                self._reader.drop_partial()
+                self._fail(ConnectionLost("a call was interrupted while reading its reply"),
+                           False)
+                raise
+        if error is not None:
+            self._reader.drop_partial()  # the half reply, if any: nobody will read on
+            try:
+                raise error from cause
+            finally:
+                error = cause = None
         self._busy = False
         if self.broken is not None:  # closed meanwhile; the answer came anyway
             self._close_socket()

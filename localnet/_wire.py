@@ -650,8 +650,11 @@ class FrameReader:
             while got < length:
                 if got == len(body):  # double, as the bytes actually arrive
                     body.extend(bytes(min(length - got, len(body))))
-                with memoryview(body) as view:
-                    n = self._recv_into(view[got:], deadline)
+                # Both views released on the way out, even by an exception: a
+                # traceback that keeps _recv_into's frame then holds no export
+                # of the body, which can be freed.
+                with memoryview(body) as view, view[got:] as part:
+                    n = self._recv_into(part, deadline)
                 if n == 0:
                     raise CutShort("connection closed in the middle of a frame")
                 got += n
@@ -693,10 +696,14 @@ class FrameReader:
         if not self._poll.poll(max(0.0, timeout) * 1000.0):
             raise TimeoutError("timed out waiting for a frame")
 
-    def close(self) -> None:
-        """Close descriptors received but never handed out; drop a half-read body."""
+    def drop_partial(self) -> None:
+        """Give up a half-read body for good (its memory is freed; reading on is refused)."""
         if self._large:
             self._large.clear()
+
+    def close(self) -> None:
+        """Close descriptors received but never handed out; drop a half-read body."""
+        self.drop_partial()
         while self._fds:
             try:
                 os.close(self._fds.popleft())
