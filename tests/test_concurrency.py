@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -152,7 +153,9 @@ def test_callee_at_max_workers_answers_too_many_calls(spawn) -> None:
 BIG = """
 @localnet.connect()
 def big(n):
-    return bytes(n)
+    reply = bytes(n)
+    say("SENDING")  # the reply is made: what the caller's memory shows now is its arrival
+    return reply
 
 @localnet.connect()
 def echo(x):
@@ -164,11 +167,17 @@ localnet.serve_forever(peer, ready=lambda: say("READY"))
 REPLY = 200 * 1000 * 1000
 
 
-def _stop_when_growing(caller: psutil.Process, server_pid: int, baseline: int) -> None:
-    """SIGSTOP the server once the caller's memory shows the reply arriving."""
+def _stop_when_growing(caller: psutil.Process, server: Any) -> None:
+    """SIGSTOP the server once the caller's memory shows the reply arriving.
+
+    The baseline is taken once the server has made the reply: memory the
+    caller gained earlier (for whatever reason) must not pass for it.
+    """
+    server.expect("SENDING", 30)
+    baseline = caller.memory_info().rss
     wait_until(lambda: caller.memory_info().rss > baseline + 16 * 1024 * 1024, 30,
                what="the large reply to start arriving", interval=0.001)
-    os.kill(server_pid, signal.SIGSTOP)
+    os.kill(server.pid, signal.SIGSTOP)
 
 
 def test_timeout_in_the_middle_of_a_large_reply(spawn) -> None:
@@ -178,8 +187,7 @@ def test_timeout_in_the_middle_of_a_large_reply(spawn) -> None:
         assert remote.echo(1) == 1
         me = psutil.Process()
         baseline = me.memory_info().rss
-        stopper = threading.Thread(target=_stop_when_growing,
-                                   args=(me, server.pid, baseline))
+        stopper = threading.Thread(target=_stop_when_growing, args=(me, server))
         stopper.start()
         try:
             start = time.monotonic()
@@ -212,10 +220,9 @@ def test_ctrl_c_in_the_middle_of_a_large_reply(spawn) -> None:
             say("AFTER", remote.echo("after"))
     """)
     process = psutil.Process(caller.pid)
-    baseline = process.memory_info().rss
     try:
         caller.send("go")
-        _stop_when_growing(process, server.pid, baseline)
+        _stop_when_growing(process, server)
         caller.signal(signal.SIGINT)
         # (generous: on a loaded machine the interrupted process may wait long
         # for a core; the bound only keeps a hang from going unnoticed)
