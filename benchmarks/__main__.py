@@ -64,6 +64,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="only these systems ('localnet' includes localnet-*); each scenario's floor "
         "always runs, for the ratios",
     )
+    parser.add_argument(
+        "--pin",
+        choices=("same", "split"),
+        help="call, call4: run server and client on one CPU (same) or on two (split); "
+        "by default the kernel places them, and where it does moves the figures",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="more progress on stderr")
     args = parser.parse_args(argv)
@@ -99,13 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds or (1 if args.quick else 3),
         systems=frozenset(args.systems) if args.systems else None,
         verbose=args.verbose,
+        pin=args.pin,
     )
     names = [name for name in SCENARIOS if not args.only or name in args.only]
     shm_before = _shm_entries()
     started = time.monotonic()
     print(
         f"localnet benchmarks: Python {platform.python_version()}, {os.cpu_count()} CPUs, "
-        f"{cfg.rounds} round(s){', quick' if cfg.quick else ''}",
+        f"{cfg.rounds} round(s){', quick' if cfg.quick else ''}"
+        f"{f', pinned: {cfg.pin}' if cfg.pin else ''}",
         flush=True,
     )
     tables: dict[str, Table] = {}

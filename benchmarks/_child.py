@@ -144,6 +144,8 @@ def run_child(roles: Mapping[str, Role]) -> None:
     role, system, raw = sys.argv[1], sys.argv[2], sys.argv[3]
     params: Params = json.loads(raw)
     _limit_lifetime(float(params.get("lifetime", 300)))
+    if params.get("cpus"):  # before any thread starts: every thread inherits it
+        os.sched_setaffinity(0, params["cpus"])
     code = 0
     try:
         roles[role](system, params)

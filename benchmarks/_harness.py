@@ -63,6 +63,7 @@ class Config:
     rounds: int
     systems: frozenset[str] | None = None
     verbose: bool = False
+    pin: str | None = None  # "same" or "split": where the call scenarios' processes run
 
     def pick(self, systems: Sequence[str], floor: str | None = None) -> list[str]:
         """The systems of a scenario to run: the selected ones, plus its floor for ratios."""

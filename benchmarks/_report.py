@@ -13,12 +13,16 @@ _MAX_STATUS = 90
 
 @dataclass(frozen=True)
 class Column:
-    """A metric shown as the median over rounds (or the worst round, for losses)."""
+    """A metric shown as the median over rounds (or the worst round, for losses).
+
+    ``spread``: also show the lowest and highest round, as a ``range`` column.
+    """
 
     key: str
     header: str
     digits: int = 1
     worst: bool = False
+    spread: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,11 @@ class Table:
 
     def render(self) -> str:
         """The table as aligned text, with its title, details and notes."""
-        headers = ["system", *(c.header for c in self.columns)]
+        headers = ["system"]
+        for column in self.columns:
+            headers.append(column.header)
+            if column.spread:
+                headers.append(f"{column.header.split()[0]} range")
         if self.ratio is not None:
             headers.append(self.ratio.header)
         if self.group_header:
@@ -184,6 +192,10 @@ class Table:
         for column in self.columns:
             value = self.value(group, system, column)
             cells.append("-" if value is None else f"{value:,.{column.digits}f}")
+            if column.spread:
+                values = self._samples[(group, system)].get(column.key) or []
+                cells.append(f"{min(values):,.{column.digits}f}–{max(values):,.{column.digits}f}"
+                             if values else "-")
         if self.ratio is not None:
             ratio = self.ratio_value(group, system)
             cells.append("-" if ratio is None else f"{ratio:.2f}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import socket
 import struct
 import threading
@@ -392,12 +393,26 @@ def _sizes(cfg: Config) -> tuple[int, int]:
     return (2_000, 200) if cfg.quick else (20_000, 1_000)
 
 
+def _placement(pin: str | None) -> tuple[list[int] | None, list[int] | None]:
+    """The CPUs of the server and the client for ``--pin`` (None: wherever the kernel says)."""
+    if pin is None:
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin == "same":
+        return cpus[:1], cpus[:1]
+    if len(cpus) < 2:
+        raise SystemExit("--pin split needs two CPUs")
+    return cpus[:1], cpus[1:2]
+
+
 def _measure(cfg: Config, threads: int) -> Measure:
     calls, warmup = _sizes(cfg)
 
     def measure(system: str, variant: str, ws: Workspace) -> Groups:
         path = ws.path("echo.sock")
-        server_proc = ws.spawn("call", "server", system, {"path": path}, name="server")
+        server_cpus, client_cpus = _placement(cfg.pin)
+        server_proc = ws.spawn("call", "server", system, {"path": path, "cpus": server_cpus},
+                               name="server")
         server_proc.expect("ready", timeout=60)
         timeout = 60 + calls * 0.005
         params = {
@@ -406,12 +421,21 @@ def _measure(cfg: Config, threads: int) -> Measure:
             "calls": calls,
             "warmup": warmup,
             "timeout": timeout,
+            "cpus": client_cpus,
         }
         client_proc = ws.spawn("call", "client", system, params, name="client")
         result: dict[str, float] = client_proc.expect("result", timeout=timeout + 30)["result"]
         return {"": result}
 
     return measure
+
+
+def _pinned(cfg: Config) -> str:
+    if cfg.pin == "same":
+        return "; server and client pinned to one CPU"
+    if cfg.pin == "split":
+        return "; server and client pinned to two CPUs"
+    return ""
 
 
 def run_call(cfg: Config) -> Table:
@@ -421,11 +445,12 @@ def run_call(cfg: Config) -> Table:
         "call",
         'tiny remote call round trip ("hello" echo), one client thread',
         [
-            Column("p50_us", "p50 µs"),
+            Column("p50_us", "p50 µs", spread=True),
             Column("p99_us", "p99 µs"),
             Column("calls_per_s", "calls/s", 0),
         ],
-        details=[f"{calls:,} calls after {warmup:,} warm-up, median of {cfg.rounds} round(s)"],
+        details=[f"{calls:,} calls after {warmup:,} warm-up, median of {cfg.rounds} round(s)"
+                 + _pinned(cfg)],
         notes=[
             "× floor = p50 ÷ socket p50; socket = raw AF_UNIX, 4-byte length prefix, "
             "buffered reader; the others pickle (pyro5: serpent)",
@@ -443,13 +468,13 @@ def run_call4(cfg: Config) -> Table:
         "call4",
         "the same echo from 4 threads of one client process at once",
         [
-            Column("calls_per_s", "calls/s", 0),
+            Column("calls_per_s", "calls/s", 0, spread=True),
             Column("p50_us", "p50 µs"),
             Column("p99_us", "p99 µs"),
         ],
         details=[
             f"{calls:,} calls in all ({calls // 4:,} per thread) after {warmup:,} warm-up "
-            f"each, median of {cfg.rounds} round(s)"
+            f"each, median of {cfg.rounds} round(s)" + _pinned(cfg)
         ],
         notes=["× floor = socket calls/s ÷ calls/s", *THREAD_NOTES],
         floor=FLOOR,

@@ -268,7 +268,7 @@ def run_fanout(cfg: Config) -> Table:
         "fanout",
         "one publisher, K subscriber processes, small pickled events, all counted",
         [
-            Column("events_per_s", "events/s", 0),
+            Column("events_per_s", "events/s", 0, spread=True),
             Column("deliveries_per_s", "deliveries/s", 0),
             Column("sent_per_s", "sent/s", 0),
             Column("lost", "lost", 0, worst=True),
