@@ -33,16 +33,29 @@ def create_time(pid: int | None = None) -> float:
     return float(psutil.Process(os.getpid() if pid is None else pid).create_time())
 
 
+class _Unknown(Exception):
+    """``/proc`` could not be read for a reason that says nothing about the process."""
+
+
 def _stat(pid: int) -> tuple[str, int] | None:
-    """``(state, start ticks)`` of ``pid`` from ``/proc``; None when it is gone or unreadable."""
+    """``(state, start ticks)`` of ``pid`` from ``/proc``; None when it is gone.
+
+    Raises _Unknown when the file could not be read for another reason (no
+    descriptor left, say): that is no sign the process died.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError as exc:
+        raise _Unknown(str(exc)) from exc
+    try:
         # The command name (field 2) may hold spaces and parentheses: the
         # fields that follow start after its last ')'.
         fields = raw[raw.rindex(b")") + 2:].split()
         return fields[0].decode("ascii", "replace"), int(fields[19])
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         return None
 
 
@@ -51,7 +64,10 @@ def start_ticks(pid: int | None = None) -> int | None:
 
     None where ``/proc`` does not tell (not Linux).
     """
-    stat = _stat(os.getpid() if pid is None else pid)
+    try:
+        stat = _stat(os.getpid() if pid is None else pid)
+    except _Unknown:
+        return None
     return None if stat is None else stat[1]
 
 
@@ -60,9 +76,15 @@ def is_alive(pid: int, started: float, ticks: int | None = None) -> bool:
 
     ``ticks`` (from :func:`start_ticks`) is compared exactly when given and
     ``/proc`` is there; otherwise ``started`` (epoch seconds) within a margin.
+    When ``/proc`` cannot be read (this process is out of descriptors), a
+    pid that exists counts as alive: a live peer must never be pruned for a
+    check that could not be made; a dead one is pruned at a later check.
     """
     if ticks is not None and _PROC:
-        stat = _stat(pid)
+        try:
+            stat = _stat(pid)
+        except _Unknown:
+            return _exists(pid)
         return stat is not None and stat[1] == ticks and stat[0] not in ("Z", "X")
     try:
         proc = psutil.Process(pid)
@@ -71,6 +93,17 @@ def is_alive(pid: int, started: float, ticks: int | None = None) -> bool:
         return bool(proc.status() != psutil.STATUS_ZOMBIE)
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return False
+
+
+def _exists(pid: int) -> bool:
+    """Whether ``pid`` exists (maybe as another process), asked without a descriptor."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _SO_PEERCRED = getattr(socket, "SO_PEERCRED", None)
