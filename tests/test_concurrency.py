@@ -213,6 +213,9 @@ def test_timeout_in_the_middle_of_a_large_reply(spawn) -> None:
 def test_ctrl_c_in_the_middle_of_a_large_reply(spawn) -> None:
     server = spawn(BIG)
     caller = spawn("""
+        # Ctrl-C as in a terminal: a suite started in the background (as a
+        # shell's `&` does) runs with SIGINT ignored, and children inherit that.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with localnet.Peer(name="caller", max_frame=512 * 1024 * 1024):
             remote = localnet.peer("big")
             remote.echo(1)
