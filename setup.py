@@ -1,10 +1,14 @@
-"""Build the optional C encoder; every other piece of metadata is in pyproject.toml.
+"""Build the optional C extensions; every other piece of metadata is in pyproject.toml.
 
-``localnet._speedups`` is optional (like MarkupSafe's): without a compiler the
-build goes on without it and localnet runs in pure Python, a little slower
-per event trigger.
+``localnet._speedups`` (the event item encoder) and ``localnet._fastcall``
+(the socket side of a small call) are optional (like MarkupSafe's): without
+a compiler the build goes on without them and localnet runs in pure Python,
+a little slower per event trigger and per call.
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("localnet._speedups", ["localnet/_speedups.c"], optional=True)])
+setup(ext_modules=[
+    Extension("localnet._speedups", ["localnet/_speedups.c"], optional=True),
+    Extension("localnet._fastcall", ["localnet/_fastcall.c"], optional=True),
+])

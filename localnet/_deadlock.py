@@ -26,7 +26,15 @@ import os
 import threading
 from typing import Any
 
-_local = threading.local()
+
+class _Record(threading.local):
+    # Class defaults: reading an unset record finds None here instead of
+    # raising AttributeError inside getattr() (a cost on every call).
+    receiving: tuple[str, int, str] | None = None
+    serving: tuple[Any, ...] | None = None
+
+
+_local = _Record()
 
 
 def receiving(publisher: str, pid: int, subscriber: str) -> None:
@@ -37,7 +45,7 @@ def receiving(publisher: str, pid: int, subscriber: str) -> None:
 def handling_for(target: str) -> str | None:
     """The subscriber whose handlers for ``target``'s events run on this thread, if any:
     what a call channel from this thread to ``target`` announces in its HELLO."""
-    record = getattr(_local, "receiving", None)
+    record = _local.receiving
     if record is not None and record[0] == target:
         return str(record[2])
     return None
@@ -61,10 +69,10 @@ def blocked(publisher: str, pid: int) -> set[tuple[str, int]]:
     """The subscribers, as (name, pid), whose acknowledgements of ``publisher``'s
     events wait for the current thread."""
     found = set()
-    record = getattr(_local, "receiving", None)
+    record = _local.receiving
     if record is not None and record[0] == publisher and record[1] == pid:
         found.add((str(record[2]), os.getpid()))
-    served = getattr(_local, "serving", None)
+    served = _local.serving
     if served is not None and served[0] == publisher:
         found.add((str(served[2]), int(served[1])))
     return found

@@ -101,7 +101,7 @@ class Receiver:
                 "(max_workers; each nested callback holds one); raise it with "
                 "Peer(max_workers=...)"), "")
         try:
-            if fds or body[:1] != b"\x80":
+            if fds or not body or body[0] != 0x80:
                 connection, args, kwargs = _serial.loads(body, "the call's arguments", fds)
             else:
                 try:
@@ -113,7 +113,8 @@ class Receiver:
                 raise UnknownConnection(connection, self.name, list(CATALOG.connections))
             result = func(*args, **kwargs)
             reply = _serial.dumps(result, "the result of", self.shm_threshold, connection)
-            _serial.refuse_oversize(reply, self.max_frame, f"the result of {connection!r}")
+            if len(reply) > self.max_frame:
+                _serial.refuse_oversize(reply, self.max_frame, f"the result of {connection!r}")
             return _REPLY, reply
         except BaseException as exc:
             self.counts[1] += 1

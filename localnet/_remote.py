@@ -47,6 +47,7 @@ from . import _liveness
 from ._timeouts import check_timeout
 from ._wire import (
     DEFAULT_MAX_FRAME,
+    CutShort,
     FrameReader,
     FrameTooLarge,
     Kind,
@@ -59,9 +60,24 @@ from ._wire import (
 )
 from .errors import ConnectionLost, PeerClosed, SerializationError, Timeout, UnknownConnection
 
+try:
+    from . import _fastcall
+except ImportError:  # built without a C compiler: the Python framing does it all
+    _fastcall = None  # type: ignore[assignment]
+# Set to None to use the Python framing (the tests run both).
+_roundtrip = None if _fastcall is None else _fastcall.roundtrip
+
 _CALL, _REPLY, _ERROR, _TAKEN = int(Kind.CALL), int(Kind.REPLY), int(Kind.ERROR), int(Kind.TAKEN)
 _OUTQ = getattr(termios, "TIOCOUTQ", None)  # SIOCOUTQ on Linux: bytes the peer has not read
 _INT = struct.Struct("i")
+
+
+class _SendFailed(Exception):
+    """The socket was broken while a request was sent (``error``: its OSError)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class NotSent(ConnectionLost):
@@ -148,49 +164,45 @@ class CallChannel:
         error: BaseException | None = None
         cause: BaseException | None = None
         try:
-            if deadline is None:
-                send_frame(self._sock, _CALL, ident, payload, fds)
+            if _roundtrip is not None and not fds:
+                answer = _roundtrip(self._sock.fileno(), ident, payload, deadline,
+                                    self._reader.max_frame)
+                if answer[0] < 0:
+                    answer = self._finish(answer, deadline)
             else:
-                send_call_by(self._sock, ident, payload, fds, deadline)
-        except SendTimeout:  # (an OSError: first)
+                self._send(ident, payload, fds, deadline)
+                answer = self._reader.read(None if deadline is None
+                                           else deadline - time.monotonic())
+            kind, got, body, got_fds = answer
+            if got != ident or (kind != _REPLY and kind != _ERROR):
+                _close_fds(got_fds)
+                raise ProtocolError(f"unexpected {Kind(kind).name} frame (id {got}, "
+                                    f"expected {ident}) on a call channel")
+        except SendTimeout:  # (a TimeoutError: first)
             error = self._fail(Timeout(f"peer {self.target!r} did not take the call within "
                                        "the timeout (it is stopped or overloaded)"), False)
-        except OSError as exc:
-            error = self._fail(NotSent(f"peer {self.target!r} went away: {exc}"))
+        except _SendFailed as exc:
+            error = self._fail(NotSent(f"peer {self.target!r} went away: {exc.error}"))
+            cause = exc.error
+        except TimeoutError:
+            error = self._fail(Timeout(f"peer {self.target!r} did not answer within the "
+                                       "timeout"), False)
+        except EOFError:
+            error = self._fail(ConnectionLost(f"peer {self.target!r} closed the "
+                                              "connection"))
+        except FrameTooLarge as exc:
+            error = self._fail(SerializationError(
+                f"peer {self.target!r} answered with {exc.length} bytes inline, over "
+                f"this peer's {exc.limit}-byte message limit (its max_frame); raise "
+                "max_frame here, or return large data as NumPy arrays/bytearrays so it "
+                "goes through shared memory"))
+        except (OSError, ProtocolError) as exc:
+            error = self._fail(ConnectionLost(f"peer {self.target!r} went away: {exc}"))
             cause = exc
         except BaseException:
-            self._fail(ConnectionLost("a call was interrupted while sending"), False)
+            self._reader.drop_partial()
+            self._fail(ConnectionLost("a call was interrupted"), False)
             raise
-        if error is None:
-            try:
-                if deadline is None:
-                    kind, got, body, got_fds = self._reader.read()
-                else:
-                    kind, got, body, got_fds = self._reader.read(deadline - time.monotonic())
-                if got != ident or (kind != _REPLY and kind != _ERROR):
-                    _close_fds(got_fds)
-                    raise ProtocolError(f"unexpected {Kind(kind).name} frame (id {got}, "
-                                        f"expected {ident}) on a call channel")
-            except TimeoutError:
-                error = self._fail(Timeout(f"peer {self.target!r} did not answer within the "
-                                           "timeout"), False)
-            except EOFError:
-                error = self._fail(ConnectionLost(f"peer {self.target!r} closed the "
-                                                  "connection"))
-            except FrameTooLarge as exc:
-                error = self._fail(SerializationError(
-                    f"peer {self.target!r} answered with {exc.length} bytes inline, over "
-                    f"this peer's {exc.limit}-byte message limit (its max_frame); raise "
-                    "max_frame here, or return large data as NumPy arrays/bytearrays so it "
-                    "goes through shared memory"))
-            except (OSError, ProtocolError) as exc:
-                error = self._fail(ConnectionLost(f"peer {self.target!r} went away: {exc}"))
-                cause = exc
-            except BaseException:
-                self._reader.drop_partial()
-                self._fail(ConnectionLost("a call was interrupted while reading its reply"),
-                           False)
-                raise
         if error is not None:
             self._reader.drop_partial()  # the half reply, if any: nobody will read on
             try:
@@ -201,6 +213,46 @@ class CallChannel:
         if self.broken is not None:  # closed meanwhile; the answer came anyway
             self._close_socket()
         return kind, body, got_fds, ident
+
+    def _send(self, ident: int, payload: bytes, fds: list[int] | tuple[int, ...],
+              deadline: float | None) -> None:
+        """Send a request through the Python framing (descriptors, or no C extension).
+
+        Raises SendTimeout, or _SendFailed around the OSError of a broken socket.
+        """
+        try:
+            if deadline is None:
+                send_frame(self._sock, _CALL, ident, payload, fds)
+            else:
+                send_call_by(self._sock, ident, payload, fds, deadline)
+        except SendTimeout:
+            raise
+        except OSError as exc:
+            raise _SendFailed(exc) from None
+
+    def _finish(self, answer: tuple[Any, Any, Any, Any], deadline: float | None
+                ) -> tuple[int, int, bytes | bytearray, list[int]]:
+        """What the C round trip could not complete (see localnet/_fastcall.c): raise
+        as the Python path would, or let the Python reader finish a large reply."""
+        status, first, second, third = answer
+        assert _fastcall is not None
+        if status == _fastcall.LARGE:
+            kind, ident, nfds, length = first
+            self._reader.resume(kind, ident, nfds, length, second, third)
+            return self._reader.read(None if deadline is None else deadline - time.monotonic())
+        if status == _fastcall.SEND_TIMEOUT:
+            raise SendTimeout(first)
+        if status == _fastcall.SEND_FAILED:
+            raise _SendFailed(first)
+        if status == _fastcall.RECV_TIMEOUT:
+            raise TimeoutError("timed out waiting for a frame")
+        if status == _fastcall.EOF:
+            raise EOFError("connection closed")
+        if status == _fastcall.CUT_SHORT:
+            raise CutShort("connection closed in the middle of a frame")
+        if status == _fastcall.BAD_HEADER:
+            self._reader.reject(*first)
+        raise ProtocolError(str(first))
 
     def taken(self, ident: int) -> None:
         """Tell the callee we mapped the shared memory of answer ``ident``."""

@@ -49,13 +49,22 @@ from .errors import RemoteError, SerializationError
 #: values, written directly (C, :mod:`localnet._speedups`, built optionally by
 #: setup.py), or None when a value is not one it handles - then
 #: :func:`dumps_event` decides.  None itself when the extension is not built.
+#: ``encode_call`` and ``encode_value`` write whole protocol-3 pickles of a
+#: call's triple and of one value the same way (calls and results of plain
+#: values), or return None.
 encode_item: Callable[[str, tuple[Any, ...], dict[str, Any], int], bytes | None] | None
+encode_call: Callable[[str, tuple[Any, ...], dict[str, Any], int], bytes | None] | None
+encode_value: Callable[[Any, int], bytes | None] | None
 _memo_bound: Callable[[bytes | bytearray | memoryview], int] | None
 try:
-    from ._speedups import encode_item
+    from ._speedups import encode_call, encode_item, encode_value
     from ._speedups import memo_bound as _memo_bound
 except ImportError:
-    encode_item = _memo_bound = None
+    encode_item = encode_call = encode_value = _memo_bound = None
+
+#: Calls and results of plain values up to this size are written by the C
+#: encoder; longer ones by the pickler, whose cost is then in the copying.
+ENCODE_MAX = 64 * 1024
 
 PROTOCOL = 5
 
@@ -281,6 +290,10 @@ def dumps(obj: Any, what: str = "value", threshold: int | None = None,
     Raises:
         SerializationError: ``obj`` (or something inside it) cannot be pickled.
     """
+    if encode_value is not None:
+        data = encode_value(obj, ENCODE_MAX)
+        if data is not None:
+            return data
     try:
         kind = _plain(obj)
         if kind == 1 or (kind == 2 and threshold is None):
@@ -405,6 +418,10 @@ def dumps_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], what: s
 
     ``what`` is "an argument of"; the error names ``name`` after it.
     """
+    if encode_call is not None:
+        data = encode_call(name, args, kwargs, ENCODE_MAX)
+        if data is not None:
+            return data
     if _builtins_only(args, kwargs):
         try:
             return pickle.dumps((name, args, kwargs), PROTOCOL)

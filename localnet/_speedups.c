@@ -278,6 +278,61 @@ PyDoc_STRVAR(encode_item_doc,
 "PROTO and STOP, and without memo opcodes), or None when a value is not\n"
 "one this encoder handles or the item would exceed ``limit`` bytes.");
 
+/* Write the item of ``(name, args, kwargs)``; 0, or -1 when it cannot be
+ * (with an exception set only when memory ran out). */
+static int
+put_triple(Writer *w, PyObject *name, PyObject *args, PyObject *kwargs)
+{
+    if (put_str(w, name) < 0)
+        return -1;
+    /* the triple's own args tuple: always its three-opcode form */
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    if (n == 0) {
+        if (put1(w, ')') < 0)
+            return -1;
+    }
+    else {
+        if (n > 3 && put1(w, '(') < 0)
+            return -1;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (put_value(w, PyTuple_GET_ITEM(args, i), 1) < 0)
+                return -1;
+        static const char ops[4] = {0, (char)0x85, (char)0x86, (char)0x87};
+        if (put1(w, n > 3 ? 't' : ops[n]) < 0)
+            return -1;
+    }
+    if (put_value(w, kwargs, 0) < 0)
+        return -1;
+    return put1(w, (char)0x87); /* TUPLE3 */
+}
+
+static void
+writer_init(Writer *w, Py_ssize_t limit)
+{
+    w->buf = w->local;
+    w->len = 0;
+    w->cap = sizeof(w->local);
+    w->limit = limit;
+    w->nseen = 0;
+}
+
+/* The bytes written (or None when ``failed`` without an exception); frees
+ * the writer's memory. */
+static PyObject *
+writer_finish(Writer *w, int failed)
+{
+    PyObject *result = NULL;
+    if (!failed && w->len > w->limit)
+        failed = 1;
+    if (!failed)
+        result = PyBytes_FromStringAndSize(w->buf, w->len);
+    else if (!PyErr_Occurred())
+        result = Py_NewRef(Py_None);
+    if (w->buf != w->local)
+        PyMem_Free(w->buf);
+    return result;
+}
+
 static PyObject *
 encode_item(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
 {
@@ -291,45 +346,56 @@ encode_item(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
         return NULL;
     if (!PyUnicode_CheckExact(name) || !PyTuple_CheckExact(args) || !PyDict_CheckExact(kwargs))
         Py_RETURN_NONE;
-
     Writer w;
-    w.buf = w.local;
-    w.len = 0;
-    w.cap = sizeof(w.local);
-    w.limit = limit;
-    w.nseen = 0;
-    int failed = put_str(&w, name) < 0;
-    /* the triple's own args tuple: always its three-opcode form */
-    if (!failed) {
-        Py_ssize_t n = PyTuple_GET_SIZE(args);
-        if (n == 0) {
-            failed = put1(&w, ')') < 0;
-        }
-        else {
-            failed = (n > 3 && put1(&w, '(') < 0);
-            for (Py_ssize_t i = 0; !failed && i < n; i++)
-                failed = put_value(&w, PyTuple_GET_ITEM(args, i), 1) < 0;
-            if (!failed) {
-                static const char ops[4] = {0, (char)0x85, (char)0x86, (char)0x87};
-                failed = put1(&w, n > 3 ? 't' : ops[n]) < 0;
-            }
-        }
-    }
-    if (!failed)
-        failed = put_value(&w, kwargs, 0) < 0;
-    if (!failed)
-        failed = put1(&w, (char)0x87) < 0; /* TUPLE3 */
+    writer_init(&w, limit);
+    return writer_finish(&w, put_triple(&w, name, args, kwargs) < 0);
+}
 
-    if (!failed && w.len > limit)
-        failed = 1;
-    PyObject *result = NULL;
-    if (!failed)
-        result = PyBytes_FromStringAndSize(w.buf, w.len);
-    else if (!PyErr_Occurred())
-        result = Py_NewRef(Py_None);
-    if (w.buf != w.local)
-        PyMem_Free(w.buf);
-    return result;
+PyDoc_STRVAR(encode_call_doc,
+"encode_call(name, args, kwargs, limit, /)\n--\n\n"
+"The whole protocol-3 pickle of call ``(name, args, kwargs)`` (PROTO, the\n"
+"item, STOP), or None as encode_item.");
+
+static PyObject *
+encode_call(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 4) {
+        PyErr_Format(PyExc_TypeError, "encode_call() takes 4 arguments (%zd given)", argc);
+        return NULL;
+    }
+    PyObject *name = argv[0], *args = argv[1], *kwargs = argv[2];
+    Py_ssize_t limit = PyLong_AsSsize_t(argv[3]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyUnicode_CheckExact(name) || !PyTuple_CheckExact(args) || !PyDict_CheckExact(kwargs))
+        Py_RETURN_NONE;
+    Writer w;
+    writer_init(&w, limit);
+    int failed = put1(&w, (char)0x80) < 0 || put1(&w, 3) < 0
+        || put_triple(&w, name, args, kwargs) < 0 || put1(&w, '.') < 0;
+    return writer_finish(&w, failed);
+}
+
+PyDoc_STRVAR(encode_value_doc,
+"encode_value(value, limit, /)\n--\n\n"
+"The whole protocol-3 pickle of one plain value (a call's result), or None\n"
+"when it is not one this encoder handles or would exceed ``limit`` bytes.");
+
+static PyObject *
+encode_value(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 2) {
+        PyErr_Format(PyExc_TypeError, "encode_value() takes 2 arguments (%zd given)", argc);
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(argv[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    Writer w;
+    writer_init(&w, limit);
+    int failed = put1(&w, (char)0x80) < 0 || put1(&w, 3) < 0
+        || put_value(&w, argv[0], 0) < 0 || put1(&w, '.') < 0;
+    return writer_finish(&w, failed);
 }
 
 /* -- memo_bound ------------------------------------------------------------
@@ -496,6 +562,8 @@ memo_bound(PyObject *Py_UNUSED(module), PyObject *data)
 
 static PyMethodDef methods[] = {
     {"encode_item", (PyCFunction)(void (*)(void))encode_item, METH_FASTCALL, encode_item_doc},
+    {"encode_call", (PyCFunction)(void (*)(void))encode_call, METH_FASTCALL, encode_call_doc},
+    {"encode_value", (PyCFunction)(void (*)(void))encode_value, METH_FASTCALL, encode_value_doc},
     {"memo_bound", memo_bound, METH_O, memo_bound_doc},
     {NULL, NULL, 0, NULL},
 };

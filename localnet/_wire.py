@@ -78,6 +78,16 @@ from typing import Union
 
 from .errors import ConnectionLost
 
+#: The C side of small frames (localnet._fastcall), None without it:
+#: ``send_small(fd, kind, ident, body)`` sends one frame of at most
+#: ``SMALL_SEND`` bytes and no descriptors on a blocking socket.
+try:
+    from . import _fastcall
+except ImportError:  # built without a C compiler
+    _fastcall = None  # type: ignore[assignment]
+_recv_frame = None if _fastcall is None else _fastcall.recv_frame
+send_small = None if _fastcall is None else _fastcall.send_frame
+
 Buffer = Union[bytes, bytearray, memoryview]
 #: What a reader returns: (kind, ident, body, descriptors).
 Frame = tuple[int, int, Union[bytes, bytearray], list[int]]
@@ -113,7 +123,7 @@ ITEMS_TAIL = b"l."  # LIST, STOP
 ITEM_HEAD = b"\x80\x03"  # an item sent alone: PROTO 3, the item, STOP
 ITEM_TAIL = b"."
 _READ_CHUNK = 256 * 1024
-_SMALL_SEND = 64 * 1024
+SMALL_SEND = _SMALL_SEND = 64 * 1024
 _FD_KIND_ANY = -1
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 # plain ints: the IntFlag/IntEnum versions cost a Python-level call per use
@@ -339,7 +349,10 @@ def send_frame(
     """
     length = len(body)
     if not fds and length <= _SMALL_SEND:
-        sock.sendall(_pack(VERSION, kind, 0, length, ident) + body)
+        if send_small is not None:
+            send_small(sock.fileno(), kind, ident, body)
+        else:
+            sock.sendall(_pack(VERSION, kind, 0, length, ident) + body)
         return
     if isinstance(body, memoryview):
         length = body.nbytes
@@ -564,7 +577,16 @@ class FrameReader:
         start, end = self._start, self._end
         if start == end and timeout is None and self._large is None:
             # The common case: nothing buffered; one system call, no helpers.
-            if self._with_fds:
+            if _recv_frame is not None and self._with_fds:
+                got = _recv_frame(self._sock.fileno(), self._buf, self.max_frame)
+                if got[0]:
+                    return got
+                end = got[1]
+                if end < 0:
+                    raise ProtocolError("too many descriptors in one message")
+                if got[2]:
+                    self._fds.extend(got[2])
+            elif self._with_fds:
                 end, ancdata, flags, _ = self._sock.recvmsg_into([self._view], _CMSG_SPACE)
                 if ancdata or flags & _MSG_CTRUNC:
                     self._take_ancillary(ancdata, flags)
@@ -603,6 +625,20 @@ class FrameReader:
         else:
             self._start = start
         return kind, ident, body, self._take_fds(nfds, kind) if nfds else []
+
+    def resume(self, kind: int, ident: int, nfds: int, length: int, prefix: bytes,
+               fds: list[int]) -> None:
+        """Take over a large frame whose header and first bytes were read elsewhere
+        (localnet._fastcall), with the descriptors that came with them; the
+        next :meth:`read` returns it."""
+        body = bytearray(min(length, max(len(prefix), _READ_CHUNK)))
+        body[:len(prefix)] = prefix
+        self._fds.extend(fds)
+        self._large = [kind, ident, nfds, length, body, len(prefix)]
+
+    def reject(self, version: int, kind: int, nfds: int, length: int) -> None:
+        """Raise the ProtocolError (or FrameTooLarge) a header read elsewhere earns."""
+        self._reject(version, kind, length, nfds)
 
     def _reject(self, version: int, kind: int, length: int, nfds: int) -> None:
         if version != VERSION:

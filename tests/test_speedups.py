@@ -116,6 +116,37 @@ def test_items_load_as_the_pickler_would_rebuild_them(name, args, kwargs) -> Non
     assert _shape(_load(item)) == _shape(pickle.loads(pickle.dumps((name, args, kwargs), 3)))
 
 
+@needs_encoder
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(max_size=20), args=st.lists(values, max_size=6).map(tuple),
+       kwargs=st.dictionaries(st.text(max_size=10), values, max_size=4))
+def test_calls_and_results_load_as_the_pickler_would_rebuild_them(name, args, kwargs) -> None:
+    # The whole pickles of a call's triple and of a result: PROTO 3, the item, STOP.
+    item = encode_item(name, args, kwargs, 1 << 20)
+    call = _serial.encode_call(name, args, kwargs, 1 << 20)  # type: ignore[misc]
+    assert call == (None if item is None else b"\x80\x03" + item + b".")
+    if call is not None:
+        assert _shape(pickle.loads(call)) == _shape((name, args, kwargs))
+    for value in (*args, kwargs):
+        data = _serial.encode_value(value, 1 << 20)  # type: ignore[misc]
+        if _nesting(value) >= ENCODER_DEPTH or _containers(value) > ENCODER_CONTAINERS:
+            assert data is None
+        else:
+            assert data is not None and _shape(pickle.loads(data)) == _shape(value)
+
+
+@needs_encoder
+def test_calls_and_results_over_the_limit_or_not_plain_are_left_to_the_pickler() -> None:
+    assert _serial.encode_call("f", (b"x" * 100,), {}, 50) is None  # type: ignore[misc]
+    assert _serial.encode_value(b"x" * 100, 50) is None  # type: ignore[misc]
+    assert _serial.encode_value({1, 2}, 1000) is None  # type: ignore[misc]
+    assert _serial.encode_call("f", ({1},), {}, 1000) is None  # type: ignore[misc]
+    assert _serial.encode_call(b"f", (), {}, 1000) is None  # type: ignore[misc]
+    # and then the pickler writes them, protocol 5
+    assert pickle.loads(_serial.dumps_call("f", ({1},), {}, "an argument of")) == \
+        ("f", ({1},), {})
+
+
 class Color(enum.IntEnum):
     RED = 1
 

@@ -1,0 +1,614 @@
+/* localnet._fastcall: the socket side of a small call, in C.
+ *
+ * Optional, like localnet._speedups: setup.py builds it when a compiler is
+ * at hand, and localnet falls back to its Python framing (localnet/_wire.py)
+ * without it.  The frames are the ones _wire.py documents: a 16-byte header
+ * (version, kind, number of descriptors, body length, id; little-endian),
+ * then the body; a TIMED_CALL's body starts with its deadline (f64 seconds
+ * of CLOCK_MONOTONIC, which is what time.monotonic() reads).
+ *
+ *   roundtrip(fd, ident, payload, deadline, max_frame) -> tuple
+ *       Send one CALL (a TIMED_CALL when ``deadline`` is a float) and read
+ *       the one frame that answers it: the caller's whole round trip in
+ *       one call, with the GIL released while the socket blocks.
+ *   recv_frame(fd, buffer, max_frame) -> tuple
+ *       One receive into ``buffer`` (a bytearray): a whole small frame, or
+ *       the raw bytes for the Python reader to go on with.
+ *   send_frame(fd, kind, ident, body) -> None
+ *       Send one frame without descriptors, blocking until it is all sent.
+ *
+ * roundtrip's answer is (kind, ident, body, fds) with kind > 0, or, when
+ * it could not read a whole small reply, (status, a, b, c) with status < 0:
+ *
+ *   SEND_TIMEOUT (-1)  the deadline passed while sending; a = bytes sent
+ *   EOF (-2)           the peer closed the connection before answering
+ *   CUT_SHORT (-3)     the connection ended inside the reply
+ *   RECV_TIMEOUT (-4)  the deadline passed while waiting for the reply
+ *   BAD_HEADER (-5)    a = (version, kind, nfds, length): refused
+ *   BAD_FDS (-6)       a = the reason (str); descriptors already closed
+ *   LARGE (-7)         a = (kind, ident, nfds, length), b = the body's first
+ *                      bytes, c = the descriptors received: a reply too
+ *                      large for this path, for the Python reader to finish
+ *   SEND_FAILED (-8)   a = the OSError: the connection was broken before
+ *                      the request left (nothing of it was sent) or while
+ *                      it left (b = bytes sent)
+ *
+ * A system call interrupted by a signal runs the Python signal handlers; if
+ * one raises (KeyboardInterrupt), so does this function, wherever it was:
+ * the connection is then unusable, as it is for the Python path.  Other
+ * socket errors raise OSError.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#define VERSION 1
+#define HEADER_SIZE 16
+#define MAX_FDS 64
+#define MAX_KIND 12
+#define KIND_CALL 2
+#define KIND_TIMED_CALL 12
+/* A reply body up to this size is read whole here; a larger one is handed
+ * to the Python reader, which grows its buffer as the bytes arrive. */
+#define SMALL_REPLY (256 * 1024)
+#define STACK_READ 4096
+
+#define SEND_TIMEOUT (-1)
+#define END_OF_STREAM (-2)
+#define CUT_SHORT (-3)
+#define RECV_TIMEOUT (-4)
+#define BAD_HEADER (-5)
+#define BAD_FDS (-6)
+#define LARGE (-7)
+#define SEND_FAILED (-8)
+
+/* kinds that may carry descriptors (see _wire._FD_KINDS) */
+static int
+fd_kind(int kind)
+{
+    return kind == 2 || kind == 3 || kind == 5 || kind == 12;
+}
+
+static int
+as_int(PyObject *obj, int *out)
+{
+    long v = PyLong_AsLong(obj);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "value out of range for a C int");
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static double
+monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static inline void
+put_u16(unsigned char *p, unsigned v) { p[0] = v & 0xff; p[1] = (v >> 8) & 0xff; }
+static inline void
+put_u32(unsigned char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (v >> (8 * i)) & 0xff; }
+static inline void
+put_u64(unsigned char *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (v >> (8 * i)) & 0xff; }
+static inline uint32_t
+get_u32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static inline uint64_t
+get_u64(const unsigned char *p)
+{
+    return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
+}
+
+static void
+pack_header(unsigned char *h, int kind, unsigned nfds, uint32_t length, uint64_t ident)
+{
+    h[0] = VERSION;
+    h[1] = (unsigned char)kind;
+    put_u16(h + 2, nfds);
+    put_u32(h + 4, length);
+    put_u64(h + 8, ident);
+}
+
+/* Descriptors that arrived, kept until their frame is complete. */
+typedef struct {
+    int fds[MAX_FDS + 8];
+    int n;
+    int overflow;  /* more than fit, or the kernel truncated them */
+} Fds;
+
+static void
+close_fds(Fds *got)
+{
+    for (int i = 0; i < got->n; i++)
+        close(got->fds[i]);
+    got->n = 0;
+}
+
+/* Wait for ``events`` on fd until ``deadline`` (< 0: none, wait on).  Returns 1 when
+ * ready, 0 at the deadline, -1 with a Python exception set (a signal handler
+ * raised, or poll failed).  Called with the GIL held. */
+static int
+wait_for(int fd, short events, double deadline)
+{
+    for (;;) {
+        /* past the deadline: one look without waiting, as the Python reader;
+         * no deadline (< 0): wait as long as it takes */
+        double left = deadline < 0 ? 1.0 : deadline - monotonic();
+        struct pollfd p = {fd, events, 0};
+        int ms = deadline < 0 ? -1 : left > 0 ? (int)ceil(left * 1000.0) : 0, rc, err;
+        Py_BEGIN_ALLOW_THREADS
+        rc = poll(&p, 1, ms);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (rc > 0)
+            return 1;
+        if (rc == 0 && left <= 0)
+            return 0;
+        if (rc < 0) {
+            errno = err;
+            if (err != EINTR) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                return -1;
+            }
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+        }
+    }
+}
+
+/* Send every byte of ``iov``; with a deadline (>= 0) each send is
+ * non-blocking and a full buffer is waited on until then.  Returns 0 when
+ * sent, SEND_TIMEOUT (with *sent set), SEND_FAILED (with *err set: the
+ * socket is broken), or -100 with a Python exception. */
+static int
+send_all(int fd, struct iovec *iov, int iovcnt, double deadline, Py_ssize_t *sent, int *error)
+{
+    int flags = MSG_NOSIGNAL | (deadline >= 0 ? MSG_DONTWAIT : 0);
+    *sent = 0;
+    while (iovcnt > 0) {
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = iov;
+        msg.msg_iovlen = iovcnt;
+        ssize_t n;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        n = sendmsg(fd, &msg, flags);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (err == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return -100;
+                continue;
+            }
+            if (err == EAGAIN || err == EWOULDBLOCK) {
+                /* a full buffer (with a deadline), or a non-blocking socket */
+                int ready = wait_for(fd, POLLOUT, deadline);
+                if (ready < 0)
+                    return -100;
+                if (ready == 0)
+                    return SEND_TIMEOUT;
+                continue;
+            }
+            *error = err;
+            return SEND_FAILED;
+        }
+        *sent += n;
+        while (iovcnt > 0 && (size_t)n >= iov->iov_len) {
+            n -= iov->iov_len;
+            iov++;
+            iovcnt--;
+        }
+        if (iovcnt > 0) {
+            iov->iov_base = (char *)iov->iov_base + n;
+            iov->iov_len -= n;
+        }
+    }
+    return 0;
+}
+
+/* One receive into buf[0:cap]; descriptors go to ``got``.  Returns the
+ * bytes read (0 at the end of the stream), RECV_TIMEOUT, or -100 with a
+ * Python exception. */
+static Py_ssize_t
+recv_some(int fd, char *buf, Py_ssize_t cap, double deadline, Fds *got)
+{
+    union {
+        char space[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+        struct cmsghdr align;
+    } control;
+    for (;;) {
+        if (deadline >= 0) {
+            int ready = wait_for(fd, POLLIN, deadline);
+            if (ready < 0)
+                return -100;
+            if (ready == 0)
+                return RECV_TIMEOUT;
+        }
+        struct iovec iov = {buf, (size_t)cap};
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.space;
+        msg.msg_controllen = sizeof control.space;
+        ssize_t n;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (err == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return -100;
+                continue;
+            }
+            if (err == EAGAIN || err == EWOULDBLOCK) {
+                /* woken but nothing to read after all, or a non-blocking
+                 * socket: wait (the deadline's wait is at the loop's top) */
+                if (deadline < 0 && wait_for(fd, POLLIN, -1.0) < 0)
+                    return -100;
+                continue;
+            }
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -100;
+        }
+        if (msg.msg_flags & MSG_CTRUNC)
+            got->overflow = 1;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                continue;
+            int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            int *data = (int *)CMSG_DATA(c);
+            for (int i = 0; i < count; i++) {
+                if (got->n < (int)(sizeof got->fds / sizeof got->fds[0]))
+                    got->fds[got->n++] = data[i];
+                else {
+                    close(data[i]);
+                    got->overflow = 1;
+                }
+            }
+        }
+        return n;
+    }
+}
+
+static PyObject *
+fds_list(Fds *got)
+{
+    PyObject *list = PyList_New(got->n);
+    if (list == NULL) {
+        close_fds(got);
+        return NULL;
+    }
+    for (int i = 0; i < got->n; i++) {
+        PyObject *v = PyLong_FromLong(got->fds[i]);
+        if (v == NULL) {
+            for (int j = i; j < got->n; j++)
+                close(got->fds[j]);
+            got->n = 0;
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, v);
+    }
+    got->n = 0;
+    return list;
+}
+
+static PyObject *
+status(int code, PyObject *a, PyObject *b, PyObject *c)
+{
+    /* steals a, b, c (NULL: None) */
+    PyObject *t = Py_BuildValue("(iNNN)", code, a ? a : Py_NewRef(Py_None),
+                                b ? b : Py_NewRef(Py_None), c ? c : Py_NewRef(Py_None));
+    return t;
+}
+
+/* Read one frame that answers a call: see the module comment. */
+static PyObject *
+read_reply(int fd, double deadline, Py_ssize_t max_frame)
+{
+    char head[STACK_READ];
+    Fds got = {.n = 0, .overflow = 0};
+    Py_ssize_t have = 0;
+    while (have < HEADER_SIZE) {
+        Py_ssize_t n = recv_some(fd, head + have, sizeof head - have, deadline, &got);
+        if (n == -100)
+            goto error;
+        if (n == RECV_TIMEOUT) {
+            close_fds(&got);
+            return status(RECV_TIMEOUT, NULL, NULL, NULL);
+        }
+        if (n == 0) {
+            close_fds(&got);
+            return status(have ? CUT_SHORT : END_OF_STREAM, NULL, NULL, NULL);
+        }
+        have += n;
+    }
+    const unsigned char *h = (const unsigned char *)head;
+    int version = h[0], kind = h[1];
+    unsigned nfds = (unsigned)h[2] | (unsigned)h[3] << 8;
+    uint32_t length = get_u32(h + 4);
+    uint64_t ident = get_u64(h + 8);
+    if (version != VERSION || kind < 1 || kind > MAX_KIND || (Py_ssize_t)length > max_frame
+            || nfds > MAX_FDS) {
+        close_fds(&got);
+        return status(BAD_HEADER, Py_BuildValue("(iiIk)", version, kind, nfds,
+                                                (unsigned long)length), NULL, NULL);
+    }
+    Py_ssize_t total = HEADER_SIZE + (Py_ssize_t)length;
+    if (have > total) {
+        close_fds(&got);
+        return status(BAD_FDS, PyUnicode_FromString("more data after the answer to a call"),
+                      NULL, NULL);
+    }
+    if (length > SMALL_REPLY) {
+        PyObject *prefix = PyBytes_FromStringAndSize(head + HEADER_SIZE, have - HEADER_SIZE);
+        if (prefix == NULL)
+            goto error;
+        PyObject *fds = fds_list(&got);
+        if (fds == NULL) {
+            Py_DECREF(prefix);
+            return NULL;
+        }
+        return status(LARGE, Py_BuildValue("(iKIk)", kind, (unsigned long long)ident, nfds,
+                                           (unsigned long)length), prefix, fds);
+    }
+    PyObject *body = PyBytes_FromStringAndSize(NULL, length);
+    if (body == NULL)
+        goto error;
+    char *dst = PyBytes_AS_STRING(body);
+    memcpy(dst, head + HEADER_SIZE, have - HEADER_SIZE);
+    Py_ssize_t at = have - HEADER_SIZE;
+    while (at < (Py_ssize_t)length) {
+        /* the body is ours alone until returned: no other thread sees it */
+        Py_ssize_t n = recv_some(fd, dst + at, length - at, deadline, &got);
+        if (n == -100) {
+            Py_DECREF(body);
+            goto error;
+        }
+        if (n == RECV_TIMEOUT || n == 0) {
+            Py_DECREF(body);
+            close_fds(&got);
+            return status(n == 0 ? CUT_SHORT : RECV_TIMEOUT, NULL, NULL, NULL);
+        }
+        at += n;
+    }
+    if (got.overflow || got.n != (int)nfds || (got.n && !fd_kind(kind))) {
+        Py_DECREF(body);
+        PyObject *why = got.overflow
+            ? PyUnicode_FromString("too many descriptors in one message")
+            : PyUnicode_FromFormat("frame declares %u descriptors but %d arrived",
+                                   nfds, got.n);
+        close_fds(&got);
+        return status(BAD_FDS, why, NULL, NULL);
+    }
+    PyObject *fds = fds_list(&got);
+    if (fds == NULL) {
+        Py_DECREF(body);
+        return NULL;
+    }
+    return Py_BuildValue("(iKNN)", kind, (unsigned long long)ident, body, fds);
+error:
+    close_fds(&got);
+    return NULL;
+}
+
+PyDoc_STRVAR(roundtrip_doc,
+"roundtrip(fd, ident, payload, deadline, max_frame) -> tuple\n\n"
+"Send a CALL (a TIMED_CALL when deadline is a float) with id ``ident`` and\n"
+"read the frame that answers it; see the module's source for the tuple.");
+
+static PyObject *
+roundtrip(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "roundtrip() takes 5 arguments");
+        return NULL;
+    }
+    int fd;
+    if (as_int(args[0], &fd) < 0)
+        return NULL;
+    unsigned long long ident = PyLong_AsUnsignedLongLong(args[1]);
+    if (ident == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    double deadline = -1.0;
+    if (args[3] != Py_None) {
+        deadline = PyFloat_AsDouble(args[3]);
+        if (deadline == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (deadline < 0)
+            deadline = 0;  /* long past: the send is tried once, without waiting */
+    }
+    Py_ssize_t max_frame = PyLong_AsSsize_t(args[4]);
+    if (max_frame == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer payload;
+    if (PyObject_GetBuffer(args[2], &payload, PyBUF_SIMPLE) < 0)
+        return NULL;
+    unsigned char head[HEADER_SIZE + 8];
+    struct iovec iov[2];
+    Py_ssize_t extra = deadline >= 0 ? 8 : 0;
+    if (payload.len + extra > 0xffffffffLL) {
+        PyBuffer_Release(&payload);
+        PyErr_SetString(PyExc_OverflowError, "a frame body is at most 4 GiB");
+        return NULL;
+    }
+    pack_header(head, extra ? KIND_TIMED_CALL : KIND_CALL, 0,
+                (uint32_t)(payload.len + extra), ident);
+    if (extra)
+        memcpy(head + HEADER_SIZE, &deadline, 8);  /* f64, little-endian on Linux */
+    iov[0].iov_base = head;
+    iov[0].iov_len = HEADER_SIZE + extra;
+    iov[1].iov_base = payload.buf;
+    iov[1].iov_len = payload.len;
+    Py_ssize_t sent;
+    int err = 0;
+    int rc = send_all(fd, iov, payload.len ? 2 : 1, deadline, &sent, &err);
+    PyBuffer_Release(&payload);
+    if (rc == -100)
+        return NULL;
+    if (rc == SEND_TIMEOUT)
+        return status(SEND_TIMEOUT, PyLong_FromSsize_t(sent), NULL, NULL);
+    if (rc == SEND_FAILED) {
+        PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
+        if (exc == NULL)
+            return NULL;
+        return status(SEND_FAILED, exc, PyLong_FromSsize_t(sent), NULL);
+    }
+    return read_reply(fd, deadline, max_frame);
+}
+
+PyDoc_STRVAR(recv_frame_doc,
+"recv_frame(fd, buffer, max_frame) -> tuple\n\n"
+"One receive into ``buffer`` (a bytearray).  When exactly one whole frame\n"
+"without descriptors arrived and its header is valid: (kind, ident, body, [])\n"
+"with body a bytearray.  Otherwise (0, nbytes, fds, None): the Python reader\n"
+"goes on with buffer[:nbytes] (nbytes 0: the end of the stream; -1: the\n"
+"kernel truncated the descriptors, which were closed).");
+
+static PyObject *
+recv_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "recv_frame() takes 3 arguments");
+        return NULL;
+    }
+    int fd;
+    if (as_int(args[0], &fd) < 0)
+        return NULL;
+    Py_ssize_t max_frame = PyLong_AsSsize_t(args[2]);
+    if (max_frame == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
+        return NULL;
+    Fds got = {.n = 0, .overflow = 0};
+    Py_ssize_t n = recv_some(fd, buf.buf, buf.len, -1.0, &got);
+    if (n == -100) {
+        PyBuffer_Release(&buf);
+        close_fds(&got);
+        return NULL;
+    }
+    if (n >= HEADER_SIZE && got.n == 0 && !got.overflow) {
+        const unsigned char *h = buf.buf;
+        uint32_t length = get_u32(h + 4);
+        if (h[0] == VERSION && h[1] >= 1 && h[1] <= MAX_KIND && h[2] == 0 && h[3] == 0
+                && (Py_ssize_t)length <= max_frame && HEADER_SIZE + (Py_ssize_t)length == n) {
+            PyObject *body = PyByteArray_FromStringAndSize((char *)h + HEADER_SIZE, length);
+            PyBuffer_Release(&buf);
+            if (body == NULL)
+                return NULL;
+            return Py_BuildValue("(iKN[])", h[1], (unsigned long long)get_u64(h + 8), body);
+        }
+    }
+    PyBuffer_Release(&buf);
+    if (got.overflow) {
+        /* as the Python reader does: the connection is refused */
+        close_fds(&got);
+        return Py_BuildValue("(in[]O)", 0, (Py_ssize_t)-1, Py_None);
+    }
+    PyObject *fds = fds_list(&got);
+    if (fds == NULL)
+        return NULL;
+    return Py_BuildValue("(inNO)", 0, n, fds, Py_None);
+}
+
+PyDoc_STRVAR(send_frame_doc,
+"send_frame(fd, kind, ident, body) -> None\n\n"
+"Send one frame without descriptors, blocking until every byte is sent\n"
+"(a socket timeout is not looked at: localnet's sockets have none).\n"
+"Raises OSError when the socket is broken.");
+
+static PyObject *
+send_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "send_frame() takes 4 arguments");
+        return NULL;
+    }
+    int fd;
+    if (as_int(args[0], &fd) < 0)
+        return NULL;
+    int kind;
+    if (as_int(args[1], &kind) < 0)
+        return NULL;
+    unsigned long long ident = PyLong_AsUnsignedLongLong(args[2]);
+    if (ident == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer body;
+    if (PyObject_GetBuffer(args[3], &body, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (body.len > 0xffffffffLL) {
+        PyBuffer_Release(&body);
+        PyErr_SetString(PyExc_OverflowError, "a frame body is at most 4 GiB");
+        return NULL;
+    }
+    unsigned char head[HEADER_SIZE];
+    pack_header(head, kind, 0, (uint32_t)body.len, ident);
+    struct iovec iov[2] = {{head, HEADER_SIZE}, {body.buf, (size_t)body.len}};
+    Py_ssize_t sent;
+    int err = 0;
+    int rc = send_all(fd, iov, body.len ? 2 : 1, -1.0, &sent, &err);
+    PyBuffer_Release(&body);
+    if (rc == -100)
+        return NULL;
+    if (rc == SEND_FAILED) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"roundtrip", (PyCFunction)(void (*)(void))roundtrip, METH_FASTCALL, roundtrip_doc},
+    {"recv_frame", (PyCFunction)(void (*)(void))recv_frame, METH_FASTCALL, recv_frame_doc},
+    {"send_frame", (PyCFunction)(void (*)(void))send_frame, METH_FASTCALL, send_frame_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "localnet._fastcall",
+    "The socket side of a small call, in C (optional; see localnet._wire).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastcall(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "SEND_TIMEOUT", SEND_TIMEOUT) < 0
+            || PyModule_AddIntConstant(m, "EOF", END_OF_STREAM) < 0
+            || PyModule_AddIntConstant(m, "CUT_SHORT", CUT_SHORT) < 0
+            || PyModule_AddIntConstant(m, "RECV_TIMEOUT", RECV_TIMEOUT) < 0
+            || PyModule_AddIntConstant(m, "BAD_HEADER", BAD_HEADER) < 0
+            || PyModule_AddIntConstant(m, "BAD_FDS", BAD_FDS) < 0
+            || PyModule_AddIntConstant(m, "LARGE", LARGE) < 0
+            || PyModule_AddIntConstant(m, "SEND_FAILED", SEND_FAILED) < 0
+            || PyModule_AddIntConstant(m, "SMALL_REPLY", SMALL_REPLY) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,20 @@
+from typing import Any
+
+SEND_TIMEOUT: int
+EOF: int
+CUT_SHORT: int
+RECV_TIMEOUT: int
+BAD_HEADER: int
+BAD_FDS: int
+LARGE: int
+SEND_FAILED: int
+SMALL_REPLY: int
+
+def roundtrip(
+    fd: int, ident: int, payload: bytes | bytearray | memoryview, deadline: float | None,
+    max_frame: int, /
+) -> tuple[Any, Any, Any, Any]: ...
+
+def recv_frame(fd: int, buffer: bytearray, max_frame: int, /) -> tuple[Any, Any, Any, Any]: ...
+
+def send_frame(fd: int, kind: int, ident: int, body: bytes | bytearray | memoryview, /) -> None: ...
