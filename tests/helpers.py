@@ -133,7 +133,10 @@ class PeerProcess:
         self.proc.stdin.flush()
 
     def signal(self, signum: int) -> None:
+        """Send ``signum``; SIGSTOP returns once every thread has stopped."""
         os.kill(self.pid, signum)
+        if signum == signal.SIGSTOP:
+            wait_stopped(self.pid)
 
     def kill9(self) -> None:
         """SIGKILL and reap."""
@@ -181,6 +184,25 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Wait until every thread of process ``pid`` is stopped (after a SIGSTOP).
+
+    kill() returns before the threads stop: one running on another CPU may
+    still answer a call, or acknowledge an event, meanwhile.
+    """
+    def thread_state(tid: str) -> str:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+
+    def stopped() -> bool:
+        try:
+            return all(thread_state(tid) == "T" for tid in os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            return False
+
+    wait_until(stopped, timeout, what=f"process {pid} to stop")
 
 
 def end_pid(pid: int, timeout: float = 10.0) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import raw_channel, registry_pid, wait_until
+from helpers import raw_channel, registry_pid, wait_stopped, wait_until
 
 import localnet
 from localnet import _serial, _wire
@@ -67,19 +67,7 @@ def stop(pid: int) -> None:
     may still answer a call meanwhile.)
     """
     os.kill(pid, signal.SIGSTOP)
-
-    def stopped() -> bool:
-        try:
-            return all(_thread_state(pid, tid) == "T" for tid in os.listdir(f"/proc/{pid}/task"))
-        except OSError:
-            return False
-
-    wait_until(stopped, timeout=10, what=f"process {pid} to stop")
-
-
-def _thread_state(pid: int, tid: str) -> str:
-    with open(f"/proc/{pid}/task/{tid}/stat") as f:
-        return f.read().rpartition(")")[2].split()[0]
+    wait_stopped(pid)
 
 
 def resuming(pid: int, body: Callable[[], Any], bound: float) -> Any:
