@@ -139,6 +139,28 @@ close_fds(Fds *got)
     got->n = 0;
 }
 
+/* Keep the descriptors a message brought (SCM_RIGHTS). */
+static void
+take_fds(struct msghdr *msg, Fds *got)
+{
+    if (msg->msg_flags & MSG_CTRUNC)
+        got->overflow = 1;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c != NULL; c = CMSG_NXTHDR(msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *data = (int *)CMSG_DATA(c);
+        for (int i = 0; i < count; i++) {
+            if (got->n < (int)(sizeof got->fds / sizeof got->fds[0]))
+                got->fds[got->n++] = data[i];
+            else {
+                close(data[i]);
+                got->overflow = 1;
+            }
+        }
+    }
+}
+
 /* Wait for ``events`` on fd until ``deadline`` (< 0: none, wait on).  Returns 1 when
  * ready, 0 at the deadline, -1 with a Python exception set (a signal handler
  * raised, or poll failed).  Called with the GIL held. */
@@ -271,22 +293,7 @@ recv_some(int fd, char *buf, Py_ssize_t cap, double deadline, Fds *got)
             PyErr_SetFromErrno(PyExc_OSError);
             return -100;
         }
-        if (msg.msg_flags & MSG_CTRUNC)
-            got->overflow = 1;
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
-            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-                continue;
-            int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            int *data = (int *)CMSG_DATA(c);
-            for (int i = 0; i < count; i++) {
-                if (got->n < (int)(sizeof got->fds / sizeof got->fds[0]))
-                    got->fds[got->n++] = data[i];
-                else {
-                    close(data[i]);
-                    got->overflow = 1;
-                }
-            }
-        }
+        take_fds(&msg, got);
         return n;
     }
 }

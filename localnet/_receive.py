@@ -29,6 +29,7 @@ from typing import Any
 from . import _deadlock, _serial
 from ._catalog import CATALOG
 from ._failures import event_name, not_awaited, tell_once
+from ._serial import ENCODE_MAX, encode_value, unpickle_plain
 from ._tracebacks import user_traceback
 from ._wire import BATCH_MARK, ITEMS_MARK, Frame, Kind, close_fds, unpack_batch
 from .errors import Timeout, TooManyCalls, UnknownConnection
@@ -105,14 +106,16 @@ class Receiver:
                 connection, args, kwargs = _serial.loads(body, "the call's arguments", fds)
             else:
                 try:
-                    connection, args, kwargs = _serial.unpickle(body)
-                except Exception:
-                    connection, args, kwargs = _serial.loads(body, "the call's arguments")
+                    connection, args, kwargs = unpickle_plain(body)
+                except Exception as exc:
+                    raise _serial.unreadable("the call's arguments", None, exc) from exc
             func = CATALOG.connections.get(connection)
             if func is None:
                 raise UnknownConnection(connection, self.name, list(CATALOG.connections))
             result = func(*args, **kwargs)
-            reply = _serial.dumps(result, "the result of", self.shm_threshold, connection)
+            plain = None if encode_value is None else encode_value(result, ENCODE_MAX)
+            reply = plain if plain is not None else _serial.dumps(
+                result, "the result of", self.shm_threshold, connection)
             if len(reply) > self.max_frame:
                 _serial.refuse_oversize(reply, self.max_frame, f"the result of {connection!r}")
             return _REPLY, reply

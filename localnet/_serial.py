@@ -56,11 +56,13 @@ encode_item: Callable[[str, tuple[Any, ...], dict[str, Any], int], bytes | None]
 encode_call: Callable[[str, tuple[Any, ...], dict[str, Any], int], bytes | None] | None
 encode_value: Callable[[Any, int], bytes | None] | None
 _memo_bound: Callable[[bytes | bytearray | memoryview], int] | None
+_load_checked: Callable[[bytes | bytearray | memoryview], Any] | None
 try:
     from ._speedups import encode_call, encode_item, encode_value
+    from ._speedups import load_checked as _load_checked
     from ._speedups import memo_bound as _memo_bound
 except ImportError:
-    encode_item = encode_call = encode_value = _memo_bound = None
+    encode_item = encode_call = encode_value = _memo_bound = _load_checked = None
 
 #: Calls and results of plain values up to this size are written by the C
 #: encoder; longer ones by the pickler, whose cost is then in the copying.
@@ -468,6 +470,17 @@ def unpickle(data: bytes | bytearray | memoryview, buffers: Any = None) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
+#: :func:`unpickle` of a pickle with no out-of-band buffers: the checked load in
+#: C where the extension is built (one call, no Python frame).
+unpickle_plain: Callable[[bytes | bytearray | memoryview], Any] = _load_checked or unpickle
+
+
+def unreadable(what: str, name: str | None, exc: Exception) -> SerializationError:
+    """The error for a payload that cannot be rebuilt here (``exc``: why)."""
+    return SerializationError(
+        f"cannot rebuild {_label(what, name)}: {type(exc).__name__}: {exc}")
+
+
 def loads(data: bytes | bytearray | memoryview, what: str = "value",
           fds: list[int] | None = None, name: str | None = None) -> Any:
     """Rebuild an object from :func:`dumps` output; takes ownership of ``fds``.
@@ -482,9 +495,7 @@ def loads(data: bytes | bytearray | memoryview, what: str = "value",
             _close(fds)
         return unpickle(data)
     except Exception as exc:
-        raise SerializationError(
-            f"cannot rebuild {_label(what, name)}: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise unreadable(what, name, exc) from exc
 
 
 def _loads_shared(view: memoryview, fds: list[int]) -> Any:

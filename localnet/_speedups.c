@@ -560,7 +560,40 @@ memo_bound(PyObject *Py_UNUSED(module), PyObject *data)
     return PyLong_FromSsize_t(largest);
 }
 
+PyDoc_STRVAR(load_checked_doc,
+"load_checked(data, /)\n--\n\n"
+"``pickle.loads(data)`` once ``data`` was checked as memo_bound checks it:\n"
+"ValueError for a pickle naming a memo index beyond its own length.");
+
+static PyObject *pickle_loads = NULL; /* pickle.loads, looked up on first use */
+
+static PyObject *
+load_checked(PyObject *Py_UNUSED(module), PyObject *data)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t largest = largest_memo_index((const unsigned char *)view.buf, view.len);
+    Py_ssize_t length = view.len;
+    PyBuffer_Release(&view);
+    if (largest >= length) {
+        PyErr_SetString(PyExc_ValueError, "a memo index beyond the pickle's own length");
+        return NULL;
+    }
+    if (pickle_loads == NULL) {
+        PyObject *pickle = PyImport_ImportModule("pickle");
+        if (pickle == NULL)
+            return NULL;
+        pickle_loads = PyObject_GetAttrString(pickle, "loads");
+        Py_DECREF(pickle);
+        if (pickle_loads == NULL)
+            return NULL;
+    }
+    return PyObject_CallOneArg(pickle_loads, data);
+}
+
 static PyMethodDef methods[] = {
+    {"load_checked", load_checked, METH_O, load_checked_doc},
     {"encode_item", (PyCFunction)(void (*)(void))encode_item, METH_FASTCALL, encode_item_doc},
     {"encode_call", (PyCFunction)(void (*)(void))encode_call, METH_FASTCALL, encode_call_doc},
     {"encode_value", (PyCFunction)(void (*)(void))encode_value, METH_FASTCALL, encode_value_doc},
