@@ -12,7 +12,6 @@ import io
 import logging
 import pickletools
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from . import _serial
@@ -41,23 +40,6 @@ def tell_once(key: tuple[str, int, str | None, str], message: str) -> None:
         sys.stderr.flush()
     except (OSError, ValueError, AttributeError):
         pass  # no usable stderr
-
-
-def not_awaited(result: Any, handler: Callable[..., Any], event: str, publisher: str,
-                 pid: int) -> None:
-    """A handler returned an awaitable (``async def``): close it unrun and say so."""
-    close = getattr(result, "close", None)
-    if close is not None:
-        try:
-            close()  # a coroutine never started: no "never awaited" warning
-        except Exception:
-            pass
-    what = getattr(handler, "__qualname__", repr(handler))
-    message = (f"handler {what} for event {event!r} from peer {publisher!r} returned a "
-               f"{type(result).__name__} object, which localnet cannot await: subscription "
-               f"handlers must be plain functions; the event counts as failed")
-    logger.error("%s", message)
-    tell_once((publisher, pid, event, "await"), message)
 
 
 _STRINGS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"})

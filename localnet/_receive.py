@@ -9,9 +9,10 @@ and which returns the sequence numbers of the events it could not handle
 (see :func:`~localnet._wire.pack_ack`), so the publisher counts them failed.
 
 An event counts as failed when it cannot be rebuilt here (its class is
-missing in this process, say), when one of its handlers raises, or when a
-handler returns an awaitable (an ``async def`` handler): handlers are plain
-calls here, so the coroutine is closed unrun.  The first such failure per
+missing in this process, say) or when one of its handlers raises.  A
+connection or handler that returns an awaitable (``async def``) is awaited
+to its end on the loop localnet owns (:mod:`localnet._loop`) before the
+reply goes out or the event counts as handled.  The first failure per
 publisher and event is also written to stderr (:mod:`localnet._failures`),
 since the ``localnet`` logger prints nothing unless logging is configured.
 """
@@ -28,7 +29,8 @@ from typing import Any
 
 from . import _deadlock, _serial
 from ._catalog import CATALOG
-from ._failures import event_name, not_awaited, tell_once
+from ._failures import event_name, tell_once
+from ._loop import await_result
 from ._serial import ENCODE_MAX, encode_value, unpickle_plain
 from ._tracebacks import user_traceback
 from ._wire import BATCH_MARK, ITEMS_MARK, Frame, Kind, close_fds, unpack_batch
@@ -114,6 +116,9 @@ class Receiver:
                 raise UnknownConnection(connection, self.name, list(CATALOG.connections))
             result = func(*args, **kwargs)
             plain = None if encode_value is None else encode_value(result, ENCODE_MAX)
+            if plain is None and isawaitable(result):  # async def: run it to the end
+                result = await_result(result)
+                plain = None if encode_value is None else encode_value(result, ENCODE_MAX)
             reply = plain if plain is not None else _serial.dumps(
                 result, "the result of", self.shm_threshold, connection)
             if len(reply) > self.max_frame:
@@ -288,11 +293,7 @@ class Receiver:
                         try:
                             result = handler(*args, **kwargs) if kwargs else handler(*args)
                             if result is not None and isawaitable(result):
-                                counts[2] += 1
-                                seq = seq_of(message)
-                                failed.append([seq, seq])
-                                not_awaited(result, handler, event, name, pid)
-                                continue
+                                await_result(result)  # async def: handled once it ended
                             handled += 1
                         except Exception:
                             counts[2] += 1
