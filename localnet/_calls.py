@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 from . import _deadlock, _serial
 from ._current import RUNNING
 from ._remote import CallChannel, NotSent, RemotePeer
-from ._serial import unpickle_plain
 from ._timeouts import check_timeout
 from ._wire import Kind
 from .errors import (
@@ -139,11 +138,6 @@ class Caller:
         if kind == _REPLY:
             if not fds:
                 pool.idle.append(channel)
-                if body and body[0] == 0x80:  # a plain pickle: the short way
-                    try:
-                        return unpickle_plain(body)
-                    except Exception as exc:
-                        raise _serial.unreadable("the result of", connection, exc) from exc
                 return _serial.loads(body, "the result of", None, connection)
             try:
                 return _serial.loads(body, "the result of", fds, connection)

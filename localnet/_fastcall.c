@@ -420,6 +420,41 @@ error:
     return NULL;
 }
 
+/* 0 when ``nargs`` is ``want``, else -1 with a TypeError naming ``name``. */
+static int
+arity(const char *name, Py_ssize_t nargs, Py_ssize_t want)
+{
+    if (nargs == want)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
+    return -1;
+}
+
+/* Send one frame of ``kind`` whose body is the buffer ``body`` (a TIMED_CALL
+ * carries ``deadline`` in front of it); returns what send_all returns. */
+static int
+send_body(int fd, int kind, unsigned long long ident, PyObject *body, double deadline,
+          Py_ssize_t *sent, int *err)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(body, &view, PyBUF_SIMPLE) < 0)
+        return -100;
+    unsigned char head[HEADER_SIZE + 8];
+    Py_ssize_t extra = kind == KIND_TIMED_CALL ? 8 : 0;
+    if (view.len + extra > 0xffffffffLL) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_OverflowError, "a frame body is at most 4 GiB");
+        return -100;
+    }
+    pack_header(head, kind, 0, (uint32_t)(view.len + extra), ident);
+    if (extra)
+        memcpy(head + HEADER_SIZE, &deadline, 8);  /* f64, little-endian on Linux */
+    struct iovec iov[2] = {{head, (size_t)(HEADER_SIZE + extra)}, {view.buf, (size_t)view.len}};
+    int rc = send_all(fd, iov, view.len ? 2 : 1, deadline, sent, err);
+    PyBuffer_Release(&view);
+    return rc;
+}
+
 PyDoc_STRVAR(roundtrip_doc,
 "roundtrip(fd, ident, payload, deadline, max_frame) -> tuple\n\n"
 "Send a CALL (a TIMED_CALL when deadline is a float) with id ``ident`` and\n"
@@ -428,12 +463,8 @@ PyDoc_STRVAR(roundtrip_doc,
 static PyObject *
 roundtrip(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "roundtrip() takes 5 arguments");
-        return NULL;
-    }
     int fd;
-    if (as_int(args[0], &fd) < 0)
+    if (arity("roundtrip", nargs, 5) < 0 || as_int(args[0], &fd) < 0)
         return NULL;
     unsigned long long ident = PyLong_AsUnsignedLongLong(args[1]);
     if (ident == (unsigned long long)-1 && PyErr_Occurred())
@@ -449,29 +480,10 @@ roundtrip(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t max_frame = PyLong_AsSsize_t(args[4]);
     if (max_frame == -1 && PyErr_Occurred())
         return NULL;
-    Py_buffer payload;
-    if (PyObject_GetBuffer(args[2], &payload, PyBUF_SIMPLE) < 0)
-        return NULL;
-    unsigned char head[HEADER_SIZE + 8];
-    struct iovec iov[2];
-    Py_ssize_t extra = deadline >= 0 ? 8 : 0;
-    if (payload.len + extra > 0xffffffffLL) {
-        PyBuffer_Release(&payload);
-        PyErr_SetString(PyExc_OverflowError, "a frame body is at most 4 GiB");
-        return NULL;
-    }
-    pack_header(head, extra ? KIND_TIMED_CALL : KIND_CALL, 0,
-                (uint32_t)(payload.len + extra), ident);
-    if (extra)
-        memcpy(head + HEADER_SIZE, &deadline, 8);  /* f64, little-endian on Linux */
-    iov[0].iov_base = head;
-    iov[0].iov_len = HEADER_SIZE + extra;
-    iov[1].iov_base = payload.buf;
-    iov[1].iov_len = payload.len;
     Py_ssize_t sent;
     int err = 0;
-    int rc = send_all(fd, iov, payload.len ? 2 : 1, deadline, &sent, &err);
-    PyBuffer_Release(&payload);
+    int rc = send_body(fd, deadline >= 0 ? KIND_TIMED_CALL : KIND_CALL, ident, args[2],
+                       deadline, &sent, &err);
     if (rc == -100)
         return NULL;
     if (rc == SEND_TIMEOUT)
@@ -496,12 +508,8 @@ PyDoc_STRVAR(recv_frame_doc,
 static PyObject *
 recv_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "recv_frame() takes 3 arguments");
-        return NULL;
-    }
     int fd;
-    if (as_int(args[0], &fd) < 0)
+    if (arity("recv_frame", nargs, 3) < 0 || as_int(args[0], &fd) < 0)
         return NULL;
     Py_ssize_t max_frame = PyLong_AsSsize_t(args[2]);
     if (max_frame == -1 && PyErr_Occurred())
@@ -549,34 +557,16 @@ PyDoc_STRVAR(send_frame_doc,
 static PyObject *
 send_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "send_frame() takes 4 arguments");
-        return NULL;
-    }
-    int fd;
-    if (as_int(args[0], &fd) < 0)
-        return NULL;
-    int kind;
-    if (as_int(args[1], &kind) < 0)
+    int fd, kind;
+    if (arity("send_frame", nargs, 4) < 0 || as_int(args[0], &fd) < 0
+            || as_int(args[1], &kind) < 0)
         return NULL;
     unsigned long long ident = PyLong_AsUnsignedLongLong(args[2]);
     if (ident == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    Py_buffer body;
-    if (PyObject_GetBuffer(args[3], &body, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (body.len > 0xffffffffLL) {
-        PyBuffer_Release(&body);
-        PyErr_SetString(PyExc_OverflowError, "a frame body is at most 4 GiB");
-        return NULL;
-    }
-    unsigned char head[HEADER_SIZE];
-    pack_header(head, kind, 0, (uint32_t)body.len, ident);
-    struct iovec iov[2] = {{head, HEADER_SIZE}, {body.buf, (size_t)body.len}};
     Py_ssize_t sent;
     int err = 0;
-    int rc = send_all(fd, iov, body.len ? 2 : 1, -1.0, &sent, &err);
-    PyBuffer_Release(&body);
+    int rc = send_body(fd, kind, ident, args[3], -1.0, &sent, &err);
     if (rc == -100)
         return NULL;
     if (rc == SEND_FAILED) {

@@ -465,14 +465,11 @@ def unpickle(data: bytes | bytearray | memoryview, buffers: Any = None) -> Any:
     index is refused (``ValueError``) before it is read.  (The check needs
     :mod:`localnet._speedups`; without it pickles are read unchecked.)
     """
+    if buffers is None and _load_checked is not None:
+        return _load_checked(data)  # the same check and load, in one C call
     if _memo_bound is not None and _memo_bound(data) >= len(data):
         raise ValueError("a memo index beyond the pickle's own length")
     return pickle.loads(data, buffers=buffers)
-
-
-#: :func:`unpickle` of a pickle with no out-of-band buffers: the checked load in
-#: C where the extension is built (one call, no Python frame).
-unpickle_plain: Callable[[bytes | bytearray | memoryview], Any] = _load_checked or unpickle
 
 
 def unreadable(what: str, name: str | None, exc: Exception) -> SerializationError:

@@ -54,7 +54,6 @@ from ._serial import Payload, dumps_exception
 from ._signals import current_mask, spawn_thread
 from ._wire import (
     EVENT_BATCH,
-    SMALL_SEND,
     CutShort,
     Frame,
     FrameReader,
@@ -64,7 +63,6 @@ from ._wire import (
     decode_control,
     pack_ack,
     send_frame,
-    send_small,
     take_deadline,
 )
 from .errors import PeerStopping
@@ -113,7 +111,8 @@ class Server:
         self.stopping = False  # winding down: new calls are refused (see wind_down)
         self.refusal = b""  # the ERROR body they get
         self._thread: threading.Thread | None = None
-        self.watchdog = _Watchdog()
+        self._watchdog = _Watchdog()
+        self.watch = self._watchdog.watch
         # Created by the thread that starts the peer: the threads that run
         # handlers get its signal mask, not the accepting thread's.
         self.mask = current_mask()
@@ -251,7 +250,7 @@ class Server:
             self._closed = True
             self.closing = True
         self.wind_down()
-        self.watchdog.close()
+        self._watchdog.close()
         self._listening.close()
         deadline = time.monotonic() + drain
         with self._lock:
@@ -300,7 +299,7 @@ class Server:
         self._lock = threading.Lock()
         self._calls_done = threading.Condition(self._lock)
         self._closed = self.closing = True
-        self.watchdog._closed = True
+        self._watchdog._closed = True
         self._listening._after_fork_in_child()
         socks, self._socks = list(self._socks), set()
         calls, self._calls = list(self._calls), set()
@@ -344,10 +343,7 @@ class _CallConnection:
         """The body of every thread of this connection."""
         server = self.server
         host = server.host
-        reader, sock, lock = self.reader, self.sock, self.lock
-        watchdog = server.watchdog
-        busy = watchdog.busy
-        small = send_small
+        reader, sock, lock, watch = self.reader, self.sock, self.lock, server.watch
         monotonic = time.monotonic
         if self.handling is not None:
             _deadlock.serving(host.name, self.handling)
@@ -372,17 +368,11 @@ class _CallConnection:
                 # busy_since is set, which happens after this read.
                 generation = self.generation
                 self.busy_since = monotonic()
-                if watchdog.awake:
-                    busy[self] = None
-                else:
-                    watchdog.watch(self)
+                watch(self)
                 reply_kind, payload = host.run_call(body, fds)
                 if type(payload) is bytes:
                     with self.send_lock:
-                        if small is not None and len(payload) <= SMALL_SEND:
-                            small(sock.fileno(), reply_kind, ident, payload)
-                        else:
-                            send_frame(sock, reply_kind, ident, payload)
+                        send_frame(sock, reply_kind, ident, payload)
                 else:
                     assert isinstance(payload, Payload)
                     with lock:
@@ -491,20 +481,20 @@ class _Watchdog:
     """
 
     def __init__(self) -> None:
-        self.busy: dict[_CallConnection, None] = {}
+        self._busy: dict[_CallConnection, None] = {}
         self._wake = threading.Event()
         self._start_lock = threading.Lock()
-        self.awake = False  # mirrors _wake, read without a lock on every call
+        self._awake = False  # mirrors _wake, read without a lock on every call
         self._thread: threading.Thread | None = None
         self._closed = False
 
     def watch(self, conn: _CallConnection) -> None:
-        self.busy[conn] = None
-        if not self.awake:
+        self._busy[conn] = None
+        if not self._awake:
             with self._start_lock:
                 if self._thread is None:
                     self._thread = spawn_thread(self._loop, name="localnet-watchdog")
-            self.awake = True
+            self._awake = True
             self._wake.set()
 
     def _loop(self) -> None:
@@ -515,16 +505,16 @@ class _Watchdog:
                 time.sleep(HAND_OVER_AFTER)  # the watchdog's period, not synchronisation
                 now = time.monotonic()
                 busy = False
-                for conn in list(self.busy):
+                for conn in list(self._busy):
                     if conn.overdue(now):
                         busy = True
                     else:
-                        self.busy.pop(conn, None)
+                        self._busy.pop(conn, None)
                 quiet = 0 if busy else quiet + 1
-            self.awake = False
+            self._awake = False
             self._wake.clear()
-            if self.busy:
-                self.awake = True
+            if self._busy:
+                self._awake = True
                 self._wake.set()
 
     def close(self) -> None:

@@ -333,11 +333,13 @@ writer_finish(Writer *w, int failed)
     return result;
 }
 
+/* encode_item and encode_call: the item of the call's triple, alone or as a
+ * whole pickle (``whole``: PROTO 3 before it, STOP after it). */
 static PyObject *
-encode_item(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
+encode_triple(const char *fname, PyObject *const *argv, Py_ssize_t argc, int whole)
 {
     if (argc != 4) {
-        PyErr_Format(PyExc_TypeError, "encode_item() takes 4 arguments (%zd given)", argc);
+        PyErr_Format(PyExc_TypeError, "%s() takes 4 arguments (%zd given)", fname, argc);
         return NULL;
     }
     PyObject *name = argv[0], *args = argv[1], *kwargs = argv[2];
@@ -348,7 +350,15 @@ encode_item(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
         Py_RETURN_NONE;
     Writer w;
     writer_init(&w, limit);
-    return writer_finish(&w, put_triple(&w, name, args, kwargs) < 0);
+    int failed = (whole && (put1(&w, (char)0x80) < 0 || put1(&w, 3) < 0))
+        || put_triple(&w, name, args, kwargs) < 0 || (whole && put1(&w, '.') < 0);
+    return writer_finish(&w, failed);
+}
+
+static PyObject *
+encode_item(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
+{
+    return encode_triple("encode_item", argv, argc, 0);
 }
 
 PyDoc_STRVAR(encode_call_doc,
@@ -359,21 +369,7 @@ PyDoc_STRVAR(encode_call_doc,
 static PyObject *
 encode_call(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
 {
-    if (argc != 4) {
-        PyErr_Format(PyExc_TypeError, "encode_call() takes 4 arguments (%zd given)", argc);
-        return NULL;
-    }
-    PyObject *name = argv[0], *args = argv[1], *kwargs = argv[2];
-    Py_ssize_t limit = PyLong_AsSsize_t(argv[3]);
-    if (limit == -1 && PyErr_Occurred())
-        return NULL;
-    if (!PyUnicode_CheckExact(name) || !PyTuple_CheckExact(args) || !PyDict_CheckExact(kwargs))
-        Py_RETURN_NONE;
-    Writer w;
-    writer_init(&w, limit);
-    int failed = put1(&w, (char)0x80) < 0 || put1(&w, 3) < 0
-        || put_triple(&w, name, args, kwargs) < 0 || put1(&w, '.') < 0;
-    return writer_finish(&w, failed);
+    return encode_triple("encode_call", argv, argc, 1);
 }
 
 PyDoc_STRVAR(encode_value_doc,

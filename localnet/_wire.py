@@ -78,15 +78,14 @@ from typing import Union
 
 from .errors import ConnectionLost
 
-#: The C side of small frames (localnet._fastcall), None without it:
-#: ``send_small(fd, kind, ident, body)`` sends one frame of at most
-#: ``SMALL_SEND`` bytes and no descriptors on a blocking socket.
+# The C side of small frames (localnet._fastcall), None where it was not
+# built; the Python framing below then does it all.
 try:
     from . import _fastcall
 except ImportError:  # built without a C compiler
     _fastcall = None  # type: ignore[assignment]
 _recv_frame = None if _fastcall is None else _fastcall.recv_frame
-send_small = None if _fastcall is None else _fastcall.send_frame
+_send_small = None if _fastcall is None else _fastcall.send_frame
 
 Buffer = Union[bytes, bytearray, memoryview]
 #: What a reader returns: (kind, ident, body, descriptors).
@@ -123,7 +122,7 @@ ITEMS_TAIL = b"l."  # LIST, STOP
 ITEM_HEAD = b"\x80\x03"  # an item sent alone: PROTO 3, the item, STOP
 ITEM_TAIL = b"."
 _READ_CHUNK = 256 * 1024
-SMALL_SEND = _SMALL_SEND = 64 * 1024
+_SMALL_SEND = 64 * 1024
 _FD_KIND_ANY = -1
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 # plain ints: the IntFlag/IntEnum versions cost a Python-level call per use
@@ -349,8 +348,8 @@ def send_frame(
     """
     length = len(body)
     if not fds and length <= _SMALL_SEND:
-        if send_small is not None:
-            send_small(sock.fileno(), kind, ident, body)
+        if _send_small is not None:
+            _send_small(sock.fileno(), kind, ident, body)
         else:
             sock.sendall(_pack(VERSION, kind, 0, length, ident) + body)
         return

@@ -319,7 +319,7 @@ import sys
 import localnet._remote, localnet._wire
 if "{block}" == "yes":
     assert "localnet._fastcall" not in sys.modules or sys.modules["localnet._fastcall"] is None
-    assert localnet._remote._roundtrip is None and localnet._wire.send_small is None
+    assert localnet._remote._roundtrip is None and localnet._wire._send_small is None
 
 @localnet.connect()
 def echo(*args, **kwargs):
