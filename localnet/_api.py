@@ -15,45 +15,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-from . import _current
+from ._atwins import AsyncConnection, AsyncEvent
 from ._catalog import CATALOG
 from ._current import live as _live
+from ._default import current_peer
+from ._dispatch import Dispatched, Dispatcher, checked
 from ._peer import Peer
 from ._remote import RemotePeer
 from ._signals import Stopper, wait_for_stop
 from ._timeouts import check_timeout
-from .errors import ConfigurationError, PeerClosed
+from .errors import ConfigurationError
 
 P = ParamSpec("P")
 R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def current_peer() -> Peer:
-    """The peer this process's calls and events go through, started on demand.
-
-    Raises :class:`PeerClosed` when the process's last running peer was
-    closed: a default peer is made only while none was ever closed.
-    """
-    live = _live
-    if live:
-        try:
-            return live[-1]  # the common case needs no lock: list reads are atomic
-        except IndexError:
-            pass
-    with _current.lock:
-        if live:
-            return live[-1]
-        default = _current.default
-        if default.closed is not None:
-            raise PeerClosed(
-                f"this process's peer {default.closed.name!r} was closed; start a new "
-                "localnet.Peer(...) (or a with block) before calling, triggering or listing "
-                "peers")
-        if default.peer is None:
-            default.peer = Peer()
-        peer = default.peer
-    return peer.start()
 
 
 class Connection(Generic[P, R]):
@@ -102,6 +77,12 @@ class Connection(Generic[P, R]):
         functools.update_wrapper(remote, self.func)
         return remote
 
+    @property
+    def aio(self) -> AsyncConnection:
+        """The awaited twin: ``await render.aio(7, peer="b")``,
+        ``await render.aio.on("b", timeout=5)(7)`` (see :mod:`localnet.aio`)."""
+        return AsyncConnection(self)
+
     def __repr__(self) -> str:
         return f"<localnet.Connection {self.name!r} of {self.func.__qualname__}>"
 
@@ -109,11 +90,16 @@ class Connection(Generic[P, R]):
 @overload
 def connect(tag: Callable[P, R]) -> Connection[P, R]: ...
 @overload
-def connect(tag: str | None = None) -> Callable[[Callable[P, R]], Connection[P, R]]: ...
+def connect(tag: str | None = None, *, dispatcher: Dispatcher | None = None
+            ) -> Callable[[Callable[P, R]], Connection[P, R]]: ...
 
 
-def connect(tag: Any = None) -> Any:
+def connect(tag: Any = None, *, dispatcher: Dispatcher | None = None) -> Any:
     """Offer a function to other peers, under its name or under ``tag``.
+
+    ``dispatcher`` (a :mod:`localnet.dispatch` dispatcher) runs the calls
+    other peers make on the application's thread it stands for, whatever
+    the peer's own dispatcher.
 
     Two peers whose functions differ in name but share a tag can call each
     other's::
@@ -128,11 +114,14 @@ def connect(tag: Any = None) -> Any:
         return connect()(tag)
     if tag is not None and (not isinstance(tag, str) or not tag):
         raise ConfigurationError("connect() takes an optional non-empty string tag")
+    if dispatcher is not None:
+        checked(dispatcher)
 
     def decorate(func: Callable[P, R]) -> Connection[P, R]:
         _refuse_methods(func, tag)
         name = tag or func.__name__
-        CATALOG.add_connection(name, func)
+        CATALOG.add_connection(name, func if dispatcher is None else
+                               Dispatched(func, dispatcher))
         return Connection(func, name)
 
     return decorate
@@ -204,6 +193,12 @@ class Event(Generic[P]):
             f"a tuple of a tuple and a dict; it returned {type(out).__name__}"
         )
 
+    @property
+    def aio(self) -> AsyncEvent:
+        """The awaited twin: ``await frame_done.aio(7)`` awaits room where a trigger
+        would block (see :mod:`localnet.aio`)."""
+        return AsyncEvent(self)
+
     def __repr__(self) -> str:
         return f"<localnet.Event {self.name!r}>"
 
@@ -248,7 +243,8 @@ def _names(peers: str | RemotePeer | Iterable[str | RemotePeer] | None) -> froze
 
 
 def subscribe(name: str, peers: str | RemotePeer | Iterable[str | RemotePeer] | None = None,
-              group: str | None = None, hubs_only: bool = False) -> Callable[[F], F]:
+              group: str | None = None, hubs_only: bool = False, *,
+              dispatcher: Dispatcher | None = None) -> Callable[[F], F]:
     """Run the decorated function whenever a matching peer triggers event ``name``.
 
     ``peers`` (a name, a RemotePeer or a list of them), ``group`` and
@@ -257,19 +253,23 @@ def subscribe(name: str, peers: str | RemotePeer | Iterable[str | RemotePeer] | 
     running now and those that start later; when a peer of this process is
     running, ``subscribe`` returns once every live publisher knows of it.
     Handlers run in this process, in order per publisher, on a thread of
-    that publisher's channel; an exception in a handler is logged and
-    counted, never seen by the publisher.
+    that publisher's channel (or on the application's thread that
+    ``dispatcher``, a :mod:`localnet.dispatch` dispatcher, stands for);
+    an exception in a handler is logged and counted, never seen by the
+    publisher.
     """
     if not isinstance(name, str) or not name:
         raise ConfigurationError("subscribe() takes the event's name, a non-empty string")
     if group is not None and not isinstance(group, str):
         raise ConfigurationError("subscribe(group=...) takes one group name")
     names = _names(peers)
+    if dispatcher is not None:
+        checked(dispatcher)
 
     def decorate(func: F) -> F:
         if not callable(func):
             raise ConfigurationError("subscribe() decorates a callable")
-        CATALOG.add_subscription(name, func, names, group, bool(hubs_only))
+        CATALOG.add_subscription(name, func, names, group, bool(hubs_only), dispatcher)
         return func
 
     return decorate

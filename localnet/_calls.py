@@ -14,6 +14,11 @@ chain between two peers holds a channel on the way).  A call that ends
 without its reply (timeout, KeyboardInterrupt, the peer went away) drops
 its channel: a late reply could otherwise be read by the next call.
 
+A call made on a thread that runs dispatched work (an application's main
+thread, see :mod:`localnet._dispatch`) is made by a helper thread while
+that thread goes on running its dispatched work, so a callback of the
+callee onto it completes.
+
 A call with a timeout ends by its deadline, counted from its start, in
 every step: waiting (see below), looking the peer up in the registry,
 connecting, sending and reading the reply.  The deadline travels with the
@@ -40,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import _deadlock, _serial
 from ._current import RUNNING
+from ._deadlock import _local as _home
+from ._dispatch import pump_while
 from ._remote import CallChannel, NotSent, RemotePeer
 from ._timeouts import check_timeout
 from ._wire import Kind
@@ -92,6 +99,8 @@ class Caller:
         Raises the remote exception, or PeerNotFound, ConnectionLost, Timeout,
         TooManyCalls, SerializationError (before anything is sent).
         """
+        if _home.homes is not None:  # an application thread that runs dispatched work
+            return pump_while(self.call, target, connection, args, kwargs, timeout)
         peer = self._peer
         if peer.state is not RUNNING:
             peer.require_running()
@@ -115,7 +124,7 @@ class Caller:
             payload = _serial.dumps_call(connection, args, kwargs, "an argument of",
                                          peer.shm_threshold)
             if len(payload) > pool.limit:
-                self._refuse(payload, pool, name, connection)
+                refuse(payload, peer.max_frame, pool.callee_limit, name, connection)
         except BaseException:
             pool.idle.append(channel)
             raise
@@ -194,20 +203,6 @@ class Caller:
             raise
         return pool, channel, answer
 
-    def _refuse(self, payload: bytes | _serial.Payload, pool: _Pool, name: str,
-                connection: str) -> None:
-        """Raise SerializationError for a request over this peer's or the callee's limit."""
-        own = self._peer.max_frame
-        if len(payload) > own or pool.callee_limit is None:
-            _serial.refuse_oversize(payload, own, f"an argument of {connection!r}")
-        if isinstance(payload, _serial.Payload):
-            payload.settle()
-        raise SerializationError(
-            f"the arguments of {connection!r} are {len(payload)} bytes inline, over the "
-            f"{pool.callee_limit}-byte message limit of peer {name!r} (its max_frame); "
-            "raise max_frame there, or send large data as NumPy arrays/bytearrays so it "
-            "goes through shared memory")
-
     def _open(self, key: str, target: str | RemotePeer, handling: str | None = None,
               deadline: float | None = None) -> tuple[_Pool, CallChannel]:
         """An idle channel of pool ``key`` if one came back meanwhile, else a new one.
@@ -238,13 +233,13 @@ class Caller:
         try:
             address = pool.address
             if address is None and isinstance(target, RemotePeer):
-                address = self._learn(pool, target.describe())
+                address = learn(pool, target.describe(), peer.max_frame)
             hello = {"role": "call", "name": peer.name, "pid": peer.pid}
             if handling is not None:
                 hello["handling"] = handling
             for attempt in range(2):
                 if address is None:
-                    address = self._learn(pool, self._lookup(name, deadline))
+                    address = learn(pool, self._lookup(name, deadline), peer.max_frame)
                 try:
                     channel = CallChannel(address, name, hello, peer.max_frame, deadline)
                     break
@@ -316,14 +311,6 @@ class Caller:
             poller.poll(wait * 1000.0)
             period = min(period * 2, 0.1)
 
-    def _learn(self, pool: _Pool, info: dict[str, Any]) -> str:
-        """Take the address and the message limit from a registry record; the address."""
-        address = pool.address = str(info["address"])
-        callee = info.get("max_frame")
-        pool.callee_limit = callee if isinstance(callee, int) else None
-        pool.limit = min(self._peer.max_frame, pool.callee_limit or self._peer.max_frame)
-        return address
-
     def _drop(self, pool: _Pool, channel: CallChannel) -> None:
         """Let go of a channel that will carry no other call.
 
@@ -367,3 +354,27 @@ class Caller:
         self._pools = {}
         for channel in channels:
             channel._after_fork_in_child()
+
+
+def learn(pool: Any, info: dict[str, Any], own_limit: int) -> str:
+    """Take the address and the message limit from a registry record into ``pool``
+    (a thread or an awaited calls' pool); the address."""
+    address = pool.address = str(info["address"])
+    callee = info.get("max_frame")
+    pool.callee_limit = callee if isinstance(callee, int) else None
+    pool.limit = min(own_limit, pool.callee_limit or own_limit)
+    return address
+
+
+def refuse(payload: bytes | _serial.Payload, own: int, callee_limit: int | None, name: str,
+           connection: str) -> None:
+    """Raise SerializationError for a request over this peer's or the callee's limit."""
+    if len(payload) > own or callee_limit is None:
+        _serial.refuse_oversize(payload, own, f"an argument of {connection!r}")
+    if isinstance(payload, _serial.Payload):
+        payload.settle()
+    raise SerializationError(
+        f"the arguments of {connection!r} are {len(payload)} bytes inline, over the "
+        f"{callee_limit}-byte message limit of peer {name!r} (its max_frame); "
+        "raise max_frame there, or send large data as NumPy arrays/bytearrays so it "
+        "goes through shared memory")

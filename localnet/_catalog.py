@@ -27,6 +27,7 @@ class Subscription:
     peers: frozenset[str] | None
     group: str | None
     hubs_only: bool
+    dispatcher: Any = None  # a localnet.dispatch.Dispatcher of its own, or None
 
     def accepts(self, name: str, group: str | None, hub: bool) -> bool:
         """True when an event from publisher ``name`` should reach this handler."""
@@ -92,9 +93,9 @@ class Catalog:
 
     def add_subscription(self, event: str, handler: Callable[..., Any],
                          peers: frozenset[str] | None, group: str | None,
-                         hubs_only: bool) -> Subscription:
+                         hubs_only: bool, dispatcher: Any = None) -> Subscription:
         sub = Subscription(f"{os.getpid()}-{next(self._ids)}", event, handler, peers, group,
-                           hubs_only)
+                           hubs_only, dispatcher)
         with self._lock:
             self._subs[sub.id] = sub
             self._rebuild()

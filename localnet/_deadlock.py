@@ -32,6 +32,8 @@ class _Record(threading.local):
     # raising AttributeError inside getattr() (a cost on every call).
     receiving: tuple[str, int, str] | None = None
     serving: tuple[Any, ...] | None = None
+    # The dispatchers whose home this thread is (see _dispatch), or None.
+    homes: tuple[Any, ...] | None = None
 
 
 _local = _Record()

@@ -57,6 +57,15 @@ from ._wire import (
 logger = logging.getLogger("localnet.events")
 
 
+class _Waiting(threading.local):
+    # False on a thread whose triggers must not wait for room (an awaited
+    # trigger waited on its loop already, see localnet._atwins).
+    allowed = True
+
+
+waiting = _Waiting()
+
+
 class Outbox:
     """Events queued for, and in flight to, one subscriber peer.
 
@@ -194,7 +203,7 @@ class Outbox:
     def _wait_for_room(self, size: int) -> bool:
         # called with the lock held and no room for ``size`` bytes
         budget, queue = self._budget, self._queue
-        if not self._congested and self.block > 0:
+        if not self._congested and self.block > 0 and waiting.allowed:
             deadline = time.monotonic() + self.block
             while not self.closed and not budget.fits(queue, size):
                 remaining = deadline - time.monotonic()
@@ -210,6 +219,13 @@ class Outbox:
                            "unacknowledged); dropping its events until it catches up",
                            self.name, len(queue), budget.held)
         return False
+
+    def has_room(self) -> bool:
+        """True when a trigger would not wait for room here now (a small event fits,
+        or the outbox drops without waiting)."""
+        with self._lock:
+            return self.closed or self._congested or self.block <= 0 \
+                or self._budget.fits(self._queue, 0)
 
     def wait_delivered(self, seq: int, deadline: float) -> bool:
         """Wait until event ``seq`` (see :meth:`mark`) was acknowledged (or can never be)."""

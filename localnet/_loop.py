@@ -73,15 +73,19 @@ def _owned() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def await_result(awaitable: Awaitable[Any]) -> Any:
-    """Run ``awaitable`` to completion on the owned loop; return its result or raise.
+def await_result(awaitable: Awaitable[Any],
+                 loop: asyncio.AbstractEventLoop | None = None) -> Any:
+    """Run ``awaitable`` to completion on ``loop`` (the application's, which must be
+    running), else on the owned loop; return its result or raise.
 
     Called from a localnet thread (serving a call, running handlers), never
     from the loop's own thread, where it could only wait for itself.
     """
-    if threading.get_ident() == _thread_id:
-        raise RuntimeError("localnet cannot wait for a coroutine on its own event loop thread")
-    loop = _owned()
+    if loop is None or not loop.is_running():
+        if threading.get_ident() == _thread_id:
+            raise RuntimeError("localnet cannot wait for a coroutine on its own event loop "
+                               "thread")
+        loop = _owned()
     future = asyncio.run_coroutine_threadsafe(_guarded(awaitable), loop)
     try:
         result = future.result()

@@ -30,6 +30,7 @@ from ._budget import DEFAULT_EVENT_BYTES
 from ._calls import Caller
 from ._catalog import CATALOG, Subscription
 from ._current import State
+from ._dispatch import Dispatcher, checked
 from ._publisher import Publisher
 from ._receive import EventContext, Receiver, current_event
 from ._registry_client import RegistryClient
@@ -123,7 +124,10 @@ class Peer:
     :class:`TooManyCalls`),
     ``shm_threshold`` (buffers of this many bytes or more travel through
     shared memory; ``None`` sends everything inline; default from
-    ``LOCALNET_SHM``: ``off``, ``on`` or a number of bytes, else 1 MiB).
+    ``LOCALNET_SHM``: ``off``, ``on`` or a number of bytes, else 1 MiB),
+    ``dispatcher`` (a :mod:`localnet.dispatch` dispatcher: served calls and
+    handlers run on the application's thread it stands for, not on
+    localnet's threads; a connection's or subscription's own wins).
 
     Use it as a context manager, or ``start()`` / ``close()``::
 
@@ -139,7 +143,8 @@ class Peer:
                  max_frame: int | None = None, event_queue: int = 10_000,
                  event_bytes: int = DEFAULT_EVENT_BYTES,
                  event_block: float = 1.0, linger: float = 2.0, max_workers: int = 64,
-                 max_calls: int = 64, shm_threshold: int | None | str = "env") -> None:
+                 max_calls: int = 64, shm_threshold: int | None | str = "env",
+                 dispatcher: Dispatcher | None = None) -> None:
         _debug_from_env()
         self.name: str = name if name is not None else _fork.env_name() or default_name()
         if not isinstance(self.name, str) or not self.name or len(self.name) > 255 \
@@ -184,6 +189,8 @@ class Peer:
         self._caller = Caller(self)
         self._publisher = Publisher(self)
         self._receiver = Receiver(self.name, self.max_frame, max_workers, self.shm_threshold)
+        if dispatcher is not None:
+            self._receiver.dispatcher = checked(dispatcher)
         self.call = self._caller.call  # type: ignore[method-assign]
         self.publish = self._publisher.publish  # type: ignore[method-assign]
         self.flush = self._publisher.flush  # type: ignore[method-assign]

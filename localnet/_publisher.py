@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _deadlock, _liveness, _serial
 from ._current import RUNNING
+from ._dispatch import is_home, pump_while
 from ._events import Outbox, fan_out, put_all
 from ._stats import add_into
 from .errors import SerializationError, Timeout, WouldDeadlock, translate_os_error
@@ -227,6 +228,10 @@ class Publisher:
                 self._rebuild_routes(self._published | {event})
             return self._routes.get(event)
 
+    def has_room(self, event: str) -> bool:
+        """True when triggering ``event`` now would not wait for a subscriber's room."""
+        return all(outbox.has_room() for outbox in self._routes.get(event, ()))
+
     def subscribers(self, event: str | None = None) -> list[str]:
         """Names of the live peers this peer's events (or ``event``) now go to."""
         with self._lock:
@@ -244,7 +249,20 @@ class Publisher:
             Timeout: some subscriber had not acknowledged within ``timeout``.
             WouldDeadlock: waiting would wait for this thread.
         """
+        if is_home():  # (a handler that acknowledges may need this thread: see _dispatch)
+            pump_while(lambda: self.flush(timeout, skip_blocked=skip_blocked))
+            return
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        for outbox, seq in self.marks(skip_blocked):
+            if not outbox.wait_delivered(seq, deadline):
+                raise Timeout(f"subscriber {outbox.name!r} had not handled every event "
+                              f"within {timeout:g} s")
+
+    def marks(self, skip_blocked: bool = False) -> list[tuple[Outbox, int]]:
+        """Each outbox with the sequence of its last event so far: what flush waits for.
+
+        Raises WouldDeadlock as :meth:`flush` does.
+        """
         with self._lock:
             marks = [(outbox, outbox.mark()) for outbox in self._outboxes.values()]
         peer = self._peer
@@ -259,10 +277,7 @@ class Publisher:
                     f"that handler is running on this thread, or waiting for the call this "
                     f"thread serves; flush from another thread, or after the handler returned")
             marks = [(outbox, seq) for outbox, seq in marks if outbox.name not in stuck]
-        for outbox, seq in marks:
-            if not outbox.wait_delivered(seq, deadline):
-                raise Timeout(f"subscriber {outbox.name!r} had not handled every event "
-                              f"within {timeout:g} s")
+        return marks
 
     def close(self) -> None:
         """Close every outbox (after ``flush``); their counts stay in ``delivery()``."""

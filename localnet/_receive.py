@@ -11,14 +11,20 @@ and which returns the sequence numbers of the events it could not handle
 An event counts as failed when it cannot be rebuilt here (its class is
 missing in this process, say) or when one of its handlers raises.  A
 connection or handler that returns an awaitable (``async def``) is awaited
-to its end on the loop localnet owns (:mod:`localnet._loop`) before the
-reply goes out or the event counts as handled.  The first failure per
-publisher and event is also written to stderr (:mod:`localnet._failures`),
-since the ``localnet`` logger prints nothing unless logging is configured.
+to its end before the reply goes out or the event counts as handled: on
+the application's loop when the peer was started inside it (``async with
+localnet.aio.Peer(...)``, see ``loop``), else on the loop localnet owns
+(:mod:`localnet._loop`).  With a dispatcher (the peer's, or the
+connection's or subscription's own) the call or handler runs on the
+application's thread instead (:mod:`localnet._dispatch`).  The first
+failure per publisher and event is also written to stderr
+(:mod:`localnet._failures`), since the ``localnet`` logger prints nothing
+unless logging is configured.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -29,6 +35,7 @@ from typing import Any
 
 from . import _deadlock, _serial
 from ._catalog import CATALOG
+from ._dispatch import Dispatched, Dispatcher, bind
 from ._failures import event_name, tell_once
 from ._loop import await_result
 from ._serial import ENCODE_MAX, encode_value
@@ -84,6 +91,11 @@ class Receiver:
         # One token per call that may run at once; list pop/append are atomic.
         self._slots: list[None] = [None] * max_workers
         self.received: dict[str, list[int]] = {}  # event -> received, handled, failed
+        #: Where calls and handlers run when not on the serving thread (see
+        #: _dispatch), and the loop that awaits those written as coroutines
+        #: (None: the one localnet owns, see _loop).
+        self.dispatcher: Dispatcher | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def run_call(self, body: bytes | bytearray,
                  fds: list[int]) -> tuple[int, bytes | _serial.Payload]:
@@ -114,12 +126,15 @@ class Receiver:
             func = CATALOG.connections.get(connection)
             if func is None:
                 raise UnknownConnection(connection, self.name, list(CATALOG.connections))
-            result = func(*args, **kwargs)
+            if self.dispatcher is None or type(func) is Dispatched:
+                result = func(*args, **kwargs)
+            else:  # on the application's thread (Peer(dispatcher=...))
+                result = self.dispatcher.run(func, args, kwargs)
             # A plain result is written here, as dumps() would first do; only a
             # result that is not plain needs the awaitable check (0.2 µs a call).
             plain = None if encode_value is None else encode_value(result, ENCODE_MAX)
             if plain is None and isawaitable(result):  # async def: run it to the end
-                result = await_result(result)
+                result = await_result(result, self.loop)
                 plain = None if encode_value is None else encode_value(result, ENCODE_MAX)
             reply = plain if plain is not None else _serial.dumps(
                 result, "the result of", self.shm_threshold, connection)
@@ -158,6 +173,7 @@ class Receiver:
         cache: dict[str, tuple[EventContext, tuple[Callable[..., Any], ...], list[int]]] = {}
         table = [CATALOG.by_event]
         received, handling, loads = self.received, _handling, _serial.unpickle
+        receiver = self
         # The frame being handled: the sequence of its first event and its
         # events (None stands for one that could not be rebuilt), so a failure
         # finds its event's sequence; and the last sequence seen on the channel.
@@ -283,7 +299,9 @@ class Receiver:
                             if type(event) is not str:
                                 malformed(message, failed)
                                 continue
-                            handlers = tuple(s.handler for s in table[0].get(event, ())
+                            handlers = tuple(bind(s.handler, s.dispatcher or
+                                                  receiver.dispatcher)
+                                             for s in table[0].get(event, ())
                                              if s.accepts(name, group, hub))
                             counts = received.setdefault(event, [0, 0, 0])
                             entry = cache[event] = (EventContext(event, name, pid, group, hub),
@@ -295,7 +313,7 @@ class Receiver:
                         try:
                             result = handler(*args, **kwargs) if kwargs else handler(*args)
                             if result is not None and isawaitable(result):
-                                await_result(result)  # async def: handled once it ended
+                                await_result(result, receiver.loop)  # async def: its end
                             handled += 1
                         except Exception:
                             counts[2] += 1
