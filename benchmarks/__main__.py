@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import call, fanout, large, peers, prune, startup
+from benchmarks import aio, call, fanout, large, peers, prune, startup
 from benchmarks._harness import Config, log
 from benchmarks._report import Table
 
-SCENARIOS: dict[str, tuple[Callable[[Config], Table], Sequence[str]]] = {
+# A scenario returns its table, or its tables (``aio``: ``aio`` and ``aio100``).
+SCENARIOS: dict[str, tuple[Callable[[Config], Table | Sequence[Table]], Sequence[str]]] = {
     "call": (call.run_call, call.SYSTEMS),
     "call4": (call.run_call4, call.SYSTEMS),
     "fanout": (fanout.run_fanout, fanout.SYSTEMS),
@@ -30,6 +31,7 @@ SCENARIOS: dict[str, tuple[Callable[[Config], Table], Sequence[str]]] = {
     "startup": (startup.run_startup, startup.SYSTEMS),
     "peers": (peers.run_peers, peers.SYSTEMS),
     "prune": (prune.run_prune, prune.SYSTEMS),
+    "aio": (aio.run_aio, aio.SYSTEMS),
 }
 SHM = Path("/dev/shm")
 
@@ -67,7 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--pin",
         choices=("same", "split"),
-        help="call, call4: run server and client on one CPU (same) or on two (split); "
+        help="call, call4, aio: run server and client on one CPU (same) or on two (split); "
         "by default the kernel places them, and where it does moves the figures",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
@@ -121,8 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run, systems = SCENARIOS[name]
         if cfg.systems is not None and not any(cfg.wants(s) for s in systems):
             continue
-        tables[name] = run(cfg)
-        print("\n" + tables[name].render(), flush=True)
+        produced = run(cfg)
+        for table in [produced] if isinstance(produced, Table) else produced:
+            tables[table.name] = table
+            print("\n" + table.render(), flush=True)
     elapsed = time.monotonic() - started
     print(f"\ntotal {elapsed:.0f} s")
     leaked = sorted(_shm_entries() - shm_before)

@@ -80,7 +80,12 @@ _WHERE = {
 }
 
 
+_SUBMODULES = frozenset({"aio", "dispatch"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # localnet.aio, localnet.dispatch without importing them first
+        return importlib.import_module(f".{name}", __name__)
     where = _WHERE.get(name)
     if where is None:
         raise AttributeError(f"module 'localnet' has no attribute {name!r}")
@@ -94,7 +99,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)
 
 
 if TYPE_CHECKING:

@@ -74,15 +74,19 @@ class AsyncCaller:
         peer = self._peer
         if peer.state is not RUNNING:
             peer.require_running()
-        loop = self._loop
         deadline = None
         if timeout is not None:
-            deadline = loop.time() + check_timeout(timeout)  # type: ignore[operator]
+            deadline = self._loop.time() + check_timeout(timeout)  # type: ignore[operator]
         name = target if type(target) is str else target.name  # type: ignore[union-attr]
         pool = self._pools.get(name)
         if pool is None:
             pool = self._pools[name] = _Pool(peer.max_frame)
-        channel = await self._checkout(pool, name, target, deadline)
+        # An idle usable channel at once (the common case), else wait for one.
+        channel = pool.idle.pop() if pool.idle else None
+        if channel is None or not channel.usable:
+            if channel is not None:
+                self._checkin(pool, channel)
+            channel = await self._checkout(pool, name, target, deadline)
         try:
             payload = _serial.dumps_call(connection, args, kwargs, "an argument of",
                                          peer.shm_threshold)
@@ -93,7 +97,19 @@ class AsyncCaller:
             raise
         peer._caller.made += 1  # noqa: SLF001 - one count of calls made, both APIs
         try:
-            answer = await self._send(pool, channel, payload, deadline)
+            # A small call goes out at once (no coroutine of its own: the common case).
+            future = channel.start_small(payload, deadline) if type(payload) is bytes \
+                else None
+            if future is not None:
+                try:
+                    answer = await future
+                except BaseException as exc:
+                    channel.failed(exc)
+                    raise
+                finally:
+                    channel.answered()
+            else:
+                answer = await self._send(channel, payload, deadline)
         except NotSentAsync:
             # A stale connection (the peer restarted or died since it opened):
             # nothing ran; look the peer up again and send once more.
@@ -101,7 +117,7 @@ class AsyncCaller:
             self._forget(pool)
             channel = await self._checkout(pool, name, name, deadline)
             try:
-                answer = await self._send(pool, channel, payload, deadline)
+                answer = await self._send(channel, payload, deadline)
             except NotSentAsync as exc:
                 self._lost(pool, channel)
                 raise ConnectionLost(str(exc)) from None
@@ -125,7 +141,7 @@ class AsyncCaller:
             self._checkin(pool, channel)
 
     @staticmethod
-    async def _send(pool: _Pool, channel: AsyncChannel, payload: bytes | _serial.Payload,
+    async def _send(channel: AsyncChannel, payload: bytes | _serial.Payload,
                     deadline: float | None) -> tuple[int, bytearray, list[int], int]:
         if type(payload) is bytes:
             return await channel.request(payload, deadline)

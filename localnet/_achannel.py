@@ -44,6 +44,14 @@ _CALL, _TIMED, _REPLY, _ERROR = int(Kind.CALL), int(Kind.TIMED_CALL), int(Kind.R
 _TAKEN, _HELLO = int(Kind.TAKEN), int(Kind.HELLO)
 _TIMED_HEAD = struct.Struct("<BBHIQd")
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+#: A request up to this size goes out at once (start_small).
+SMALL_REQUEST = 32 * 1024
+
+try:  # the C side of small frames (see localnet._fastcall); None where not built
+    from ._fastcall import recv_frame as _recv_frame
+    from ._fastcall import send_frame as _send_small
+except ImportError:
+    _recv_frame = _send_small = None  # type: ignore[assignment]
 _CHUNK = 64 * 1024
 _ANSWER = (_REPLY, _ERROR)
 
@@ -113,6 +121,7 @@ class AsyncChannel:
         self._expect = 0  # the id of the answer the call (or the drain) waits for
         self._draining = False  # a cancelled call's answer is still to come
         self._sent = 0  # bytes of the current frame that left
+        self._total = 0  # ... of how many
         self._refused = 0  # the length of a frame refused as too large
         self.broken: BaseException | None = None
         #: Called when a cancelled call's answer was read and dropped (see usable).
@@ -129,6 +138,46 @@ class AsyncChannel:
         return self.broken is None and not self._draining
 
     # -- a call ------------------------------------------------------------------
+    def start_small(self, payload: bytes, deadline: float | None
+                    ) -> asyncio.Future[Answer] | None:
+        """Send a small call at once and return the future of its answer; None when
+        this path does not apply (a large payload, a deadline, no C extension): use
+        :meth:`request`.
+
+        The send cannot wait: the channel is usable, so the callee has read
+        every request sent on it before (it answered them), and the socket
+        buffer takes a frame of up to ``SMALL_REQUEST`` bytes whole.  Await the
+        future, then call :meth:`answered`, and :meth:`failed` first if the
+        await raised.  Raises NotSentAsync.
+        """
+        if _send_small is None or deadline is not None or len(payload) > SMALL_REQUEST:
+            return None  # (the C send would write its own deadline into a TIMED_CALL)
+        if self.broken is not None:
+            raise NotSentAsync(f"the connection to peer {self.target!r} is closed")
+        ident = self._next
+        self._next = ident + 1
+        future: asyncio.Future[Answer] = self.loop.create_future()
+        self._waiting, self._expect = future, ident
+        try:
+            _send_small(self._fd, _CALL, ident, payload)
+        except OSError as exc:
+            self._waiting = None
+            self.close()
+            raise NotSentAsync(f"peer {self.target!r} went away: {exc}") from None
+        self._sent = self._total = HEADER_SIZE + len(payload)
+        return future
+
+    def failed(self, error: BaseException) -> None:
+        """Awaiting a :meth:`start_small` call raised ``error``."""
+        if isinstance(error, asyncio.CancelledError):
+            self._cancelled(self._total)
+        elif isinstance(error, (Timeout, ConnectionLost)):
+            self.close()
+
+    def answered(self) -> None:
+        """A :meth:`start_small` call ended (answered or not)."""
+        self._waiting = None
+
     async def request(self, payload: bytes, deadline: float | None,
                       fds: list[int] | tuple[int, ...] = ()) -> Answer:
         """Send one call and await its answer ``(kind, body, fds, id)``.
@@ -286,6 +335,20 @@ class AsyncChannel:
         """One receive; a whole frame, or None while it is incomplete."""
         if self._large is not None:
             return self._read_large()
+        if self._end == 0 and _recv_frame is not None:
+            # (the loop saw the socket readable: this receive does not wait)
+            got = _recv_frame(self._fd, self._buf, self.max_frame)
+            if got[0]:
+                return got  # a whole small frame
+            n = got[1]
+            if n < 0:
+                raise ValueError("too many descriptors in one message")
+            if got[2]:
+                self._fds.extend(got[2])
+            if n == 0:
+                raise EOFError("connection closed")
+            self._end = n
+            return self._parse()
         view = memoryview(self._buf)
         with view[self._end:] as free:
             n, ancdata, flags, _ = self._sock.recvmsg_into([free], _CMSG_SPACE)
@@ -297,6 +360,10 @@ class AsyncChannel:
         if n == 0:
             raise EOFError("connection closed")
         self._end += n
+        return self._parse()
+
+    def _parse(self) -> tuple[int, int, bytearray, list[int]] | None:
+        """The frame in ``_buf[:_end]`` if whole; a large one goes on in ``_large``."""
         if self._end < HEADER_SIZE:
             return None
         version, kind, nfds, length, ident = HEADER.unpack_from(self._buf)

@@ -133,7 +133,7 @@ class AsyncConnection:
         name = self._connection.name
 
         async def remote(*args: Any, **kwargs: Any) -> Any:
-            here = await acurrent_peer()
+            here = _live[-1] if _live else await acurrent_peer()
             return await caller_for(here).call(peer, name, args, kwargs, timeout)
 
         functools.update_wrapper(remote, self._connection.func)

@@ -93,6 +93,8 @@ class Dispatcher:
         On the home thread itself it runs at once.  Raises PeerStopping when
         the dispatcher was closed before the work ran.
         """
+        if self._closed is not None:
+            raise self._closed
         if threading.get_ident() == self.home:
             return func(*args, **kwargs)
         work = _Work(func, args, kwargs)

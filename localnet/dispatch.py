@@ -99,16 +99,48 @@ class AsyncioDispatcher(Dispatcher):
         task.add_done_callback(done)
 
 
-def _qt_core() -> tuple[Any, Any]:
-    """QtCore and its signal maker, from PySide6 or PyQt6."""
-    for package, signal in (("PySide6", "Signal"), ("PyQt6", "pyqtSignal")):
+def _qt_core() -> Any:
+    """QtCore, from PySide6 or PyQt6."""
+    for package in ("PySide6", "PyQt6"):
         try:
-            core = importlib.import_module(f"{package}.QtCore")
+            return importlib.import_module(f"{package}.QtCore")
         except ImportError:
             continue
-        return core, getattr(core, signal)
     raise ImportError("QtDispatcher needs PySide6 or PyQt6; install one of them "
                       "(pip install PySide6)")
+
+
+class _Pipe:
+    """A self-pipe: any thread writes a byte, the home thread's loop sees it readable."""
+
+    def __init__(self) -> None:
+        self.read, self._write = os.pipe()
+        os.set_blocking(self.read, False)
+        os.set_blocking(self._write, False)
+        self._lock = threading.Lock()
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._write < 0:
+                return
+            try:
+                os.write(self._write, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full: the loop is awake already
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.read, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._write >= 0:
+                os.close(self.read)
+                os.close(self._write)
+                self.read = self._write = -1
 
 
 class QtDispatcher(Dispatcher):
@@ -116,26 +148,32 @@ class QtDispatcher(Dispatcher):
 
     Create it on that thread, after the ``QApplication``; work runs when
     Qt's event loop (``app.exec()``, or a modal dialog's) processes events.
+    It is woken through a pipe that a ``QSocketNotifier`` of that thread
+    watches.  (Not a queued signal or a posted event: PySide6 6.12 loses a
+    reference to ``True`` at each ``Signal.emit()``, and one to ``None`` at
+    each call of a Python ``event()`` override, which aborts Python 3.11
+    after a few hundred wake-ups.)
     """
 
     def __init__(self) -> None:
+        core = _qt_core()
         super().__init__()
-        core, signal = _qt_core()
-        dispatcher = self
+        self._pipe = _Pipe()
+        self._notifier = core.QSocketNotifier(self._pipe.read, core.QSocketNotifier.Type.Read)
+        self._notifier.activated.connect(self._readable)
 
-        class _Waker(core.QObject):  # type: ignore[misc, name-defined]
-            poke = signal()
-
-            def run(self) -> None:
-                dispatcher.run_pending()
-
-        self._waker = _Waker()
-        # A signal emitted on another thread reaches this object's thread as
-        # a queued event (Qt's AutoConnection).
-        self._waker.poke.connect(self._waker.run)
+    def _readable(self, *_: object) -> None:
+        self._pipe.drain()
+        self.run_pending()
 
     def _wake(self) -> None:
-        self._waker.poke.emit()
+        self._pipe.wake()
+
+    def close(self) -> None:
+        """Fail waiting work and stop watching the pipe (on the Qt thread)."""
+        super().close()
+        self._notifier.setEnabled(False)
+        self._pipe.close()
 
 
 class TkDispatcher(Dispatcher):
@@ -150,39 +188,22 @@ class TkDispatcher(Dispatcher):
 
         super().__init__()
         self._tk = root.tk
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
-        self._write_lock = threading.Lock()
-        self._tk.createfilehandler(self._read, tkinter.READABLE, self._readable)
+        self._pipe = _Pipe()
+        self._tk.createfilehandler(self._pipe.read, tkinter.READABLE, self._readable)
 
     def _readable(self, fd: int, mask: int) -> None:
-        try:
-            while os.read(self._read, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._pipe.drain()
         self.run_pending()
 
     def _wake(self) -> None:
-        with self._write_lock:
-            if self._write < 0:
-                return
-            try:
-                os.write(self._write, b"\0")
-            except BlockingIOError:
-                pass  # the pipe is full: the loop is awake already
+        self._pipe.wake()
 
     def close(self) -> None:
         """Fail waiting work and remove the file handler (on the root's thread)."""
         super().close()
-        with self._write_lock:
-            if self._write < 0:
-                return
+        if self._pipe.read >= 0:
             try:
-                self._tk.deletefilehandler(self._read)
+                self._tk.deletefilehandler(self._pipe.read)
             except Exception:  # noqa: BLE001 - the root may be gone already
                 pass
-            os.close(self._read)
-            os.close(self._write)
-            self._read = self._write = -1
+        self._pipe.close()
