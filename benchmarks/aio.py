@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -61,9 +62,11 @@ from benchmarks._harness import Config, Groups, Measure, Workspace, run_rounds
 from benchmarks._report import Column, Ratio, Table
 from benchmarks._stats import latency_summary
 
-SEQUENTIAL = ("localnet", "localnet.aio", "zmq.asyncio", "localnet+qt")
+SEQUENTIAL = ("socket", "asyncio socket", "localnet", "localnet.aio", "zmq.asyncio",
+              "localnet+qt")
 CONCURRENT = ("localnet threads", "localnet.aio")
-SYSTEMS = ("localnet", "localnet.aio", "zmq.asyncio", "localnet+qt", "localnet threads")
+SYSTEMS = ("socket", "asyncio socket", "localnet", "localnet.aio", "zmq.asyncio",
+           "localnet+qt", "localnet threads")
 REQUIRES = {
     "localnet": ("localnet",),
     "localnet.aio": ("localnet",),
@@ -73,6 +76,7 @@ REQUIRES = {
 }
 # What ``--systems`` selects each row by, besides its own name.
 FAMILY = {
+    "asyncio socket": "socket",
     "localnet.aio": "localnet",
     "localnet+qt": "localnet",
     "localnet threads": "localnet",
@@ -145,6 +149,11 @@ def server(system: str, params: Params) -> None:
     if system == "zmq.asyncio":
         need_module("zmq")
         call.SERVERS["pyzmq"](params)  # a plain REP socket on a thread
+        report(ready=True)
+        wait_for_quit(params["lifetime"])
+        return
+    if system in ("socket", "asyncio socket"):
+        call.SERVERS["socket"](params)  # a thread per connection, length-prefixed echo
         report(ready=True)
         wait_for_quit(params["lifetime"])
         return
@@ -239,6 +248,46 @@ async def _zmq_asyncio(params: Params) -> Outcome:
         context.destroy(linger=0)
 
 
+async def _asyncio_socket(params: Params) -> Outcome:
+    """The raw socket echo awaited on a loop: what asyncio itself costs a round trip."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(params["path"])
+    sock.setblocking(False)
+    frame = call.HEADER.pack(len(MESSAGE)) + MESSAGE.encode()
+    pending: list[Any] = [None, b""]  # the future waiting, the bytes received
+
+    def readable() -> None:
+        data = sock.recv(65536)
+        future = pending[0]
+        if not data:
+            if future is not None and not future.done():
+                future.set_exception(EOFError("the server closed the connection"))
+            return
+        pending[1] += data
+        if len(pending[1]) >= len(frame) and future is not None:
+            reply, pending[1] = pending[1][:len(frame)], pending[1][len(frame):]
+            future.set_result(reply[call.HEADER.size:].decode())
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        def call_once() -> Awaitable[Any]:
+            future = pending[0] = loop.create_future()
+            sock.send(frame)  # (a few bytes into an empty buffer: never partial)
+            return future  # type: ignore[no-any-return]
+
+        return await _atimed_loop(call_once, params["warmup"], params["calls"])
+    finally:
+        loop.remove_reader(sock.fileno())
+        sock.close()
+
+
+def _socket(params: Params) -> Outcome:
+    with call._socket_callers(params) as make:
+        return call._timed_loop(make, params["warmup"], params["calls"],
+                                threading.Barrier(1, timeout=params["timeout"]))
+
+
 def _localnet_threads(params: Params) -> list[Outcome]:
     """Blocking calls from ``callers`` threads sharing the process's peer."""
     app = _ln_app()
@@ -261,8 +310,11 @@ def client(system: str, params: Params) -> None:
     """Run the timed calls and report p50/p99/calls per second."""
     if system in ("localnet", "localnet+qt", "localnet threads"):
         outcomes = _localnet_threads(params)
+    elif system == "socket":
+        outcomes = [_socket(params)]
     else:
-        run = _localnet_aio if system == "localnet.aio" else _zmq_asyncio
+        run = {"localnet.aio": _localnet_aio, "zmq.asyncio": _zmq_asyncio,
+               "asyncio socket": _asyncio_socket}[system]
         outcomes = [asyncio.run(asyncio.wait_for(run(params), params["timeout"]))]
     begin = min(o[0] for o in outcomes)
     end = max(o[1] for o in outcomes)
@@ -335,6 +387,9 @@ def run_aio(cfg: Config) -> list[Table]:
         notes=[
             "× localnet = p50 ÷ localnet p50 (a thread's blocking call to the same kind "
             "of server)",
+            "socket: the raw AF_UNIX ping-pong of the call scenario (a blocking thread); "
+            "asyncio socket: the same echo awaited on a loop (add_reader), the floor of "
+            "any awaited call",
             "localnet.aio: one coroutine awaiting bench_echo.aio.on(server) in asyncio.run",
             "zmq.asyncio: awaited REQ socket to a plain REP socket (one thread), ipc://",
             "localnet+qt: blocking call; the server's peer has a QtDispatcher, each call "

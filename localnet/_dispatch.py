@@ -25,6 +25,8 @@ thread while the home thread keeps running its dispatchers' work
 
 from __future__ import annotations
 
+import os
+import queue
 import threading
 import time
 from collections import deque
@@ -225,6 +227,25 @@ def is_home() -> bool:
     return _local.homes is not None
 
 
+class _Helper:
+    """A thread that makes blocking calls for a home thread (see pump_while), reused."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        spawn_thread(self._run, name="localnet-home-call", mask=current_mask())
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            job()
+
+
+_helpers: list[_Helper] = []  # idle ones; list pop/append are atomic
+_KEEP = 4  # idle helpers kept for the next calls
+
+
 def pump_while(func: Callable[..., Any], *args: Any) -> Any:
     """Call ``func(*args)`` on a helper thread; meanwhile run this home thread's
     dispatched work (a callback of the peer being called, say).  Its result."""
@@ -232,7 +253,7 @@ def pump_while(func: Callable[..., Any], *args: Any) -> Any:
     poke = threading.Event()
     outcome: list[Any] = []
 
-    def helper() -> None:
+    def job() -> None:
         try:
             outcome.append((True, func(*args)))
         except BaseException as exc:  # noqa: BLE001 - handed to the home thread
@@ -244,7 +265,11 @@ def pump_while(func: Callable[..., Any], *args: Any) -> Any:
         with dispatcher._lock:  # noqa: SLF001
             dispatcher._pokes.append(poke)  # noqa: SLF001
     try:
-        spawn_thread(helper, name="localnet-home-call", mask=current_mask())
+        try:
+            helper = _helpers.pop()
+        except IndexError:
+            helper = _Helper()
+        helper.jobs.put(job)
         while not outcome:
             poke.wait()
             poke.clear()
@@ -255,7 +280,21 @@ def pump_while(func: Callable[..., Any], *args: Any) -> Any:
             with dispatcher._lock:  # noqa: SLF001
                 if poke in dispatcher._pokes:  # noqa: SLF001
                     dispatcher._pokes.remove(poke)  # noqa: SLF001
+    # (interrupted, the helper finishes the call and is not kept)
+    if len(_helpers) < _KEEP:
+        _helpers.append(helper)
+    else:
+        helper.jobs.put(None)
     ok, value = outcome[0]
     if ok:
         return value
     raise value
+
+
+def _after_fork_in_child() -> None:
+    """The parent's helper threads did not come along."""
+    _helpers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
