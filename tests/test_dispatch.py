@@ -97,6 +97,17 @@ def inner(value):
     on_main()
     return value + 1
 
+@localnet.connect()
+def boom():
+    on_main()
+    raise ValueError("raised on the main thread")
+
+@localnet.connect()
+def hold(seconds):
+    on_main()
+    time.sleep(seconds)
+    return seconds
+
 shown, bounced = [], []
 
 @localnet.subscribe("shown")
@@ -157,6 +168,11 @@ def _drive(spawn, host: str, **env: str) -> None:
             assert remote.inner(i) == i + 1
         # re-entrant: app's main thread calls us, we call back onto that thread
         assert remote.call("roundtrip", 41, timeout=20) == 42
+        with pytest.raises(ValueError, match="raised on the main thread"):
+            remote.boom()
+        with pytest.raises(localnet.Timeout):  # the main thread is busy past the timeout
+            remote.call("hold", 0.5, timeout=0.1)
+        assert remote.call("hold", 0.01, timeout=10) == 0.01
         for n in range(50):
             shown(n)
         bounced(7)
@@ -253,3 +269,59 @@ def test_a_bad_dispatcher_is_refused_where_it_is_given() -> None:
         localnet.Peer(name="x", dispatcher=object())  # type: ignore[arg-type]
     with pytest.raises(localnet.ConfigurationError, match="dispatcher"):
         localnet.connect(dispatcher="qt")  # type: ignore[arg-type]
+
+
+OVERRIDE = """
+import threading
+import localnet, localnet.dispatch as dispatch
+
+pump = dispatch.ManualDispatcher()  # this (main) thread runs its work
+main = threading.main_thread()
+
+@localnet.connect()
+def on_threads():
+    return threading.current_thread() is main
+
+@localnet.connect(dispatcher=pump)
+def on_main():
+    return threading.current_thread() is main
+
+handled = []
+
+@localnet.subscribe("shown", dispatcher=pump)
+def on_shown(n):
+    handled.append((n, threading.current_thread() is main))
+
+@localnet.connect()
+def seen():
+    return list(handled)
+
+stop = threading.Event()
+
+@localnet.connect()
+def quit():
+    stop.set()
+    return True
+
+with localnet.Peer(name="app"):
+    say("READY")
+    while not stop.is_set():
+        pump.run_pending(0.05)
+        stop.wait(0.001)
+say("DONE")
+"""
+
+
+def test_a_connection_or_subscription_of_its_own_dispatcher(spawn) -> None:
+    app = spawn(OVERRIDE)
+    with localnet.Peer(name="driver") as driver:
+        remote = driver.peer("app")
+        assert remote.on_threads() is False  # the peer has no dispatcher: a localnet thread
+        assert remote.on_main() is True  # this connection's own dispatcher
+        for n in range(20):
+            shown(n)
+        driver.flush(timeout=20)
+        assert remote.seen() == [(n, True) for n in range(20)]
+        assert remote.quit() is True
+    app.expect("DONE")
+    assert app.wait_exit() == 0
