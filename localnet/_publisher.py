@@ -26,10 +26,10 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import _deadlock, _liveness, _serial
+from . import _deadlock, _events, _liveness, _serial
 from ._current import RUNNING
 from ._dispatch import is_home, pump_while
-from ._events import Outbox, fan_out, put_all
+from ._events import Outbox, Route, fan_out, finish_fan_out, put_all
 from ._stats import add_into
 from .errors import SerializationError, Timeout, WouldDeadlock, translate_os_error
 
@@ -42,6 +42,7 @@ logger = logging.getLogger("localnet.peer")
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 _encode_item = _serial.encode_item
+_fan_out_lanes = _events.c_fan_out
 
 
 class Publisher:
@@ -52,7 +53,7 @@ class Publisher:
         self._lock = threading.RLock()
         self._item_max = min(_serial.ITEM_MAX, peer.max_frame)
         self._outboxes: dict[str, Outbox] = {}
-        self._routes: dict[str, tuple[Outbox, ...]] = {}
+        self._routes: dict[str, Route] = {}
         self._wanted: dict[str, set[str]] = {}  # subscriber name -> events it wants from us
         self._entries: dict[str, dict[str, Any]] = {}  # subscriber name -> where it listens
         self._published: set[str] = set()  # events this peer has triggered
@@ -135,7 +136,7 @@ class Publisher:
             outbox.carry(wanted)
             for event in wanted:
                 routes.setdefault(event, []).append(outbox)
-        self._routes = {event: tuple(boxes) for event, boxes in routes.items()}
+        self._routes = {event: Route(boxes) for event, boxes in routes.items()}
         self._published = published
 
     def _outbox_died(self, outbox: Outbox, reason: str) -> None:
@@ -181,7 +182,13 @@ class Publisher:
         if _encode_item is not None:
             item = _encode_item(event, args, kwargs, self._item_max)
             if item is not None:  # the common case: an item of plain values
-                if targets and fan_out(targets, event, item):
+                if not targets:
+                    return
+                if _fan_out_lanes is not None:  # fan_out's C part, inlined
+                    rest = _fan_out_lanes(targets.lanes, (event, item))
+                    if rest is not None and finish_fan_out(targets, event, item, rest):
+                        self._reroute(targets, event, item)
+                elif fan_out(targets, event, item):
                     self._reroute(targets, event, item)
                 return
         try:
@@ -217,7 +224,7 @@ class Publisher:
                     frame.hold()  # type: ignore[union-attr]
                 outbox.put(event, frame)
 
-    def _first_trigger(self, event: str) -> tuple[Outbox, ...] | None:
+    def _first_trigger(self, event: str) -> Route | None:
         """Route an event triggered here for the first time; its outboxes are made now.
 
         The event joins the published set only once its routes are in place: a

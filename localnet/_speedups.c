@@ -588,12 +588,80 @@ load_checked(PyObject *Py_UNUSED(module), PyObject *data)
     return PyObject_CallOneArg(pickle_loads, data);
 }
 
+PyDoc_STRVAR(fan_out_doc,
+"fan_out(lanes, entry, /)\n--\n\n"
+"Append ``entry`` to every lane of the tuple ``lanes`` (an outbox's\n"
+"``[queue, room, writer_idle]``, see localnet._events.Outbox.lane) whose\n"
+"queue is shorter than its room; None when that was all, else ``(idle,\n"
+"full)``: the indices of the lanes that took it with their writer idle\n"
+"(to wake), and of those that did not take it (for the locked path).");
+
+/* Append ``index`` to the list ``*into``, made on first use; -1 on failure. */
+static int
+collect(PyObject **into, Py_ssize_t index)
+{
+    if (*into == NULL && (*into = PyList_New(0)) == NULL)
+        return -1;
+    PyObject *number = PyLong_FromSsize_t(index);
+    if (number == NULL)
+        return -1;
+    int rc = PyList_Append(*into, number);
+    Py_DECREF(number);
+    return rc;
+}
+
+static PyObject *
+fan_out(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 2 || !PyTuple_Check(argv[0])) {
+        PyErr_SetString(PyExc_TypeError, "fan_out() takes a tuple of lanes and an entry");
+        return NULL;
+    }
+    PyObject *lanes = argv[0], *entry = argv[1];
+    PyObject *idle = NULL, *full = NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(lanes);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *lane = PyTuple_GET_ITEM(lanes, i);
+        if (!PyList_CheckExact(lane) || PyList_GET_SIZE(lane) != 3
+                || !PyList_CheckExact(PyList_GET_ITEM(lane, 0))) {
+            PyErr_SetString(PyExc_TypeError, "a lane is a list [queue, room, writer_idle]");
+            goto failed;
+        }
+        PyObject *queue = PyList_GET_ITEM(lane, 0);
+        Py_ssize_t room = PyLong_AsSsize_t(PyList_GET_ITEM(lane, 1));
+        if (room == -1 && PyErr_Occurred())
+            goto failed;
+        if (PyList_GET_SIZE(queue) >= room) {
+            if (collect(&full, i) < 0)
+                goto failed;
+            continue;
+        }
+        if (PyList_Append(queue, entry) < 0)
+            goto failed;
+        /* appended first, then looked: a writer found busy will see the entry */
+        if (PyList_GET_ITEM(lane, 2) == Py_True && collect(&idle, i) < 0)
+            goto failed;
+    }
+    if (idle == NULL && full == NULL)
+        Py_RETURN_NONE;
+    if (idle == NULL && (idle = PyList_New(0)) == NULL)
+        goto failed;
+    if (full == NULL && (full = PyList_New(0)) == NULL)
+        goto failed;
+    return Py_BuildValue("(NN)", idle, full);
+failed:
+    Py_XDECREF(idle);
+    Py_XDECREF(full);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"load_checked", load_checked, METH_O, load_checked_doc},
     {"encode_item", (PyCFunction)(void (*)(void))encode_item, METH_FASTCALL, encode_item_doc},
     {"encode_call", (PyCFunction)(void (*)(void))encode_call, METH_FASTCALL, encode_call_doc},
     {"encode_value", (PyCFunction)(void (*)(void))encode_value, METH_FASTCALL, encode_value_doc},
     {"memo_bound", memo_bound, METH_O, memo_bound_doc},
+    {"fan_out", (PyCFunction)(void (*)(void))fan_out, METH_FASTCALL, fan_out_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -328,3 +328,57 @@ def test_a_memo_bomb_in_events_or_calls_costs_the_peer_no_memory(caplog) -> None
         finally:
             localnet.unsubscribe(on_tick)
         assert got == [1]
+
+
+# -- the fan-out ---------------------------------------------------------------------
+
+class _Lane:
+    """An outbox as fan_out sees it: its lane, wake() and the locked put()."""
+
+    def __init__(self, queue: list[Any], room: int, idle: bool) -> None:
+        self.lane = [queue, room, idle]
+        self.woken = 0
+        self.put_calls: list[tuple[str, bytes]] = []
+        self.retiring = False
+
+    def wake(self) -> None:
+        self.woken += 1
+
+    def put(self, event: str, frame: bytes) -> bool:
+        self.put_calls.append((event, frame))
+        return False
+
+
+def _fan_out_both_ways(monkeypatch: pytest.MonkeyPatch, use_c: bool
+                       ) -> tuple[list[_Lane], bool]:
+    from localnet import _events
+    if not use_c:
+        monkeypatch.setattr(_events, "c_fan_out", None)
+    outboxes = [_Lane([], 2, False), _Lane([1, 2], 2, True), _Lane([], 5, True),
+                _Lane([], 0, False)]
+    outboxes[3].retiring = True  # refused and retiring: the trigger reroutes
+    route = _events.Route(outboxes)  # type: ignore[arg-type]
+    moved = _events.fan_out(route, "ev", b"x")
+    return outboxes, moved
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+def test_fan_out_appends_where_there_is_room_wakes_idle_writers_and_locks_the_rest(
+        monkeypatch: pytest.MonkeyPatch, use_c: bool) -> None:
+    if use_c and (_speedups is None or not hasattr(_speedups, "fan_out")):
+        pytest.skip("localnet._speedups is not built")
+    outboxes, moved = _fan_out_both_ways(monkeypatch, use_c)
+    entry = ("ev", b"x")
+    assert [o.lane[0] for o in outboxes] == [[entry], [1, 2], [entry], []]
+    assert [o.woken for o in outboxes] == [0, 0, 1, 0]  # took it with its writer idle
+    assert [o.put_calls for o in outboxes] == [[], [("ev", b"x")], [], [("ev", b"x")]]
+    assert moved is True
+
+
+@pytest.mark.skipif(_speedups is None, reason="localnet._speedups is not built")
+def test_the_c_fan_out_refuses_what_is_not_a_lane() -> None:
+    assert _speedups.fan_out(([[], 1, False],), ("ev", b"x")) is None
+    with pytest.raises(TypeError, match="lane"):
+        _speedups.fan_out(([1, 2],), ("ev", b"x"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="tuple"):
+        _speedups.fan_out([[[], 1, False]], ("ev", b"x"))  # type: ignore[arg-type]
