@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import sys
 import threading
 from inspect import isawaitable
 from typing import Any
@@ -100,8 +101,14 @@ class AsyncioDispatcher(Dispatcher):
 
 
 def _qt_core() -> Any:
-    """QtCore, from PySide6 or PyQt6."""
-    for package in ("PySide6", "PyQt6"):
+    """QtCore of the binding the application uses: the one whose QCoreApplication
+    exists, else PySide6 or PyQt6, whichever imports."""
+    bindings = ("PySide6", "PyQt6")
+    for package in bindings:
+        core = sys.modules.get(f"{package}.QtCore")
+        if core is not None and core.QCoreApplication.instance() is not None:
+            return core
+    for package in bindings:
         try:
             return importlib.import_module(f"{package}.QtCore")
         except ImportError:
@@ -146,12 +153,13 @@ class _Pipe:
 class QtDispatcher(Dispatcher):
     """Runs work on the Qt thread that created it (the main, GUI thread).
 
-    Create it on that thread, after the ``QApplication``; work runs when
-    Qt's event loop (``app.exec()``, or a modal dialog's) processes events.
-    It is woken through a pipe that a ``QSocketNotifier`` of that thread
-    watches.  (Not a queued signal or a posted event: PySide6 6.12 loses a
-    reference to ``True`` at each ``Signal.emit()``, and one to ``None`` at
-    each call of a Python ``event()`` override, which aborts Python 3.11
+    Create it on that thread, after the ``QApplication`` (whose binding,
+    PySide6 or PyQt6, it then uses); work runs when Qt's event loop
+    (``app.exec()``, or a modal dialog's) processes events.  It is woken
+    through a pipe that a ``QSocketNotifier`` of that thread watches.  (Not
+    a queued signal or a posted event: PySide6 6.12 loses a reference to
+    ``True`` at each ``Signal.emit()``, and one to ``None`` at each call of
+    a Python ``event()`` override, which aborts Python 3.11
     after a few hundred wake-ups.)
     """
 

@@ -33,7 +33,9 @@ main = threading.main_thread()
 text = ["-"]
 
 if host == "qt":
-    from PySide6.QtWidgets import QApplication, QLabel
+    import importlib
+    widgets = importlib.import_module(os.environ["QT_BINDING"] + ".QtWidgets")
+    QApplication, QLabel = widgets.QApplication, widgets.QLabel
     app = QApplication([])
     label = QLabel("-")
     dispatcher = dispatch.QtDispatcher()
@@ -196,9 +198,10 @@ def test_manual_dispatcher(spawn) -> None:
     _drive(spawn, "manual")
 
 
-def test_qt_dispatcher_on_the_offscreen_platform(spawn) -> None:
-    pytest.importorskip("PySide6.QtWidgets", reason="PySide6 comes with the test extra")
-    _drive(spawn, "qt", QT_QPA_PLATFORM="offscreen")
+@pytest.mark.parametrize("binding", ["PySide6", "PyQt6"])
+def test_qt_dispatcher_on_the_offscreen_platform(spawn, binding: str) -> None:
+    pytest.importorskip(f"{binding}.QtWidgets", reason=f"{binding} comes with the test extra")
+    _drive(spawn, "qt", QT_QPA_PLATFORM="offscreen", QT_BINDING=binding)
 
 
 @pytest.fixture
