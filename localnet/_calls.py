@@ -43,7 +43,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from . import _deadlock, _serial
+from . import _deadlock, _serial, _transports
 from ._current import RUNNING
 from ._deadlock import _local as _home
 from ._dispatch import pump_while
@@ -107,7 +107,13 @@ class Caller:
         deadline = None
         if timeout is not None:
             deadline = time.monotonic() + check_timeout(timeout)  # type: ignore[operator]
-        name = target if type(target) is str else target.name  # type: ignore[union-attr]
+        if type(target) is str:
+            name = target
+        else:
+            name = target.name  # type: ignore[union-attr]
+            if target.host is not None:  # type: ignore[union-attr]  # another host's
+                return _transports.call(peer, name, connection, args, kwargs, deadline,
+                                        PeerNotFound(name))
         # A thread running handlers for ``name``'s events calls it on channels
         # that say so (see _deadlock), kept apart from the others.
         handling = _deadlock.handling_for(name)
@@ -118,7 +124,10 @@ class Caller:
         try:
             channel = pool.idle.pop()  # type: ignore[union-attr]
         except (AttributeError, IndexError):
-            pool, channel = self._open(key, target, handling, deadline)
+            try:
+                pool, channel = self._open(key, target, handling, deadline)
+            except PeerNotFound as exc:  # not on this host: on another, if joined
+                return _transports.call(peer, name, connection, args, kwargs, deadline, exc)
         assert pool is not None
         try:
             payload = _serial.dumps_call(connection, args, kwargs, "an argument of",

@@ -49,7 +49,7 @@ async def _guarded(awaitable: Awaitable[Any]) -> Any:
         return _Raised(exc)
 
 
-def _owned() -> asyncio.AbstractEventLoop:
+def owned() -> asyncio.AbstractEventLoop:
     """The process's loop, started on first use."""
     global _loop, _thread_id
     loop = _loop
@@ -85,7 +85,7 @@ def await_result(awaitable: Awaitable[Any],
         if threading.get_ident() == _thread_id:
             raise RuntimeError("localnet cannot wait for a coroutine on its own event loop "
                                "thread")
-        loop = _owned()
+        loop = owned()
     future = asyncio.run_coroutine_threadsafe(_guarded(awaitable), loop)
     try:
         result = future.result()

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _current, _fork, _liveness, _paths, _shm
+from . import _current, _fork, _liveness, _paths, _shm, _transports
 from ._budget import DEFAULT_EVENT_BYTES
 from ._calls import Caller
 from ._catalog import CATALOG, Subscription
@@ -127,7 +127,9 @@ class Peer:
     ``LOCALNET_SHM``: ``off``, ``on`` or a number of bytes, else 1 MiB),
     ``dispatcher`` (a :mod:`localnet.dispatch` dispatcher: served calls and
     handlers run on the application's thread it stands for, not on
-    localnet's threads; a connection's or subscription's own wins).
+    localnet's threads; a connection's or subscription's own wins),
+    ``nats`` (``LOCALNET_NATS``: a NATS URL that joins this peer to the
+    peers of other hosts, see :mod:`localnet.nats`; None: this host only).
 
     Use it as a context manager, or ``start()`` / ``close()``::
 
@@ -144,7 +146,7 @@ class Peer:
                  event_bytes: int = DEFAULT_EVENT_BYTES,
                  event_block: float = 1.0, linger: float = 2.0, max_workers: int = 64,
                  max_calls: int = 64, shm_threshold: int | None | str = "env",
-                 dispatcher: Dispatcher | None = None) -> None:
+                 dispatcher: Dispatcher | None = None, nats: str | None = "env") -> None:
         _debug_from_env()
         self.name: str = name if name is not None else _fork.env_name() or default_name()
         if not isinstance(self.name, str) or not self.name or len(self.name) > 255 \
@@ -191,6 +193,7 @@ class Peer:
         self._receiver = Receiver(self.name, self.max_frame, max_workers, self.shm_threshold)
         if dispatcher is not None:
             self._receiver.dispatcher = checked(dispatcher)
+        _transports.settings(self, nats)
         self.call = self._caller.call  # type: ignore[method-assign]
         self.publish = self._publisher.publish  # type: ignore[method-assign]
         self.flush = self._publisher.flush  # type: ignore[method-assign]
@@ -255,6 +258,7 @@ class Peer:
             self.state = State.RUNNING
             self._started.set()
             _current.peer_started(self)
+            _transports.attach(self)
         logger.debug("%r started on %s", self, self.address)
         return self
 
@@ -266,6 +270,7 @@ class Peer:
                 return
             _current.peer_stopped(self)
             CATALOG.remove_listener(self)
+            _transports.detach(self)
             if self._server is not None:
                 self._server.wind_down()  # new calls are refused from here on
         _hand_over(self, self._registry)
@@ -373,12 +378,22 @@ class Peer:
             if hubs_only and not info.get("hub"):
                 continue
             found.append(RemotePeer(info, self))
+        for info in _transports.peers(self):  # other hosts' peers, named name@host
+            if (group is None or info.get("group") == group) and \
+                    (not hubs_only or info.get("hub")):
+                found.append(RemotePeer(info, self))
         return sorted(found, key=lambda p: p.name)
 
     def peer(self, name: str) -> RemotePeer:
         """The live peer called ``name``; raises :class:`PeerNotFound`."""
         self.require_running()
-        info = self.lookup(name)
+        try:
+            info = self.lookup(name)
+        except PeerNotFound:
+            remote = _transports.lookup(self, name)  # another host's (name@host)
+            if remote is None:
+                raise
+            return RemotePeer(remote, self)
         if not _liveness.is_alive(int(info["pid"]), float(info["started"]), info.get("ticks")):
             raise PeerNotFound(name)
         return RemotePeer(info, self)

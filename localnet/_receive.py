@@ -97,9 +97,10 @@ class Receiver:
         self.dispatcher: Dispatcher | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def run_call(self, body: bytes | bytearray,
-                 fds: list[int]) -> tuple[int, bytes | _serial.Payload]:
-        """Run one incoming call; returns the reply's kind and body.
+    def run_call(self, body: bytes | bytearray, fds: list[int],
+                 inline: bool = False) -> tuple[int, bytes | _serial.Payload]:
+        """Run one incoming call; returns the reply's kind and body (all of it inline,
+        no shared memory, with ``inline``: for a caller on another host).
 
         Beyond ``max_workers`` calls at once the call does not run: the reply
         is a :class:`TooManyCalls` error.
@@ -137,7 +138,7 @@ class Receiver:
                 result = await_result(result, self.loop)
                 plain = None if encode_value is None else encode_value(result, ENCODE_MAX)
             reply = plain if plain is not None else _serial.dumps(
-                result, "the result of", self.shm_threshold, connection)
+                result, "the result of", None if inline else self.shm_threshold, connection)
             if len(reply) > self.max_frame:
                 _serial.refuse_oversize(reply, self.max_frame, f"the result of {connection!r}")
             return _REPLY, reply

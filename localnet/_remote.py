@@ -418,7 +418,7 @@ class RemoteConnections:
 #: RemotePeer's own attributes: ``remote.<one of these>`` is never a connection.
 RESERVED = frozenset({
     "name", "pid", "group", "hub", "connections", "events", "subscriptions", "started",
-    "since", "user", "executable", "address", "describe", "call", "fn"})
+    "since", "user", "executable", "address", "host", "describe", "call", "fn"})
 
 
 class RemotePeer:
@@ -432,7 +432,7 @@ class RemotePeer:
     - ``remote.render(7)``, a shortcut, reaches connections whose names are
       not RemotePeer's own attributes (:data:`RESERVED`: ``name``, ``pid``,
       ``group``, ``hub``, ``connections``, ``events``, ``subscriptions``,
-      ``started``, ``since``, ``user``, ``executable``, ``address``,
+      ``started``, ``since``, ``user``, ``executable``, ``address``, ``host``,
       ``describe``, ``call``, ``fn``).  For those names the attribute keeps
       its meaning; ``describe()`` given arguments and ``call()`` given a
       first argument that is not a name raise a ``TypeError`` that points to
@@ -440,7 +440,9 @@ class RemotePeer:
 
     Attributes: ``name``, ``pid``, ``group``, ``hub``, ``connections``,
     ``events``, ``subscriptions``, ``started`` (when its process began, epoch
-    seconds), ``since`` (when the peer went live), ``user``, ``executable``.
+    seconds), ``since`` (when the peer went live), ``user``, ``executable``,
+    ``host`` (None on this host; for another host's peer, joined through
+    NATS, its host, and ``name`` is ``name@host``).
 
     Raises (on attribute access): :class:`UnknownConnection` when the peer
     does not offer that connection.
@@ -462,6 +464,7 @@ class RemotePeer:
     user = property(lambda self: self._info.get("user"))
     executable = property(lambda self: self._info.get("executable"))
     address = property(lambda self: str(self._info["address"]))
+    host = property(lambda self: self._info.get("host"))
 
     @property
     def fn(self) -> RemoteConnections:

@@ -1,0 +1,328 @@
+"""A peer's link to the peers of other hosts, through a NATS server or cluster.
+
+One :class:`NatsLink` per peer that has a NATS setting, on the event loop
+localnet owns (:mod:`localnet._loop`).  On one host nothing changes: the
+registry and the Unix sockets carry everything between its peers.  The link
+adds what crosses hosts:
+
+* presence: every ``HEARTBEAT`` seconds the peer publishes its record (name,
+  host, pid, group, connections, events ...) on ``<ns>.hb.<host>.<name>``
+  and says goodbye on ``<ns>.bye.<host>.<name>`` when it closes; every link
+  keeps a directory of the other hosts' peers, each forgotten ``EXPIRY``
+  seconds after its last heartbeat (a host that lost power, its cable or
+  all its processes at once thus leaves every listing within ``EXPIRY +
+  HEARTBEAT``);
+* calls: request/reply on ``<ns>.call.<host>.<name>``, the body being the
+  call's payload as on one host (inline: shared memory does not cross
+  hosts); the answer's first byte is its kind (REPLY or ERROR), then the
+  pickled result or exception, rebuilt as on one host.
+
+Subject tokens are the host's and the peer's names in URL-safe base64, so
+any name is a valid subject.  When the server cannot be reached the peer
+works on its own host, says so once in the log, and joins when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import json
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import _loop, _serial
+from .._wire import Kind
+from ..errors import ConnectionLost, PeerNotFound, SerializationError, Timeout
+from ._config import NatsConfig
+
+if TYPE_CHECKING:
+    from .._peer import Peer
+
+logger = logging.getLogger("localnet.nats")
+
+HEARTBEAT = 0.5  # seconds between a peer's presence messages
+EXPIRY = 2.0  # a peer not heard of for this long has left
+_REPLY, _ERROR = int(Kind.REPLY), int(Kind.ERROR)
+#: What a remote record keeps of a peer's registration (the rest is local).
+_SHARED = ("name", "pid", "started", "since", "user", "group", "hub", "connections",
+           "events", "executable")
+
+
+def token(text: str) -> str:
+    """``text`` as one NATS subject token."""
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=") or "-"
+
+
+class NatsLink:
+    """Presence, the directory of other hosts' peers, and calls across hosts."""
+
+    def __init__(self, peer: Peer, config: NatsConfig) -> None:
+        self._peer = peer
+        self.config = config
+        self.host = config.host
+        ns = config.namespace
+        self._hb = f"{ns}.hb.{token(config.host)}.{token(peer.name)}"
+        self._bye = f"{ns}.bye.{token(config.host)}.{token(peer.name)}"
+        self._calls = f"{ns}.call.{token(config.host)}.{token(peer.name)}"
+        self._lock = threading.Lock()
+        self._directory: dict[str, tuple[dict[str, Any], float]] = {}  # name@host -> record
+        self._nc: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: concurrent.futures.Future[None] | None = None
+        self._closed = False
+        self._joined = threading.Event()  # connected at least once
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=peer.max_workers, thread_name_prefix="localnet-nats-call")
+
+    # -- life cycle -------------------------------------------------------------
+    def start(self) -> None:
+        """Connect (in the background: an unreachable server delays nothing)."""
+        self._loop = _loop.owned()
+        self._task = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+
+    def wait_joined(self, timeout: float) -> bool:
+        """True once connected to the server (for tests and tools)."""
+        return self._joined.wait(timeout)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Say goodbye and disconnect; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = self._loop
+        if loop is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._leave(), loop).result(timeout)
+            except (concurrent.futures.TimeoutError, RuntimeError) as exc:
+                logger.debug("leaving NATS: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - closing goes on whatever the server does
+                logger.debug("leaving NATS: %s", exc)
+        if self._task is not None:
+            self._task.cancel()  # (still connecting, to a server that is not there)
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self) -> None:
+        import nats
+
+        told: list[bool] = [False]
+
+        def unreachable(reason: object) -> None:
+            if not told[0] and not self._joined.is_set() and not self._closed:
+                told[0] = True
+                logger.warning("peer %r cannot reach NATS at %s (%s); it works on its own "
+                               "host and joins when the server is back", self._peer.name,
+                               ", ".join(self.config.servers), reason)
+
+        # (nats-py keeps trying to connect by itself: say so once if it takes long)
+        later = asyncio.get_running_loop().call_later(
+            2.5, unreachable, "no answer within 2.5 s")
+        nc = None
+        while not self._closed:
+            try:
+                nc = await nats.connect(
+                    list(self.config.servers), name=f"localnet {self._peer.name}@{self.host}",
+                    allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                    connect_timeout=2, error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
+                    **self.config.options)
+                break
+            except Exception as exc:  # noqa: BLE001 - retried until it works or we close
+                unreachable(exc)
+                await asyncio.sleep(1.0)
+        later.cancel()
+        if nc is None:
+            return
+        if self._closed:
+            await nc.close()
+            return
+        self._nc = nc
+        ns = self.config.namespace
+        await nc.subscribe(f"{ns}.hb.>", cb=self._on_heartbeat)
+        await nc.subscribe(f"{ns}.bye.>", cb=self._on_bye)
+        await nc.subscribe(self._calls, cb=self._on_call)
+        if told[0]:
+            logger.warning("peer %r joined NATS at %s", self._peer.name, nc.connected_url)
+        self._joined.set()
+        while not self._closed:
+            if nc.is_connected:
+                try:
+                    await nc.publish(self._hb, self._presence())
+                except Exception as exc:  # noqa: BLE001 - the next beat tries again
+                    logger.debug("heartbeat not sent: %s", exc)
+            self._sweep()
+            await asyncio.sleep(HEARTBEAT)
+
+    async def _leave(self) -> None:
+        nc = self._nc
+        if nc is None:
+            return
+        try:
+            if nc.is_connected:
+                await nc.publish(self._bye, b"")
+                await nc.flush(timeout=1)
+        finally:
+            await nc.close()
+
+    async def _on_error(self, exc: Exception) -> None:
+        logger.debug("NATS: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closed:
+            logger.warning("peer %r lost its NATS server; it works on its own host until it "
+                           "reconnects", self._peer.name)
+
+    async def _on_reconnected(self) -> None:
+        logger.warning("peer %r reconnected to NATS", self._peer.name)
+
+    # -- the directory ------------------------------------------------------------
+    def _presence(self) -> bytes:
+        info = self._peer._registration()["info"]  # noqa: SLF001 - its own record
+        record = {key: info.get(key) for key in _SHARED}
+        record["host"] = self.host
+        return json.dumps(record, separators=(",", ":")).encode()
+
+    async def _on_heartbeat(self, msg: Any) -> None:
+        try:
+            record = json.loads(msg.data)
+            name, host = record["name"], record["host"]
+            if not isinstance(name, str) or not isinstance(host, str):
+                raise ValueError("name and host are strings")
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.debug("ignoring a malformed heartbeat on %s: %s", msg.subject, exc)
+            return
+        if host == self.host:
+            return  # this host's peers are the registry's
+        with self._lock:
+            self._directory[f"{name}@{host}"] = (record, time.monotonic() + EXPIRY)
+
+    async def _on_bye(self, msg: Any) -> None:
+        parts = msg.subject.split(".")
+        with self._lock:
+            for key, (record, _) in list(self._directory.items()):
+                if token(record["host"]) == parts[-2] and token(record["name"]) == parts[-1]:
+                    del self._directory[key]
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, (_, until) in self._directory.items() if until < now]:
+                del self._directory[key]
+
+    def peers(self) -> list[dict[str, Any]]:
+        """The other hosts' live peers, as records named ``name@host``."""
+        self._sweep()
+        with self._lock:
+            return [_as_remote(key, record) for key, (record, _) in self._directory.items()]
+
+    def lookup(self, name: str) -> dict[str, Any] | None:
+        """The record of ``name@host``, or of a bare ``name`` only one other host has."""
+        self._sweep()
+        with self._lock:
+            found = self._directory.get(name)
+            if found is not None:
+                return _as_remote(name, found[0])
+            if "@" not in name:
+                matches = [(k, r) for k, (r, _) in self._directory.items()
+                           if r["name"] == name]
+                if len(matches) == 1:
+                    return _as_remote(*matches[0])
+        return None
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._directory)
+
+    # -- calls ------------------------------------------------------------------------
+    def call(self, name: str, connection: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+             deadline: float | None) -> Any:
+        """Run ``connection`` in the peer ``name`` (``name@host``) of another host.
+
+        Raises the remote exception, or PeerNotFound, Timeout, ConnectionLost
+        (the peer or its host went away during the call), SerializationError.
+        """
+        record = self.lookup(name)
+        nc, loop = self._nc, self._loop
+        if record is None or nc is None or loop is None:
+            raise PeerNotFound(name, self.names())
+        qualified = record["name"]
+        bare, _, host = qualified.rpartition("@")
+        subject = f"{self.config.namespace}.call.{token(host)}.{token(bare)}"
+        payload = _serial.dumps_call(connection, args, kwargs, "an argument of", None)
+        assert isinstance(payload, bytes)
+        if len(payload) > nc.max_payload:
+            raise SerializationError(
+                f"the arguments of {connection!r} are {len(payload)} bytes, over the NATS "
+                f"server's {nc.max_payload}-byte message limit (max_payload); calls across "
+                "hosts carry at most that much for now")
+        timeout = 1e9 if deadline is None else max(0.001, deadline - time.monotonic())
+        future = asyncio.run_coroutine_threadsafe(nc.request(subject, payload, timeout=timeout),
+                                                  loop)
+        msg = self._wait(future, qualified, connection, deadline)
+        data = msg.data
+        if not data or data[0] not in (_REPLY, _ERROR):
+            raise ConnectionLost(f"peer {qualified!r} sent a malformed answer")
+        if data[0] == _REPLY:
+            return _serial.loads(memoryview(data)[1:], "the result of", None, connection)
+        raise _serial.loads_exception(memoryview(data)[1:])
+
+    def _wait(self, future: concurrent.futures.Future[Any], qualified: str, connection: str,
+              deadline: float | None) -> Any:
+        """The answer; meanwhile, a peer that leaves the directory ends the call."""
+        import nats.errors
+
+        try:
+            while True:
+                try:
+                    return future.result(0.25)
+                except concurrent.futures.TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise Timeout(f"peer {qualified!r} did not answer {connection!r} "
+                                      "within the timeout") from None
+                    if self.lookup(qualified) is None:
+                        raise ConnectionLost(f"peer {qualified!r} went away during the call "
+                                             f"to {connection!r}") from None
+        except nats.errors.TimeoutError:
+            raise Timeout(f"peer {qualified!r} did not answer {connection!r} within the "
+                          "timeout") from None
+        except nats.errors.NoRespondersError:
+            raise ConnectionLost(f"peer {qualified!r} is no longer there") from None
+        except nats.errors.Error as exc:
+            raise ConnectionLost(f"the call to {qualified!r} failed on NATS: {exc}") from None
+        finally:
+            if not future.done():
+                future.cancel()
+
+    async def _on_call(self, msg: Any) -> None:
+        # Each call in a task of its own: the subscription's next message does
+        # not wait for this one (calls run at once, as on one host).
+        asyncio.ensure_future(self._answer(msg))
+
+    async def _answer(self, msg: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            answer = await loop.run_in_executor(self._workers, self._serve, bytes(msg.data))
+            if self._nc is not None and len(answer) > self._nc.max_payload:
+                answer = bytes([_ERROR]) + _serial.dumps_exception(SerializationError(
+                    f"the result is {len(answer)} bytes, over the NATS server's message "
+                    "limit (max_payload)"), "")
+            await msg.respond(answer)
+        except Exception as exc:  # noqa: BLE001 - one bad call never stops the link
+            logger.warning("peer %r could not answer a call from another host: %s",
+                           self._peer.name, exc)
+
+    def _serve(self, data: bytes) -> bytes:
+        kind, reply = self._peer._receiver.run_call(bytearray(data), [], inline=True)  # noqa: SLF001
+        assert isinstance(reply, (bytes, bytearray))
+        return bytes([int(kind)]) + bytes(reply)
+
+
+def _as_remote(key: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A directory record as a RemotePeer's info: named ``name@host``, no local address."""
+    info = dict(record)
+    info["name"] = key
+    info["address"] = ""
+    info.setdefault("started", 0.0)
+    return info

