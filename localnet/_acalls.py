@@ -24,7 +24,7 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from . import _serial
+from . import _serial, _transports
 from ._achannel import AsyncChannel, NotSentAsync, open_channel
 from ._calls import learn, refuse
 from ._current import RUNNING
@@ -77,7 +77,13 @@ class AsyncCaller:
         deadline = None
         if timeout is not None:
             deadline = self._loop.time() + check_timeout(timeout)  # type: ignore[operator]
-        name = target if type(target) is str else target.name  # type: ignore[union-attr]
+        if type(target) is str:
+            name = target
+        else:
+            name = target.name  # type: ignore[union-attr]
+            if target.host is not None:  # type: ignore[union-attr]  # another host's
+                return await _transports.acall(peer, name, connection, args, kwargs, deadline,
+                                               PeerNotFound(name))
         pool = self._pools.get(name)
         if pool is None:
             pool = self._pools[name] = _Pool(peer.max_frame)
@@ -86,7 +92,11 @@ class AsyncCaller:
         if channel is None or not channel.usable:
             if channel is not None:
                 self._checkin(pool, channel)
-            channel = await self._checkout(pool, name, target, deadline)
+            try:
+                channel = await self._checkout(pool, name, target, deadline)
+            except PeerNotFound as exc:  # not on this host: on another, if joined
+                return await _transports.acall(peer, name, connection, args, kwargs,
+                                               deadline, exc)
         try:
             payload = _serial.dumps_call(connection, args, kwargs, "an argument of",
                                          peer.shm_threshold)

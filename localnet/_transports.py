@@ -89,3 +89,12 @@ def call(peer: Peer, name: str, connection: str, args: tuple[Any, ...],
     if found is None or found.lookup(name) is None:
         raise error
     return found.call(name, connection, args, kwargs, deadline)
+
+
+async def acall(peer: Peer, name: str, connection: str, args: tuple[Any, ...],
+                kwargs: dict[str, Any], deadline: float | None, error: PeerNotFound) -> Any:
+    """:func:`call`, awaited (``deadline``: ``time.monotonic()``)."""
+    found = _links.get(peer)
+    if found is None or found.lookup(name) is None:
+        raise error
+    return await found.acall(name, connection, args, kwargs, deadline)

@@ -250,3 +250,80 @@ def test_a_peer_without_its_server_works_on_its_host_and_joins_when_it_comes_bac
                    "worker@host-b to be listed once the server is back")
         assert me.call("worker@host-b", "render", (2,), {}, timeout=10)["frame"] == 2
     assert len(told()) == 1  # said once, not at every retry
+
+
+def test_awaited_calls_across_hosts(spawn, host_a, host_b) -> None:
+    import asyncio
+
+    import localnet.aio
+
+    spawn(WORKER, args=["worker"], **host_b)
+
+    async def main() -> None:
+        async with localnet.aio.Peer(name="director") as me:
+            _joined(me.sync)
+            listed = None
+            for _ in range(100):  # (bounded: 10 s)
+                listed = [p for p in await localnet.aio.peers() if p.name == "worker@host-b"]
+                if listed:
+                    break
+                await asyncio.sleep(0.1)
+            assert listed, "worker@host-b was not listed"
+            remote = listed[0]
+            assert (await remote.render(7))["frame"] == 7
+            frames = await asyncio.gather(*(me.call("worker@host-b", "render", (i,), {},
+                                                    timeout=20) for i in range(50)))
+            assert [f["frame"] for f in frames] == list(range(50))
+            with pytest.raises(KeyError, match="gone"):
+                await remote.fail("gone")
+            with pytest.raises(asyncio.TimeoutError):  # cancelled: returns at once
+                await asyncio.wait_for(remote.slow(1.0), 0.1)
+            assert (await remote.call("render", 8, timeout=5))["frame"] == 8
+
+    asyncio.run(main())
+
+
+HOST = """
+import threading
+PEERS = int(sys.argv[1])
+prefix, other = sys.argv[2], sys.argv[3]
+
+@localnet.connect()
+def whoami():
+    return os.environ["LOCALNET_HOST"]
+
+peers = [localnet.Peer(name=f"{prefix}{i}").start() for i in range(PEERS)]
+say("READY")
+for line in sys.stdin:
+    if line.startswith("check"):
+        deadline = time.monotonic() + 30
+        wanted = {f"{other}{i}@{'host-b' if prefix == 'a' else 'host-a'}" for i in range(PEERS)}
+        for peer in peers:
+            while not wanted <= {p.name for p in peer.peers()}:
+                assert time.monotonic() < deadline, "not every remote peer was listed"
+                time.sleep(0.1)
+        calls = 0
+        for peer in peers:
+            for name in sorted(wanted):
+                assert peer.call(name, "whoami", (), {}, timeout=20) == name.split("@")[1]
+                calls += 1
+        say("CHECKED", calls)
+    elif line.startswith("quit"):
+        break
+for peer in peers:
+    peer.close()
+"""
+
+
+def test_two_hosts_of_twenty_peers_each_discover_and_call_each_other(spawn, host_a, host_b
+                                                                    ) -> None:
+    env_a = {"LOCALNET_HOST": "host-a", "LOCALNET_NATS": host_b["LOCALNET_NATS"]}
+    a = spawn(HOST, args=["20", "a", "b"], **env_a)
+    b = spawn(HOST, args=["20", "b", "a"], **host_b)
+    a.send("check")
+    b.send("check")
+    assert a.expect("CHECKED", 60).split()[1] == "400"
+    assert b.expect("CHECKED", 60).split()[1] == "400"
+    a.send("quit")
+    b.send("quit")
+    assert a.wait_exit() == 0 and b.wait_exit() == 0

@@ -8,5 +8,5 @@ answers their calls (:mod:`localnet.nats._link`).  Peers of one host still
 talk through the registry and Unix sockets, as without it.
 
 Not here yet: events, flush and statistics across hosts, payloads beyond
-the server's ``max_payload``, awaited calls across hosts.
+the server's ``max_payload``.
 """

@@ -243,6 +243,32 @@ class NatsLink:
         Raises the remote exception, or PeerNotFound, Timeout, ConnectionLost
         (the peer or its host went away during the call), SerializationError.
         """
+        qualified, future = self._send(name, connection, args, kwargs, deadline)
+        return _answer(self._wait(future, qualified, connection, deadline), qualified,
+                       connection)
+
+    async def acall(self, name: str, connection: str, args: tuple[Any, ...],
+                    kwargs: dict[str, Any], deadline: float | None) -> Any:
+        """:meth:`call`, awaited on any loop (``deadline``: ``time.monotonic()``)."""
+        import nats.errors
+
+        qualified, future = self._send(name, connection, args, kwargs, deadline)
+        waiting = asyncio.wrap_future(future)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=0.25)
+                if done:
+                    return _answer(waiting.result(), qualified, connection)
+                self._check(qualified, connection, deadline)
+        except nats.errors.Error as exc:
+            raise _translate(exc, qualified, connection) from None
+        finally:
+            if not future.done():
+                future.cancel()
+
+    def _send(self, name: str, connection: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+              deadline: float | None) -> tuple[str, concurrent.futures.Future[Any]]:
+        """Start the request; the callee's ``name@host`` and the future of its answer."""
         record = self.lookup(name)
         nc, loop = self._nc, self._loop
         if record is None or nc is None or loop is None:
@@ -258,15 +284,17 @@ class NatsLink:
                 f"server's {nc.max_payload}-byte message limit (max_payload); calls across "
                 "hosts carry at most that much for now")
         timeout = 1e9 if deadline is None else max(0.001, deadline - time.monotonic())
-        future = asyncio.run_coroutine_threadsafe(nc.request(subject, payload, timeout=timeout),
-                                                  loop)
-        msg = self._wait(future, qualified, connection, deadline)
-        data = msg.data
-        if not data or data[0] not in (_REPLY, _ERROR):
-            raise ConnectionLost(f"peer {qualified!r} sent a malformed answer")
-        if data[0] == _REPLY:
-            return _serial.loads(memoryview(data)[1:], "the result of", None, connection)
-        raise _serial.loads_exception(memoryview(data)[1:])
+        return qualified, asyncio.run_coroutine_threadsafe(
+            nc.request(subject, payload, timeout=timeout), loop)
+
+    def _check(self, qualified: str, connection: str, deadline: float | None) -> None:
+        """Raise Timeout past ``deadline``, ConnectionLost once the callee left."""
+        if deadline is not None and time.monotonic() >= deadline:
+            raise Timeout(f"peer {qualified!r} did not answer {connection!r} within the "
+                          "timeout")
+        if self.lookup(qualified) is None:
+            raise ConnectionLost(f"peer {qualified!r} went away during the call to "
+                                 f"{connection!r}")
 
     def _wait(self, future: concurrent.futures.Future[Any], qualified: str, connection: str,
               deadline: float | None) -> Any:
@@ -278,19 +306,9 @@ class NatsLink:
                 try:
                     return future.result(0.25)
                 except concurrent.futures.TimeoutError:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise Timeout(f"peer {qualified!r} did not answer {connection!r} "
-                                      "within the timeout") from None
-                    if self.lookup(qualified) is None:
-                        raise ConnectionLost(f"peer {qualified!r} went away during the call "
-                                             f"to {connection!r}") from None
-        except nats.errors.TimeoutError:
-            raise Timeout(f"peer {qualified!r} did not answer {connection!r} within the "
-                          "timeout") from None
-        except nats.errors.NoRespondersError:
-            raise ConnectionLost(f"peer {qualified!r} is no longer there") from None
+                    self._check(qualified, connection, deadline)
         except nats.errors.Error as exc:
-            raise ConnectionLost(f"the call to {qualified!r} failed on NATS: {exc}") from None
+            raise _translate(exc, qualified, connection) from None
         finally:
             if not future.done():
                 future.cancel()
@@ -317,6 +335,27 @@ class NatsLink:
         kind, reply = self._peer._receiver.run_call(bytearray(data), [], inline=True)  # noqa: SLF001
         assert isinstance(reply, (bytes, bytearray))
         return bytes([int(kind)]) + bytes(reply)
+
+
+def _answer(msg: Any, qualified: str, connection: str) -> Any:
+    """The result in an answer, or raise its exception."""
+    data = msg.data
+    if not data or data[0] not in (_REPLY, _ERROR):
+        raise ConnectionLost(f"peer {qualified!r} sent a malformed answer")
+    if data[0] == _REPLY:
+        return _serial.loads(memoryview(data)[1:], "the result of", None, connection)
+    raise _serial.loads_exception(memoryview(data)[1:])
+
+
+def _translate(exc: Exception, qualified: str, connection: str) -> Exception:
+    """A nats-py error of a call, as localnet's."""
+    import nats.errors
+
+    if isinstance(exc, nats.errors.TimeoutError):
+        return Timeout(f"peer {qualified!r} did not answer {connection!r} within the timeout")
+    if isinstance(exc, nats.errors.NoRespondersError):
+        return ConnectionLost(f"peer {qualified!r} is no longer there")
+    return ConnectionLost(f"the call to {qualified!r} failed on NATS: {exc}")
 
 
 def _as_remote(key: str, record: dict[str, Any]) -> dict[str, Any]:
