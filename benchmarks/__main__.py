@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import aio, call, fanout, large, peers, prune, startup
+from benchmarks import aio, call, fanout, large, nats, peers, prune, startup
 from benchmarks._harness import Config, log
 from benchmarks._report import Table
 
@@ -32,6 +32,7 @@ SCENARIOS: dict[str, tuple[Callable[[Config], Table | Sequence[Table]], Sequence
     "peers": (peers.run_peers, peers.SYSTEMS),
     "prune": (prune.run_prune, prune.SYSTEMS),
     "aio": (aio.run_aio, aio.SYSTEMS),
+    "nats": (nats.run_nats, nats.SYSTEMS),
 }
 SHM = Path("/dev/shm")
 

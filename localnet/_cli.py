@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import localnet
+from localnet import _transports
 
 # The command's own peer; peers() leaves it out of every listing.
 DEFAULT_NAME = "localnet-cli-{pid}"
@@ -211,6 +212,9 @@ def _cmd_demo(options: argparse.Namespace) -> int:
 def _cmd_peers(options: argparse.Namespace) -> int:
     """``localnet peers``: the other live peers, as a table or a JSON list."""
     with _peer(options) as me:
+        link = _transports.link(me)
+        if link is not None:  # joined to other hosts: hear from their peers first
+            link.wait_directory(5.0)
         found = localnet.peers(group=options.group, hubs_only=options.hubs)
         if options.json:
             _dump_json([d for d in (_describe(p) for p in found) if d is not None])
@@ -220,8 +224,10 @@ def _cmd_peers(options: argparse.Namespace) -> int:
             print(f"no live peers{which} in {me.directory}", flush=True)
             return 0
         now = time.time()
-        rows = [["NAME", "PID", "GROUP", "HUB", "CONNECTIONS", "SUBSCRIPTIONS", "UPTIME"]]
-        rows += [[p.name, str(p.pid), p.group or "-", "yes" if p.hub else "no",
+        rows = [["NAME", "HOST", "PID", "GROUP", "HUB", "CONNECTIONS", "SUBSCRIPTIONS",
+                 "UPTIME"]]
+        rows += [[p.name, p.host or "(this)", str(p.pid), p.group or "-",
+                  "yes" if p.hub else "no",
                   _joined(p.connections), _joined(p.subscriptions),
                   format_duration(now - p.since)] for p in found]
         print(_table(rows), flush=True)

@@ -168,10 +168,11 @@ def test_peers_prints_a_table_of_the_others(spawn, run, server) -> None:
     result = run("peers")
     assert result.returncode == 0, result.stderr
     header, *rows = result.stdout.splitlines()
-    assert header.split() == ["NAME", "PID", "GROUP", "HUB", "CONNECTIONS", "SUBSCRIPTIONS",
-                              "UPTIME"]
-    assert [row.split()[:4] for row in rows] == [
-        ["hub", str(hub.pid), "-", "yes"], ["server", str(server.pid), "render", "no"]]
+    assert header.split() == ["NAME", "HOST", "PID", "GROUP", "HUB", "CONNECTIONS",
+                              "SUBSCRIPTIONS", "UPTIME"]
+    assert [row.split()[:5] for row in rows] == [
+        ["hub", "(this)", str(hub.pid), "-", "yes"],
+        ["server", "(this)", str(server.pid), "render", "no"]]
     assert "add, echo, fail, odd, show, slow" in rows[1] and "tick" in rows[1]
     assert re.search(r"\d+s$", rows[0])
     assert "localnet-cli" not in result.stdout  # its own peer is not listed

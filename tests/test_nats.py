@@ -327,3 +327,13 @@ def test_two_hosts_of_twenty_peers_each_discover_and_call_each_other(spawn, host
     a.send("quit")
     b.send("quit")
     assert a.wait_exit() == 0 and b.wait_exit() == 0
+
+
+def test_the_peers_command_lists_the_other_hosts_peers(spawn, host_b) -> None:
+    spawn(WORKER, args=["worker"], **host_b)
+    env = spawn.env(LOCALNET_HOST="host-a", LOCALNET_NATS=host_b["LOCALNET_NATS"])
+    result = subprocess.run([sys.executable, "-m", "localnet", "peers"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = [row.split() for row in result.stdout.splitlines()[1:]]
+    assert ["worker@host-b", "host-b"] in [row[:2] for row in rows], result.stdout

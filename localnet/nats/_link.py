@@ -74,6 +74,7 @@ class NatsLink:
         self._task: concurrent.futures.Future[None] | None = None
         self._closed = False
         self._joined = threading.Event()  # connected at least once
+        self._joined_at = 0.0
         self._workers = concurrent.futures.ThreadPoolExecutor(
             max_workers=peer.max_workers, thread_name_prefix="localnet-nats-call")
 
@@ -86,6 +87,17 @@ class NatsLink:
     def wait_joined(self, timeout: float) -> bool:
         """True once connected to the server (for tests and tools)."""
         return self._joined.wait(timeout)
+
+    def wait_directory(self, timeout: float) -> bool:
+        """Wait (up to ``timeout``) until the directory has heard every other peer at
+        least once: one presence period after joining.  True if joined."""
+        deadline = time.monotonic() + timeout
+        if not self._joined.wait(timeout):
+            return False
+        remaining = self._joined_at + HEARTBEAT * 1.5 - time.monotonic()
+        if remaining > 0:
+            time.sleep(min(remaining, max(0.0, deadline - time.monotonic())))
+        return True
 
     def close(self, timeout: float = 2.0) -> None:
         """Say goodbye and disconnect; idempotent."""
@@ -145,6 +157,7 @@ class NatsLink:
         await nc.subscribe(self._calls, cb=self._on_call)
         if told[0]:
             logger.warning("peer %r joined NATS at %s", self._peer.name, nc.connected_url)
+        self._joined_at = time.monotonic()
         self._joined.set()
         while not self._closed:
             if nc.is_connected:

