@@ -324,26 +324,26 @@ def _host_env(ws: Workspace, host: str, url: str) -> dict[str, str]:
     return {"LOCALNET_DIR": str(directory), "LOCALNET_HOST": host, "LOCALNET_NATS": url}
 
 
-def _end_registry(directory: Path) -> None:
-    """End the registry of a runtime directory by the PID in its ``registry.pid``.
+def _end_registries(directories: Sequence[Path]) -> None:
+    """End the registries of runtime directories by the PID in their ``registry.pid``.
 
-    Only a process whose command line names ``directory`` (a registry started for it) is
-    touched; the workspace's sweep remains the backstop.
+    Only a process whose command line names its directory (the registry started for it)
+    is touched: SIGTERM to all, then SIGKILL to those left after a bounded wait. The
+    workspace's sweep remains the backstop.
     """
-    try:
-        pid = int((directory / "registry.pid").read_text().strip())
-    except (OSError, ValueError):
-        return
     import psutil
 
-    try:
-        proc = psutil.Process(pid)
-        if str(directory) not in " ".join(proc.cmdline()):
-            return  # not ours: the registry is gone and the PID reused
-        proc.terminate()
-    except psutil.Error:
-        return
-    _, alive = psutil.wait_procs([proc], timeout=_SIGNAL_GRACE)
+    found: list[psutil.Process] = []
+    for directory in directories:
+        try:
+            pid = int((directory / "registry.pid").read_text().strip())
+            proc = psutil.Process(pid)
+            if str(directory) in " ".join(proc.cmdline()):  # else gone, the PID reused
+                proc.terminate()
+                found.append(proc)
+        except (OSError, ValueError, psutil.Error):
+            continue
+    _, alive = psutil.wait_procs(found, timeout=_SIGNAL_GRACE)
     for left in alive:
         with contextlib.suppress(psutil.Error):
             left.kill()
@@ -355,8 +355,7 @@ def _end_hosts(children: Sequence[Child], directories: Sequence[Path]) -> None:
     try:
         end_all(children)
     finally:
-        for directory in directories:
-            _end_registry(directory)
+        _end_registries(directories)
 
 
 def _sizes(cfg: Config) -> tuple[int, int]:

@@ -86,6 +86,9 @@ class AsyncCaller:
                                                PeerNotFound(name))
         pool = self._pools.get(name)
         if pool is None:
+            if "@" in name and _transports.lookup(peer, name) is not None:  # another host's
+                return await _transports.acall(peer, name, connection, args, kwargs, deadline,
+                                               PeerNotFound(name))
             pool = self._pools[name] = _Pool(peer.max_frame)
         # An idle usable channel at once (the common case), else wait for one.
         channel = pool.idle.pop() if pool.idle else None

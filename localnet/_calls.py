@@ -124,6 +124,12 @@ class Caller:
         try:
             channel = pool.idle.pop()  # type: ignore[union-attr]
         except (AttributeError, IndexError):
+            if "@" in name and (pool is None or not pool.open) \
+                    and _transports.lookup(peer, name) is not None:
+                # name@host of another host's peer (and no channel of this host's is
+                # open under that name): no registry lookup each call
+                return _transports.call(peer, name, connection, args, kwargs, deadline,
+                                        PeerNotFound(name))
             try:
                 pool, channel = self._open(key, target, handling, deadline)
             except PeerNotFound as exc:  # not on this host: on another, if joined
