@@ -344,6 +344,8 @@ class Peer:
             if added is None and not removed:
                 registry.request("update", connections=sorted(CATALOG.connections),
                                  events=sorted(CATALOG.events))
+            else:
+                _transports.changed(self)  # the other hosts' publishers, if joined
         except PeerClosed:
             pass
 

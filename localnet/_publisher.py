@@ -60,6 +60,8 @@ class Publisher:
         self._retired: list[Outbox] = []  # closing outboxes, until their counts are final
         self._settled: dict[tuple[str, str], list[int]] = {}  # (event, subscriber) -> counts
         self._unreachable: dict[str, int] = {}  # subscriber name -> failures in a row
+        #: The other hosts' subscribers (localnet.nats._events.RemoteEvents), if joined.
+        self.remote: Any = None
 
     # -- the registry's pushes: who subscribes to us --------------------------
     def apply_push(self, changes: list[Any]) -> None:
@@ -176,6 +178,8 @@ class Publisher:
         peer = self._peer
         if peer.state is not RUNNING:
             peer.require_running()
+        if self.remote is not None:  # subscribers on other hosts (localnet.nats)
+            self.remote.publish(event, args, kwargs)
         targets = self._routes.get(event)
         if targets is None and event not in self._published:
             targets = self._first_trigger(event)
@@ -284,6 +288,8 @@ class Publisher:
                     f"that handler is running on this thread, or waiting for the call this "
                     f"thread serves; flush from another thread, or after the handler returned")
             marks = [(outbox, seq) for outbox, seq in marks if outbox.name not in stuck]
+        if self.remote is not None:
+            marks += self.remote.marks()
         return marks
 
     def close(self) -> None:
@@ -328,3 +334,5 @@ class Publisher:
         for outbox in outboxes:
             for event, counts in outbox.totals().items():
                 yield event, outbox.name, list(counts)
+        if self.remote is not None:
+            yield from self.remote.totals()

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from .nats._config import NatsConfig
     from .nats._link import NatsLink
 
+JOIN_WAIT = 2.0  # seconds start() waits for the server
+CONFIRM_WAIT = 2.0  # ... and for the other hosts' peers to learn its subscriptions
+
 _settings: weakref.WeakKeyDictionary[Peer, NatsConfig] = weakref.WeakKeyDictionary()
 _links: weakref.WeakKeyDictionary[Peer, NatsLink] = weakref.WeakKeyDictionary()
 
@@ -54,13 +57,27 @@ def attach(peer: Peer) -> None:
     from .nats._link import NatsLink
 
     link = _links[peer] = NatsLink(peer, config)
+    peer._publisher.remote = link.events  # noqa: SLF001 - its events reach other hosts too
     link.start()
+    # Joined within a moment: the other hosts' publishers know this peer's
+    # subscriptions before start() returns.  (A server that cannot be reached
+    # delays start by that moment only; the peer joins later by itself.)
+    if link.wait_joined(JOIN_WAIT):
+        link.confirm(CONFIRM_WAIT)
+
+
+def changed(peer: Peer) -> None:
+    """``peer``'s subscriptions changed: tell the other hosts' peers before returning."""
+    link = _links.get(peer)
+    if link is not None:
+        link.confirm(CONFIRM_WAIT)
 
 
 def detach(peer: Peer) -> None:
     """``peer`` closes: say goodbye to the other hosts."""
     link = _links.pop(peer, None)
     if link is not None:
+        peer._publisher.remote = None  # noqa: SLF001
         link.close()
 
 

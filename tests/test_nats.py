@@ -337,3 +337,148 @@ def test_the_peers_command_lists_the_other_hosts_peers(spawn, host_b) -> None:
     assert result.returncode == 0, result.stderr
     rows = [row.split() for row in result.stdout.splitlines()[1:]]
     assert ["worker@host-b", "host-b"] in [row[:2] for row in rows], result.stdout
+
+
+SUBSCRIBER = """
+seen, bad = [], []
+
+@localnet.subscribe("tick")
+def on_tick(n, text=""):
+    seen.append(n)
+
+@localnet.subscribe("bad")
+def on_bad(n):
+    bad.append(n)
+    if n % 2:
+        raise ValueError(f"odd {n}")
+
+@localnet.connect()
+def got():
+    return list(seen), list(bad)
+
+@localnet.connect()
+def dropped():
+    inboxes = localnet._transports.link(peer).inboxes
+    return inboxes.duplicates, inboxes.gaps
+
+peer = localnet.Peer(name=sys.argv[1]).start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+@localnet.event("tick")
+def tick(n: int, text: str = ""):
+    return (n,), {"text": text}
+
+
+@localnet.event("bad")
+def bad(n: int):
+    return (n,), {}
+
+
+def test_events_reach_subscribers_on_another_host_in_order_and_acknowledged(
+        spawn, host_a, host_b) -> None:
+    spawn(SUBSCRIBER, args=["sub"], **host_b)
+    with localnet.Peer(name="pub") as me:
+        _joined(me)
+        wait_until(lambda: any(p.name == "sub@host-b" for p in me.peers()), 10,
+                   "sub@host-b to be listed")
+        for n in range(2000):
+            tick(n, "x" * (n % 50))
+        for n in range(10):
+            bad(n)
+        me.flush(timeout=30)  # covers the other host's subscriber
+        seen, bads = me.call("sub@host-b", "got", (), {}, timeout=10)
+        assert seen == list(range(2000))
+        assert bads == list(range(10))
+        counts = me.stats().published
+        assert (counts["tick"].sent, counts["tick"].delivered, counts["tick"].failed) == \
+            (2000, 2000, 0)
+        assert (counts["bad"].delivered, counts["bad"].failed) == (5, 5)  # odd ones raised
+        assert me.stats().subscribers["sub@host-b"].delivered == 2005
+
+
+def test_a_nats_server_restart_mid_stream_loses_and_duplicates_nothing(
+        spawn, host_a, host_b, nats_server: NatsServer) -> None:
+    spawn(SUBSCRIBER, args=["sub"], **host_b)
+    total = 3000
+    with localnet.Peer(name="pub") as me:
+        _joined(me)
+        wait_until(lambda: any(p.name == "sub@host-b" for p in me.peers()), 10,
+                   "sub@host-b to be listed")
+        link = _transports.link(me)
+        assert link is not None
+        for n in range(total // 3):
+            tick(n)
+        nats_server.kill()  # mid-stream, without warning
+        wait_until(lambda: not link._nc.is_connected, 20, "the link to see the server gone")
+        for n in range(total // 3, 2 * total // 3):  # while the server is down
+            tick(n)
+        nats_server.start()  # the same port: everyone reconnects
+        wait_until(lambda: link._nc.is_connected, 30, "the link to reconnect")
+        for n in range(2 * total // 3, total):
+            tick(n)
+        me.flush(timeout=60)
+        seen, _ = me.call("sub@host-b", "got", (), {}, timeout=20)
+        duplicates, gaps = me.call("sub@host-b", "dropped", (), {}, timeout=20)
+        counts = me.stats().published["tick"]
+        resent = link.events.resent()
+    print(f"sent {counts.sent}, delivered {counts.delivered}, handled {len(seen)} "
+          f"({len(set(seen))} distinct); resends {resent}, duplicates received and dropped "
+          f"{duplicates}, messages dropped for a gap {gaps}")
+    assert resent >= 1  # the outage left events unacknowledged: they went again
+    assert len(seen) == len(set(seen)) == total, (len(seen), len(set(seen)))  # no duplicates
+    assert seen == list(range(total))  # nothing lost, in order
+    assert (counts.sent, counts.delivered, counts.dropped, counts.failed) == (total, total, 0, 0)
+
+
+def test_an_event_too_large_for_the_server_is_refused_at_the_trigger(spawn, host_a,
+                                                                     host_b) -> None:
+    spawn(SUBSCRIBER, args=["sub"], **host_b)
+    with localnet.Peer(name="pub") as me:
+        _joined(me)
+        wait_until(lambda: any(p.name == "sub@host-b" for p in me.peers()), 10,
+                   "sub@host-b to be listed")
+        with pytest.raises(localnet.SerializationError, match="max_payload"):
+            tick(1, "x" * (2 * 1024 * 1024))
+        tick(2)  # the channel goes on
+        me.flush(timeout=20)
+        assert me.call("sub@host-b", "got", (), {}, timeout=10)[0] == [2]
+
+
+LATE = """
+late = []
+
+@localnet.connect()
+def got():
+    return list(late)
+
+peer = localnet.Peer(name=sys.argv[1]).start()
+say("READY")
+for line in sys.stdin:
+    if line.startswith("sub"):
+        n = int(line.split()[1])
+        localnet.subscribe(f"late{n}")(lambda v, n=n: late.append((n, v)))
+        say("SUBSCRIBED", n)
+    elif line.startswith("quit"):
+        break
+peer.close()
+"""
+
+
+def test_a_subscription_made_at_run_time_gets_every_event_triggered_after_it_returned(
+        spawn, host_a, host_b) -> None:
+    sub = spawn(LATE, args=["late-sub"], **host_b)
+    with localnet.Peer(name="pub") as me:
+        _joined(me)
+        wait_until(lambda: any(p.name == "late-sub@host-b" for p in me.peers()), 10,
+                   "late-sub@host-b to be listed")
+        for n in range(5):
+            sub.send(f"sub {n}")
+            sub.expect(f"SUBSCRIBED {n}")
+            me.publish(f"late{n}", (n * 10,), {})  # at once: no presence period to wait
+        me.flush(timeout=20)
+        assert me.call("late-sub@host-b", "got", (), {}, timeout=10) == \
+            [(n, n * 10) for n in range(5)]
+    sub.send("quit")
+    assert sub.wait_exit() == 0

@@ -3,10 +3,11 @@
 A peer given a NATS setting (``Peer(nats="nats://user:pass@server:4222")``
 or ``LOCALNET_NATS``; see :mod:`localnet.nats._config`) announces itself to
 the peers of the other hosts on the same server or cluster and namespace,
-lists theirs in ``localnet.peers()`` as ``name@host``, and calls them and
-answers their calls (:mod:`localnet.nats._link`).  Peers of one host still
-talk through the registry and Unix sockets, as without it.
+lists theirs in ``localnet.peers()`` as ``name@host``, calls them and
+answers their calls (:mod:`localnet.nats._link`), and sends its events to
+their subscribers, acknowledged and in order (:mod:`localnet.nats._events`).
+Peers of one host still talk through the registry and Unix sockets, as
+without it.
 
-Not here yet: events, flush and statistics across hosts, payloads beyond
-the server's ``max_payload``.
+Not here yet: payloads beyond the server's ``max_payload``.
 """

@@ -29,6 +29,8 @@ import base64
 import concurrent.futures
 import json
 import logging
+import os
+import secrets
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -37,6 +39,7 @@ from .. import _loop, _serial
 from .._wire import Kind
 from ..errors import ConnectionLost, PeerNotFound, SerializationError, Timeout
 from ._config import NatsConfig
+from ._events import Inboxes, RemoteEvents
 
 if TYPE_CHECKING:
     from .._peer import Peer
@@ -60,13 +63,16 @@ class NatsLink:
     """Presence, the directory of other hosts' peers, and calls across hosts."""
 
     def __init__(self, peer: Peer, config: NatsConfig) -> None:
-        self._peer = peer
+        self._peer = self.peer = peer
         self.config = config
         self.host = config.host
-        ns = config.namespace
-        self._hb = f"{ns}.hb.{token(config.host)}.{token(peer.name)}"
-        self._bye = f"{ns}.bye.{token(config.host)}.{token(peer.name)}"
-        self._calls = f"{ns}.call.{token(config.host)}.{token(peer.name)}"
+        self.qualified = f"{peer.name}@{config.host}"
+        self.session = f"{os.getpid()}-{secrets.token_hex(6)}"  # this run's event numbering
+        self._hb = self.subject("hb", self.qualified)
+        self._bye = self.subject("bye", self.qualified)
+        self._calls = self.subject("call", self.qualified)
+        self.events = RemoteEvents(self)
+        self.inboxes = Inboxes(self)
         self._lock = threading.Lock()
         self._directory: dict[str, tuple[dict[str, Any], float]] = {}  # name@host -> record
         self._nc: Any = None
@@ -77,6 +83,11 @@ class NatsLink:
         self._joined_at = 0.0
         self._workers = concurrent.futures.ThreadPoolExecutor(
             max_workers=peer.max_workers, thread_name_prefix="localnet-nats-call")
+
+    def subject(self, kind: str, qualified: str) -> str:
+        """``<ns>.<kind>.<host>.<name>`` for the peer ``name@host``."""
+        name, _, host = qualified.rpartition("@")
+        return f"{self.config.namespace}.{kind}.{token(host)}.{token(name)}"
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> None:
@@ -115,6 +126,8 @@ class NatsLink:
         if self._task is not None:
             self._task.cancel()  # (still connecting, to a server that is not there)
         self._workers.shutdown(wait=False, cancel_futures=True)
+        self.events.close()
+        self.inboxes.close()
 
     async def _run(self) -> None:
         import nats
@@ -155,6 +168,9 @@ class NatsLink:
         await nc.subscribe(f"{ns}.hb.>", cb=self._on_heartbeat)
         await nc.subscribe(f"{ns}.bye.>", cb=self._on_bye)
         await nc.subscribe(self._calls, cb=self._on_call)
+        await nc.subscribe(self.subject("ev", self.qualified), cb=self._on_events)
+        await nc.subscribe(self.subject("ack", self.qualified), cb=self._on_ack)
+        await nc.subscribe(self.subject("ctl", self.qualified), cb=self._on_control)
         if told[0]:
             logger.warning("peer %r joined NATS at %s", self._peer.name, nc.connected_url)
         self._joined_at = time.monotonic()
@@ -166,6 +182,9 @@ class NatsLink:
                 except Exception as exc:  # noqa: BLE001 - the next beat tries again
                     logger.debug("heartbeat not sent: %s", exc)
             self._sweep()
+            with self._lock:
+                present = set(self._directory)
+            self.events.tick(time.monotonic(), present)
             await asyncio.sleep(HEARTBEAT)
 
     async def _leave(self) -> None:
@@ -189,22 +208,33 @@ class NatsLink:
 
     async def _on_reconnected(self) -> None:
         logger.warning("peer %r reconnected to NATS", self._peer.name)
+        self.events.resend_all()  # what was on its way may be lost: again, from the unacked
 
     # -- the directory ------------------------------------------------------------
     def _presence(self) -> bytes:
-        info = self._peer._registration()["info"]  # noqa: SLF001 - its own record
+        registration = self._peer._registration()  # noqa: SLF001 - its own record
+        info = registration["info"]
         record = {key: info.get(key) for key in _SHARED}
         record["host"] = self.host
+        record["subs"] = registration["subs"]  # (this process's, if this peer receives)
         return json.dumps(record, separators=(",", ":")).encode()
 
     async def _on_heartbeat(self, msg: Any) -> None:
+        self._learn(msg.data, msg.subject)
+
+    async def _on_control(self, msg: Any) -> None:
+        """A peer's record, sent to us to be known at once (see :meth:`confirm`)."""
+        self._learn(msg.data, msg.subject)
+        await msg.respond(b"ok")
+
+    def _learn(self, data: bytes, subject: str) -> None:
         try:
-            record = json.loads(msg.data)
+            record = json.loads(data)
             name, host = record["name"], record["host"]
             if not isinstance(name, str) or not isinstance(host, str):
                 raise ValueError("name and host are strings")
         except (ValueError, KeyError, TypeError) as exc:
-            logger.debug("ignoring a malformed heartbeat on %s: %s", msg.subject, exc)
+            logger.debug("ignoring a malformed presence on %s: %s", subject, exc)
             return
         if host == self.host:
             return  # this host's peers are the registry's
@@ -247,6 +277,70 @@ class NatsLink:
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._directory)
+
+    def records(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(name@host, record)`` of every other host's live peer."""
+        with self._lock:
+            return [(key, record) for key, (record, _) in self._directory.items()]
+
+    def confirm(self, timeout: float) -> None:
+        """Send this peer's record to every other host's peer and wait (up to
+        ``timeout``) until each has it: from then on their triggers reach our new
+        subscriptions.  (Peers that do not answer in time learn it from the next
+        presence message.)"""
+        nc, loop = self._nc, self._loop
+        if nc is None or loop is None or not nc.is_connected:
+            return
+        presence = self._presence()
+        targets = [self.subject("ctl", key) for key, _ in self.records()]
+
+        async def ask() -> None:
+            await asyncio.gather(*(nc.request(subject, presence, timeout=timeout)
+                                   for subject in targets), return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(ask(), loop).result(timeout + 1.0)
+        except Exception as exc:  # noqa: BLE001 - the presence messages go on anyway
+            logger.debug("confirming subscriptions: %s", exc)
+
+    # -- events ---------------------------------------------------------------------
+    def max_payload(self) -> int:
+        """The server's message limit (NATS's default until connected)."""
+        nc = self._nc
+        return int(nc.max_payload) if nc is not None and nc.max_payload else 1024 * 1024
+
+    def soon(self, send: Any) -> bool:
+        """Run ``send()`` (a coroutine function) on the link's loop, if connected;
+        False when not."""
+        loop, nc = self._loop, self._nc
+        if loop is None or nc is None or not nc.is_connected or self._closed:
+            return False
+        asyncio.run_coroutine_threadsafe(send(), loop)
+        return True
+
+    async def publish(self, subject: str, body: bytes,
+                      headers: dict[str, str] | None = None) -> None:
+        nc = self._nc
+        if nc is not None:
+            await nc.publish(subject, body, headers=headers)
+
+    async def _on_events(self, msg: Any) -> None:
+        self.inboxes.on_events(msg.headers or {}, msg.data)
+
+    async def _on_ack(self, msg: Any) -> None:
+        self.events.on_ack(msg.data)
+
+    def acknowledge(self, publisher: str, session: str, upto: int,
+                    failed: list[list[int]]) -> None:
+        """Tell ``publisher`` (any thread) which of its events this peer handled."""
+        body = json.dumps({"sub": self.qualified, "s": session, "upto": upto,
+                           "failed": failed}).encode()
+        subject = self.subject("ack", publisher)
+
+        async def send() -> None:
+            await self.publish(subject, body)
+
+        self.soon(send)
 
     # -- calls ------------------------------------------------------------------------
     def call(self, name: str, connection: str, args: tuple[Any, ...], kwargs: dict[str, Any],
