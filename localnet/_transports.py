@@ -105,7 +105,7 @@ def call(peer: Peer, name: str, connection: str, args: tuple[Any, ...],
     found = _links.get(peer)
     if found is None or found.lookup(name) is None:
         raise error
-    return found.call(name, connection, args, kwargs, deadline)
+    return found.calls.call(name, connection, args, kwargs, deadline)
 
 
 async def acall(peer: Peer, name: str, connection: str, args: tuple[Any, ...],
@@ -114,4 +114,4 @@ async def acall(peer: Peer, name: str, connection: str, args: tuple[Any, ...],
     found = _links.get(peer)
     if found is None or found.lookup(name) is None:
         raise error
-    return await found.acall(name, connection, args, kwargs, deadline)
+    return await found.calls.acall(name, connection, args, kwargs, deadline)

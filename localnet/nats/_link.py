@@ -12,10 +12,10 @@ adds what crosses hosts:
   seconds after its last heartbeat (a host that lost power, its cable or
   all its processes at once thus leaves every listing within ``EXPIRY +
   HEARTBEAT``);
-* calls: request/reply on ``<ns>.call.<host>.<name>``, the body being the
-  call's payload as on one host (inline: shared memory does not cross
-  hosts); the answer's first byte is its kind (REPLY or ERROR), then the
-  pickled result or exception, rebuilt as on one host.
+* calls: request/reply on ``<ns>.call.<host>.<name>`` (:mod:`._calls`);
+* events: ``<ns>.ev.<host>.<name>`` and their acknowledgements on
+  ``<ns>.ack.<host>.<name>`` (:mod:`._events`); ``<ns>.ctl.<host>.<name>``
+  takes a peer's record at once, when its subscriptions changed.
 
 Subject tokens are the host's and the peer's names in URL-safe base64, so
 any name is a valid subject.  When the server cannot be reached the peer
@@ -35,9 +35,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import _loop, _serial
-from .._wire import Kind
-from ..errors import ConnectionLost, PeerNotFound, SerializationError, Timeout
+from .. import _loop
+from ._calls import RemoteCalls
 from ._config import NatsConfig
 from ._events import Inboxes, RemoteEvents
 
@@ -48,7 +47,6 @@ logger = logging.getLogger("localnet.nats")
 
 HEARTBEAT = 0.5  # seconds between a peer's presence messages
 EXPIRY = 2.0  # a peer not heard of for this long has left
-_REPLY, _ERROR = int(Kind.REPLY), int(Kind.ERROR)
 #: What a remote record keeps of a peer's registration (the rest is local).
 _SHARED = ("name", "pid", "started", "since", "user", "group", "hub", "connections",
            "events", "executable")
@@ -73,6 +71,7 @@ class NatsLink:
         self._calls = self.subject("call", self.qualified)
         self.events = RemoteEvents(self)
         self.inboxes = Inboxes(self)
+        self.calls = RemoteCalls(self)
         self._lock = threading.Lock()
         self._directory: dict[str, tuple[dict[str, Any], float]] = {}  # name@host -> record
         self._nc: Any = None
@@ -81,8 +80,16 @@ class NatsLink:
         self._closed = False
         self._joined = threading.Event()  # connected at least once
         self._joined_at = 0.0
-        self._workers = concurrent.futures.ThreadPoolExecutor(
-            max_workers=peer.max_workers, thread_name_prefix="localnet-nats-call")
+
+    @property
+    def nc(self) -> Any:
+        """The NATS connection (None until joined)."""
+        return self._nc
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the connection lives on."""
+        return self._loop
 
     def subject(self, kind: str, qualified: str) -> str:
         """``<ns>.<kind>.<host>.<name>`` for the peer ``name@host``."""
@@ -125,7 +132,7 @@ class NatsLink:
                 logger.debug("leaving NATS: %s", exc)
         if self._task is not None:
             self._task.cancel()  # (still connecting, to a server that is not there)
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        self.calls.close()
         self.events.close()
         self.inboxes.close()
 
@@ -167,7 +174,7 @@ class NatsLink:
         ns = self.config.namespace
         await nc.subscribe(f"{ns}.hb.>", cb=self._on_heartbeat)
         await nc.subscribe(f"{ns}.bye.>", cb=self._on_bye)
-        await nc.subscribe(self._calls, cb=self._on_call)
+        await nc.subscribe(self._calls, cb=self.calls.on_call)
         await nc.subscribe(self.subject("ev", self.qualified), cb=self._on_events)
         await nc.subscribe(self.subject("ack", self.qualified), cb=self._on_ack)
         await nc.subscribe(self.subject("ctl", self.qualified), cb=self._on_control)
@@ -343,128 +350,6 @@ class NatsLink:
         self.soon(send)
 
     # -- calls ------------------------------------------------------------------------
-    def call(self, name: str, connection: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-             deadline: float | None) -> Any:
-        """Run ``connection`` in the peer ``name`` (``name@host``) of another host.
-
-        Raises the remote exception, or PeerNotFound, Timeout, ConnectionLost
-        (the peer or its host went away during the call), SerializationError.
-        """
-        qualified, future = self._send(name, connection, args, kwargs, deadline)
-        return _answer(self._wait(future, qualified, connection, deadline), qualified,
-                       connection)
-
-    async def acall(self, name: str, connection: str, args: tuple[Any, ...],
-                    kwargs: dict[str, Any], deadline: float | None) -> Any:
-        """:meth:`call`, awaited on any loop (``deadline``: ``time.monotonic()``)."""
-        import nats.errors
-
-        qualified, future = self._send(name, connection, args, kwargs, deadline)
-        waiting = asyncio.wrap_future(future)
-        try:
-            while True:
-                done, _ = await asyncio.wait({waiting}, timeout=0.25)
-                if done:
-                    return _answer(waiting.result(), qualified, connection)
-                self._check(qualified, connection, deadline)
-        except nats.errors.Error as exc:
-            raise _translate(exc, qualified, connection) from None
-        finally:
-            if not future.done():
-                future.cancel()
-
-    def _send(self, name: str, connection: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-              deadline: float | None) -> tuple[str, concurrent.futures.Future[Any]]:
-        """Start the request; the callee's ``name@host`` and the future of its answer."""
-        record = self.lookup(name)
-        nc, loop = self._nc, self._loop
-        if record is None or nc is None or loop is None:
-            raise PeerNotFound(name, self.names())
-        qualified = record["name"]
-        bare, _, host = qualified.rpartition("@")
-        subject = f"{self.config.namespace}.call.{token(host)}.{token(bare)}"
-        payload = _serial.dumps_call(connection, args, kwargs, "an argument of", None)
-        assert isinstance(payload, bytes)
-        if len(payload) > nc.max_payload:
-            raise SerializationError(
-                f"the arguments of {connection!r} are {len(payload)} bytes, over the NATS "
-                f"server's {nc.max_payload}-byte message limit (max_payload); calls across "
-                "hosts carry at most that much for now")
-        timeout = 1e9 if deadline is None else max(0.001, deadline - time.monotonic())
-        return qualified, asyncio.run_coroutine_threadsafe(
-            nc.request(subject, payload, timeout=timeout), loop)
-
-    def _check(self, qualified: str, connection: str, deadline: float | None) -> None:
-        """Raise Timeout past ``deadline``, ConnectionLost once the callee left."""
-        if deadline is not None and time.monotonic() >= deadline:
-            raise Timeout(f"peer {qualified!r} did not answer {connection!r} within the "
-                          "timeout")
-        if self.lookup(qualified) is None:
-            raise ConnectionLost(f"peer {qualified!r} went away during the call to "
-                                 f"{connection!r}")
-
-    def _wait(self, future: concurrent.futures.Future[Any], qualified: str, connection: str,
-              deadline: float | None) -> Any:
-        """The answer; meanwhile, a peer that leaves the directory ends the call."""
-        import nats.errors
-
-        try:
-            while True:
-                try:
-                    return future.result(0.25)
-                except concurrent.futures.TimeoutError:
-                    self._check(qualified, connection, deadline)
-        except nats.errors.Error as exc:
-            raise _translate(exc, qualified, connection) from None
-        finally:
-            if not future.done():
-                future.cancel()
-
-    async def _on_call(self, msg: Any) -> None:
-        # Each call in a task of its own: the subscription's next message does
-        # not wait for this one (calls run at once, as on one host).
-        asyncio.ensure_future(self._answer(msg))
-
-    async def _answer(self, msg: Any) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            answer = await loop.run_in_executor(self._workers, self._serve, bytes(msg.data))
-            if self._nc is not None and len(answer) > self._nc.max_payload:
-                answer = bytes([_ERROR]) + _serial.dumps_exception(SerializationError(
-                    f"the result is {len(answer)} bytes, over the NATS server's message "
-                    "limit (max_payload)"), "")
-            await msg.respond(answer)
-        except Exception as exc:  # noqa: BLE001 - one bad call never stops the link
-            logger.warning("peer %r could not answer a call from another host: %s",
-                           self._peer.name, exc)
-
-    def _serve(self, data: bytes) -> bytes:
-        kind, reply = self._peer._receiver.run_call(bytearray(data), [], inline=True)  # noqa: SLF001
-        assert isinstance(reply, (bytes, bytearray))
-        return bytes([int(kind)]) + bytes(reply)
-
-
-def _answer(msg: Any, qualified: str, connection: str) -> Any:
-    """The result in an answer, or raise its exception."""
-    data = msg.data
-    if not data or data[0] not in (_REPLY, _ERROR):
-        raise ConnectionLost(f"peer {qualified!r} sent a malformed answer")
-    if data[0] == _REPLY:
-        return _serial.loads(memoryview(data)[1:], "the result of", None, connection)
-    raise _serial.loads_exception(memoryview(data)[1:])
-
-
-def _translate(exc: Exception, qualified: str, connection: str) -> Exception:
-    """A nats-py error of a call, as localnet's."""
-    import nats.errors
-
-    if isinstance(exc, nats.errors.TimeoutError):
-        return Timeout(f"peer {qualified!r} did not answer {connection!r} within the timeout")
-    if isinstance(exc, nats.errors.NoRespondersError):
-        return ConnectionLost(f"peer {qualified!r} is no longer there")
-    return ConnectionLost(f"the call to {qualified!r} failed on NATS: {exc}")
-
-
 def _as_remote(key: str, record: dict[str, Any]) -> dict[str, Any]:
     """A directory record as a RemotePeer's info: named ``name@host``, no local address."""
     info = dict(record)
