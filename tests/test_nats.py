@@ -135,6 +135,20 @@ def slow(seconds):
 def where():
     return os.getpid()
 
+@localnet.connect()
+def measure(array):
+    return int(array.nbytes), float(array[0]), float(array[-1])
+
+@localnet.connect()
+def make(n):
+    import numpy
+    return numpy.arange(n, dtype="float64")
+
+@localnet.connect()
+def peak():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (KiB on Linux)
+
 peer = localnet.Peer(name=sys.argv[1]).start()
 localnet.serve_forever(peer, ready=lambda: say("READY"))
 """
@@ -482,3 +496,48 @@ def test_a_subscription_made_at_run_time_gets_every_event_triggered_after_it_ret
             [(n, n * 10) for n in range(5)]
     sub.send("quit")
     assert sub.wait_exit() == 0
+
+
+def test_a_gibibyte_array_crosses_hosts_both_ways_in_parts(spawn, host_a, host_b,
+                                                           monkeypatch) -> None:
+    """Arguments and results over the server's 1 MiB message limit travel in parts,
+    up to max_frame (2 GiB here, on both sides), without piling up in memory."""
+    import numpy
+
+    big = str(2 * 1024**3)
+    monkeypatch.setenv("LOCALNET_MAX_FRAME", big)
+    spawn(WORKER, args=["worker"], LOCALNET_MAX_FRAME=big, **host_b)
+    n = int(os.environ.get("LN_TEST_BYTES", str(1024**3))) // 8  # 1 GiB of float64
+    with localnet.Peer(name="director") as me:
+        _joined(me)
+        wait_until(lambda: any(p.name == "worker@host-b" for p in me.peers()), 10,
+                   "worker@host-b to be listed")
+        array = numpy.arange(n, dtype="float64")
+        started = time.monotonic()
+        assert me.call("worker@host-b", "measure", (array,), {}, timeout=300) == \
+            (n * 8, 0.0, float(n - 1))
+        there = time.monotonic() - started
+        del array
+        started = time.monotonic()
+        back = me.call("worker@host-b", "make", (n,), {}, timeout=300)
+        back_s = time.monotonic() - started
+        assert back.nbytes == n * 8 and back[-1] == n - 1
+        del back
+        worker_peak = me.call("worker@host-b", "peak", (), {}, timeout=30)
+        import resource
+        own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(f"{n * 8 / 2**30:.2f} GiB there {there:.1f} s, back {back_s:.1f} s; peak "
+              f"memory: worker {worker_peak / 2**30:.2f} GiB, caller {own_peak / 2**30:.2f} "
+              "GiB")
+        # The parts never pile up: each side holds the array, its pickle, and one
+        # buffer of that size at most (3 x the array, plus the interpreter).
+        assert worker_peak < 3 * n * 8 + 2**28
+        assert own_peak < 3 * n * 8 + 2**28
+        # beyond max_frame: refused here, before anything is sent
+        monkeypatch.setenv("LOCALNET_MAX_FRAME", str(1024**2))
+    with localnet.Peer(name="small", max_frame=1024**2) as small:
+        _joined(small)
+        wait_until(lambda: any(p.name == "worker@host-b" for p in small.peers()), 10,
+                   "worker@host-b to be listed")
+        with pytest.raises(localnet.SerializationError, match="max_frame"):
+            small.call("worker@host-b", "measure", (numpy.zeros(300_000),), {}, timeout=30)

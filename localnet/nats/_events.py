@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("localnet.nats")
 
 RESEND = 1.0  # seconds without progress before unacknowledged events go again
+_encode_item = _serial.encode_item  # (the C item encoder; None where not built)
+_ITEM_MAX = _serial.ITEM_MAX
 _BATCH_BYTES = 256 * 1024  # at most this much of events per message
 _EVENT = int(Kind.EVENT)
 
@@ -206,29 +208,39 @@ class RemoteEvents:
         self._lock = threading.Lock()
         self._outboxes: dict[str, RemoteOutbox] = {}
         self._retired: list[RemoteOutbox] = []  # (their counts stay in the statistics)
+        self._routes: dict[str, list[tuple[str, int]]] = {}  # event -> (subscriber, pid)
+        self._version = -1  # the directory's version the routes were made from
 
     def publish(self, event: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Queue ``event`` for every other host's subscriber that takes it."""
-        link, peer = self._link, self._link.peer
-        targets = [(key, record) for key, record in link.records()
-                   if any(accepts(sub, event, peer.name, peer.group, peer.hub)
-                          for sub in record.get("subs") or ())]
+        link = self._link
+        if self._version != link.version:  # a peer came, went or changed: route again
+            self._version = link.version
+            self._routes = {}
+        targets = self._routes.get(event)
+        if targets is None:
+            peer = link.peer
+            targets = self._routes[event] = [
+                (key, int(record.get("pid") or 0)) for key, record in link.records()
+                if any(accepts(sub, event, peer.name, peer.group, peer.hub)
+                       for sub in record.get("subs") or ())]
         if not targets:
             return
-        item = _serial.dumps_event(event, args, kwargs, None)
-        if isinstance(item, _serial.Payload) or not isinstance(item, bytes):
-            raise TypeError("an inline event was expected")
-        if item[:1] == b"\x80":  # a whole pickle: as an item, without PROTO and STOP
-            item = item[2:-1]
+        item = None if _encode_item is None else _encode_item(event, args, kwargs, _ITEM_MAX)
+        if item is None:
+            whole = _serial.dumps_event(event, args, kwargs, None)
+            if not isinstance(whole, bytes):
+                raise TypeError("an inline event was expected")
+            item = whole[2:-1] if whole[:1] == b"\x80" else whole  # as an item
         limit = link.max_payload() - 1024  # (the list frame and the headers)
         if len(item) > limit:
             raise SerializationError(
                 f"event {event!r} is {len(item)} bytes pickled, over the NATS server's "
                 f"message limit for subscribers on other hosts ({limit} bytes, from "
-                "max_payload); nothing was sent. Send large data through a call on this "
-                "host, or raise the server's max_payload")
-        for key, record in targets:
-            self._outbox(key, int(record.get("pid") or 0)).put(event, item)
+                "max_payload); nothing was sent. Send large data through a call, or "
+                "raise the server's max_payload")
+        for key, pid in targets:
+            self._outbox(key, pid).put(event, item)
 
     def _outbox(self, key: str, pid: int) -> RemoteOutbox:
         """The outbox to subscriber ``key`` in process ``pid`` (a restarted subscriber

@@ -39,6 +39,7 @@ from .. import _loop
 from ._calls import RemoteCalls
 from ._config import NatsConfig
 from ._events import Inboxes, RemoteEvents
+from ._parts import Parts
 
 if TYPE_CHECKING:
     from .._peer import Peer
@@ -72,14 +73,17 @@ class NatsLink:
         self.events = RemoteEvents(self)
         self.inboxes = Inboxes(self)
         self.calls = RemoteCalls(self)
+        self.parts = Parts(self)
         self._lock = threading.Lock()
         self._directory: dict[str, tuple[dict[str, Any], float]] = {}  # name@host -> record
+        self.version = 0  # changes whenever a peer comes, goes or changes its subscriptions
         self._nc: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: concurrent.futures.Future[None] | None = None
         self._closed = False
         self._joined = threading.Event()  # connected at least once
         self._joined_at = 0.0
+        self._ticked = 0.0  # the presence loop's last round (see _sweep)
 
     @property
     def nc(self) -> Any:
@@ -175,14 +179,25 @@ class NatsLink:
         await nc.subscribe(f"{ns}.hb.>", cb=self._on_heartbeat)
         await nc.subscribe(f"{ns}.bye.>", cb=self._on_bye)
         await nc.subscribe(self._calls, cb=self.calls.on_call)
+        await nc.subscribe(self.subject("part", self.qualified), cb=self.parts.on_part)
+        await nc.subscribe(self.subject("pull", self.qualified), cb=self.parts.on_pull)
         await nc.subscribe(self.subject("ev", self.qualified), cb=self._on_events)
         await nc.subscribe(self.subject("ack", self.qualified), cb=self._on_ack)
         await nc.subscribe(self.subject("ctl", self.qualified), cb=self._on_control)
         if told[0]:
             logger.warning("peer %r joined NATS at %s", self._peer.name, nc.connected_url)
-        self._joined_at = time.monotonic()
+        self._joined_at = self._ticked = time.monotonic()
         self._joined.set()
         while not self._closed:
+            now = time.monotonic()
+            stalled = now - self._ticked - HEARTBEAT
+            if stalled > HEARTBEAT / 2:
+                # This process held the loop up (a long pickle, say): the others'
+                # presence waits unread; it does not count against them.
+                with self._lock:
+                    self._directory = {k: (r, until + stalled)
+                                       for k, (r, until) in self._directory.items()}
+            self._ticked = now
             if nc.is_connected:
                 try:
                     await nc.publish(self._hb, self._presence())
@@ -192,6 +207,7 @@ class NatsLink:
             with self._lock:
                 present = set(self._directory)
             self.events.tick(time.monotonic(), present)
+            self.parts.sweep(time.monotonic())
             await asyncio.sleep(HEARTBEAT)
 
     async def _leave(self) -> None:
@@ -245,8 +261,13 @@ class NatsLink:
             return
         if host == self.host:
             return  # this host's peers are the registry's
+        key = f"{name}@{host}"
         with self._lock:
-            self._directory[f"{name}@{host}"] = (record, time.monotonic() + EXPIRY)
+            old = self._directory.get(key)
+            if old is None or old[0].get("pid") != record.get("pid") \
+                    or old[0].get("subs") != record.get("subs"):
+                self.version += 1  # (who subscribes to what changed: routes again)
+            self._directory[key] = (record, time.monotonic() + EXPIRY)
 
     async def _on_bye(self, msg: Any) -> None:
         parts = msg.subject.split(".")
@@ -254,12 +275,18 @@ class NatsLink:
             for key, (record, _) in list(self._directory.items()):
                 if token(record["host"]) == parts[-2] and token(record["name"]) == parts[-1]:
                     del self._directory[key]
+                    self.version += 1
 
     def _sweep(self) -> None:
+        """Forget the peers not heard of for ``EXPIRY`` s; not while this process's
+        own loop is behind (its unread messages may hold their presence)."""
         now = time.monotonic()
+        if now - self._ticked > 2 * HEARTBEAT:
+            return
         with self._lock:
             for key in [k for k, (_, until) in self._directory.items() if until < now]:
                 del self._directory[key]
+                self.version += 1
 
     def peers(self) -> list[dict[str, Any]]:
         """The other hosts' live peers, as records named ``name@host``."""
