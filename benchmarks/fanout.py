@@ -91,19 +91,25 @@ def _publish_socket(params: Params) -> None:
     wait_for_quit(params["lifetime"])
 
 
+def stream_ticks(app: Any, peer: Any, params: Params) -> None:
+    """A localnet publisher's counted stream: ready, then on "go" every event, a flush,
+    the times reported; then wait for quit."""
+    report(ready=True)
+    expect_command("go", READY_TIMEOUT)
+    tick = app.bench_tick
+    first = time.monotonic()
+    for i in range(params["events"]):
+        tick(i, PAYLOAD)
+    sent = time.monotonic()
+    peer.flush(timeout=params["timeout"])
+    report(result={"first": first, "sent": sent, "flushed": time.monotonic()})
+    wait_for_quit(params["lifetime"])
+
+
 def _publish_localnet(params: Params) -> None:
     app = load_localnet_module("_ln_app", "event")
     with app.localnet.Peer(name="bench-publisher") as peer:
-        report(ready=True)
-        expect_command("go", READY_TIMEOUT)
-        tick = app.bench_tick
-        first = time.monotonic()
-        for i in range(params["events"]):
-            tick(i, PAYLOAD)
-        sent = time.monotonic()
-        peer.flush(timeout=params["timeout"])
-        report(result={"first": first, "sent": sent, "flushed": time.monotonic()})
-        wait_for_quit(params["lifetime"])
+        stream_ticks(app, peer, params)
 
 
 # --------------------------------------------------------------------------- subscribers

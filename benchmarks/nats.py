@@ -330,16 +330,7 @@ def _publish_localnet(params: Params) -> None:
     with app.localnet.Peer(name=PUBLISHER) as peer:
         _wait_all_listed(peer, [f"{_sub_name(i)}@{SUBSCRIBER_HOST}" for i in range(params["k"])],
                          params["listed_within"])
-        report(ready=True)
-        expect_command("go", READY_TIMEOUT)
-        tick = app.bench_tick
-        first = time.monotonic()
-        for i in range(params["events"]):
-            tick(i, PAYLOAD)
-        sent = time.monotonic()
-        peer.flush(timeout=params["timeout"])
-        report(result={"first": first, "sent": sent, "flushed": time.monotonic()})
-        wait_for_quit(params["lifetime"])
+        fanout.stream_ticks(app, peer, params)
 
 
 async def _subscribe_nats_py(params: Params) -> None:
