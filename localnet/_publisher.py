@@ -241,7 +241,8 @@ class Publisher:
 
     def has_room(self, event: str) -> bool:
         """True when triggering ``event`` now would not wait for a subscriber's room."""
-        return all(outbox.has_room() for outbox in self._routes.get(event, ()))
+        return all(outbox.has_room() for outbox in self._routes.get(event, ())) and \
+            (self.remote is None or self.remote.has_room(event))
 
     def subscribers(self, event: str | None = None) -> list[str]:
         """Names of the live peers this peer's events (or ``event``) now go to."""

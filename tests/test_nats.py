@@ -230,7 +230,7 @@ def test_a_host_killed_as_a_whole_leaves_every_listing_within_three_seconds(
                    "host-b's peers to leave the listing")
         gone_after = time.monotonic() - killed
         assert gone_after < _link.EXPIRY + _link.HEARTBEAT + 0.5, gone_after
-        during.join(10)
+        during.join(20)
         assert len(pending) == 1 and isinstance(pending[0], localnet.ConnectionLost)
 
 
@@ -446,18 +446,25 @@ def test_a_nats_server_restart_mid_stream_loses_and_duplicates_nothing(
     assert (counts.sent, counts.delivered, counts.dropped, counts.failed) == (total, total, 0, 0)
 
 
-def test_an_event_too_large_for_the_server_is_refused_at_the_trigger(spawn, host_a,
-                                                                     host_b) -> None:
-    spawn(SUBSCRIBER, args=["sub"], **host_b)
+def test_an_event_over_max_frame_is_refused_at_the_trigger_or_counted_failed(
+        spawn, host_a, host_b) -> None:
+    spawn(SUBSCRIBER, args=["sub"], LOCALNET_MAX_FRAME=str(1024**2), **host_b)
     with localnet.Peer(name="pub") as me:
         _joined(me)
         wait_until(lambda: any(p.name == "sub@host-b" for p in me.peers()), 10,
                    "sub@host-b to be listed")
-        with pytest.raises(localnet.SerializationError, match="max_payload"):
-            tick(1, "x" * (2 * 1024 * 1024))
+        tick(1, "x" * (2 * 1024**2))  # over the subscriber's max_frame: failed there
         tick(2)  # the channel goes on
-        me.flush(timeout=20)
+        me.flush(timeout=30)
         assert me.call("sub@host-b", "got", (), {}, timeout=10)[0] == [2]
+        counts = me.stats().published["tick"]
+        assert (counts.delivered, counts.failed) == (1, 1)
+    with localnet.Peer(name="small", max_frame=1024**2) as small:
+        _joined(small)
+        wait_until(lambda: any(p.name == "sub@host-b" for p in small.peers()), 10,
+                   "sub@host-b to be listed")
+        with pytest.raises(localnet.SerializationError, match="max_frame"):
+            small.publish("tick", ("x" * (2 * 1024**2),), {})  # over its own: refused
 
 
 LATE = """
@@ -541,3 +548,37 @@ def test_a_gibibyte_array_crosses_hosts_both_ways_in_parts(spawn, host_a, host_b
                    "worker@host-b to be listed")
         with pytest.raises(localnet.SerializationError, match="max_frame"):
             small.call("worker@host-b", "measure", (numpy.zeros(300_000),), {}, timeout=30)
+
+
+ARRAYS = """
+got = []
+
+@localnet.subscribe("frame")
+def on_frame(array, tag):
+    got.append((int(array.nbytes), float(array[-1]), tag))
+
+@localnet.connect()
+def frames():
+    return list(got)
+
+peer = localnet.Peer(name=sys.argv[1]).start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_large_events_cross_hosts_in_parts_in_order(spawn, host_a, host_b) -> None:
+    import numpy
+
+    spawn(ARRAYS, args=["viewer"], **host_b)
+    with localnet.Peer(name="pub") as me:
+        _joined(me)
+        wait_until(lambda: any(p.name == "viewer@host-b" for p in me.peers()), 10,
+                   "viewer@host-b to be listed")
+        sizes = [10, 300_000, 20, 2_000_000, 30]  # float64: 80 B ... 16 MB
+        for i, n in enumerate(sizes):
+            me.publish("frame", (numpy.arange(n, dtype="float64"), i), {})
+        me.flush(timeout=60)
+        assert me.call("viewer@host-b", "frames", (), {}, timeout=20) == \
+            [(n * 8, float(n - 1), i) for i, n in enumerate(sizes)]
+        counts = me.stats().published["frame"]
+        assert (counts.delivered, counts.failed) == (5, 0)

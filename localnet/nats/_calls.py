@@ -32,7 +32,7 @@ _REPLY, _ERROR = int(Kind.REPLY), int(Kind.ERROR)
 #: Seconds a callee may be missing from the directory before its call is given up
 #: (one that left is gone from it within 2.5 s; this much more rides out a callee
 #: whose presence paused while it held its interpreter in a long operation).
-LOST_AFTER = 2.0
+LOST_AFTER = 5.0
 
 
 class RemoteCalls:

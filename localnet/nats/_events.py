@@ -36,6 +36,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from .. import _serial
+from .._events import waiting
 from .._wire import ITEMS_HEAD, ITEMS_MARK, ITEMS_TAIL, Kind
 from ..errors import SerializationError
 
@@ -94,10 +95,14 @@ class RemoteOutbox:
         with self._cond:
             return self._base + len(self._queue)
 
+    def has_room(self) -> bool:
+        return self.closed or len(self._queue) < self.limit
+
     def put(self, event: str, item: bytes) -> None:
         with self._cond:
             if len(self._queue) >= self.limit:
-                deadline = time.monotonic() + self.block
+                # (an awaited trigger waited for room on its loop already)
+                deadline = time.monotonic() + (self.block if waiting.allowed else 0.0)
                 while len(self._queue) >= self.limit and not self.closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -134,7 +139,7 @@ class RemoteOutbox:
                 size += len(entries[end][1])
                 end += 1
             body = ITEMS_HEAD + b"".join(item for _, item in entries[start:end]) + ITEMS_TAIL
-            await self._link.publish(self.subject, body, {
+            await self._link.parts.push(self.name, self.subject, body, {
                 "p": self._link.qualified, "s": self._link.session,
                 "f": str(first + start), "n": str(end - start)})
             start = end
@@ -232,15 +237,20 @@ class RemoteEvents:
             if not isinstance(whole, bytes):
                 raise TypeError("an inline event was expected")
             item = whole[2:-1] if whole[:1] == b"\x80" else whole  # as an item
-        limit = link.max_payload() - 1024  # (the list frame and the headers)
+        limit = link.peer.max_frame - 64  # (the list frame around it)
         if len(item) > limit:
             raise SerializationError(
-                f"event {event!r} is {len(item)} bytes pickled, over the NATS server's "
-                f"message limit for subscribers on other hosts ({limit} bytes, from "
-                "max_payload); nothing was sent. Send large data through a call, or "
-                "raise the server's max_payload")
+                f"event {event!r} is {len(item)} bytes pickled, over this peer's "
+                f"{limit}-byte limit for subscribers on other hosts (max_frame); nothing "
+                "was sent. Raise max_frame (on the subscribers' side too)")
         for key, pid in targets:
             self._outbox(key, pid).put(event, item)
+
+    def has_room(self, event: str) -> bool:
+        """True when triggering ``event`` now would not wait for a remote subscriber."""
+        with self._lock:
+            outboxes = [self._outboxes.get(key) for key, _ in self._routes.get(event, ())]
+        return all(outbox is None or outbox.has_room() for outbox in outboxes)
 
     def _outbox(self, key: str, pid: int) -> RemoteOutbox:
         """The outbox to subscriber ``key`` in process ``pid`` (a restarted subscriber
@@ -334,15 +344,17 @@ class Inboxes:
         self.duplicates = 0  # events received again after they were handled (dropped)
         self.gaps = 0  # messages dropped because an earlier one was missing
 
-    def on_events(self, headers: dict[str, str], body: bytes) -> None:
-        """A message of events (on the link's loop): hand it to its inbox's thread."""
+    def on_events(self, headers: dict[str, str], body: bytes | bytearray | None) -> None:
+        """A message of events (on the link's loop): hand it to its inbox's thread.
+        ``body`` None: a large event that could not be taken (over this peer's
+        max_frame): it counts as failed, here and at the publisher."""
         try:
             publisher, session = headers["p"], headers["s"]
             first, count = int(headers["f"]), int(headers["n"])
         except (KeyError, TypeError, ValueError):
             logger.debug("ignoring a malformed message of events")
             return
-        if not body or body[0] != ITEMS_MARK or count < 1:
+        if count < 1 or (body is not None and (not body or body[0] != ITEMS_MARK)):
             return
         with self._lock:
             inbox = self._inboxes.get((publisher, session))
@@ -356,7 +368,7 @@ class Inboxes:
         inbox.worker.submit(self._handle, inbox, publisher, session, first, count, body)
 
     def _handle(self, inbox: _Inbox, publisher: str, session: str, first: int, count: int,
-                body: bytes) -> None:
+                body: bytes | bytearray | None) -> None:
         if inbox.receive is None:
             inbox.receive = self._link.peer._receiver.event_receiver(  # noqa: SLF001
                 inbox.publisher)
@@ -366,13 +378,19 @@ class Inboxes:
             return  # a gap: an earlier batch is missing; the resend brings it
         failed: list[list[int]] = []
         self.duplicates += min(count, inbox.last + 1 - first)
-        if last > inbox.last:
+        if last > inbox.last and body is None:
+            logger.error("an event from %r is larger than this peer's max_frame (%d bytes); "
+                         "it counts as failed", publisher, self._link.peer.max_frame)
+            failed = [[max(first, inbox.last + 1), last]]
+            inbox.last = last
+        elif last > inbox.last and body is not None:
             skip = inbox.last + 1 - first
             if skip > 0:  # partly seen already: keep the rest
                 items = _serial.unpickle(bytearray(body[1:]))
                 body = bytes([ITEMS_MARK]) + pickle.dumps(items[skip:], 3)
             try:
-                failed = inbox.receive([(_EVENT, last, bytearray(body), [])])
+                frame = body if isinstance(body, bytearray) else bytearray(body)
+                failed = inbox.receive([(_EVENT, last, frame, [])])
             except Exception:  # noqa: BLE001 - counted as failed, as on one host
                 logger.exception("events from %r could not be handled", publisher)
                 failed = [[max(first, inbox.last + 1), last]]

@@ -359,7 +359,15 @@ class NatsLink:
             await nc.publish(subject, body, headers=headers)
 
     async def _on_events(self, msg: Any) -> None:
-        self.inboxes.on_events(msg.headers or {}, msg.data)
+        headers, data = msg.headers or {}, msg.data
+        if "t" in headers:  # the last part of one large event (see _parts)
+            whole = await self.parts.assemble(headers, data)
+            if whole is None and self.parts.too_large(headers):
+                self.inboxes.on_events(headers, None)  # failed, and acknowledged so
+            elif whole is not None:  # (parts missing: unacknowledged, sent again)
+                self.inboxes.on_events(headers, whole)
+            return
+        self.inboxes.on_events(headers, data)
 
     async def _on_ack(self, msg: Any) -> None:
         self.events.on_ack(msg.data)

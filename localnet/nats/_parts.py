@@ -13,7 +13,10 @@ host).  So:
 * a result larger than a message stays on the callee, which answers with
   its id and its count of parts; the caller pulls them one by one from
   ``<ns>.pull.<host>.<name>`` (flow control by construction), into one
-  buffer.
+  buffer;
+* a message of events larger than a message (one large event) goes as a
+  request does, its last part on the subscriber's event subject
+  (:meth:`Parts.push`).
 
 Memory: the pickled payload on one side and one buffer of its size on the
 other, besides the objects themselves; parts never pile up.  A transfer
@@ -88,7 +91,7 @@ class Parts:
         part = self._link.subject("part", qualified)
         view = memoryview(payload)
         for index in range(count):
-            headers = {"t": transfer, "i": str(index), "n": str(count),
+            headers = {"t": transfer, "i": str(index), "k": str(count),
                        "z": str(len(payload)), "c": str(limit)}
             chunk = bytes(view[index * limit:(index + 1) * limit])
             if index == count - 1:
@@ -99,6 +102,30 @@ class Parts:
             else:
                 await nc.publish(part, chunk, headers=headers)
         raise AssertionError("unreachable")
+
+    async def push(self, qualified: str, subject: str, body: bytes,
+                   headers: dict[str, str]) -> None:
+        """Publish ``body`` on ``subject`` (to peer ``qualified``), in parts if large:
+        the parts go to its part subject, the last one on ``subject`` with
+        ``headers`` (a message of events, see _events)."""
+        nc, limit = self._link.nc, self.limit()
+        if len(body) <= limit:
+            await nc.publish(subject, body, headers=headers)
+            return
+        transfer = secrets.token_hex(8)
+        count = -(-len(body) // limit)
+        part = self._link.subject("part", qualified)
+        view = memoryview(body)
+        for index in range(count):
+            announce = {"t": transfer, "i": str(index), "k": str(count),
+                        "z": str(len(body)), "c": str(limit)}
+            chunk = bytes(view[index * limit:(index + 1) * limit])
+            if index == count - 1:
+                await nc.publish(subject, chunk, headers={**headers, **announce})
+            elif (index + 1) % WINDOW == 0:
+                await nc.request(part, chunk, timeout=STALE, headers=announce)
+            else:
+                await nc.publish(part, chunk, headers=announce)
 
     async def pull(self, qualified: str, data: bytes, timeout: float) -> bytes | bytearray:
         """``data`` itself, or when it announces a large result, that result."""
@@ -130,7 +157,7 @@ class Parts:
     def _add(self, headers: dict[str, str], data: bytes) -> _Incoming | None:
         try:
             transfer, index = headers["t"], int(headers["i"])
-            count, size, part = int(headers["n"]), int(headers["z"]), int(headers["c"])
+            count, size, part = int(headers["k"]), int(headers["z"]), int(headers["c"])
         except (KeyError, ValueError):
             return None
         if size > self._link.peer.max_frame or count < 1 or part < 1:
@@ -143,6 +170,13 @@ class Parts:
         except ValueError:
             return None
         return incoming
+
+    def too_large(self, headers: dict[str, str]) -> bool:
+        """Whether a transfer announces more than this peer's max_frame."""
+        try:
+            return int(headers.get("z", "0")) > self._link.peer.max_frame
+        except ValueError:
+            return False
 
     async def assemble(self, headers: dict[str, str], data: bytes) -> bytearray | None:
         """The whole request of which ``data`` is the last part; None when it cannot
