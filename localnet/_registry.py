@@ -66,7 +66,7 @@ logger = logging.getLogger("localnet.registry")
 
 PUSH_ACK_TIMEOUT = 2.0  # how long a subscribe waits for one publisher's acknowledgement
 SWEEP_INTERVAL = 0.5  # psutil liveness sweep
-RECOVERY_GRACE = 2.0  # after replacing a dead registry, how long joins wait for the others
+RECOVERY_GRACE = 2.0  # how long, from its first accept, a new registry holds joins for the others
 SEND_TIMEOUT = 2.0  # a peer that does not drain its socket for this long is dropped
 DEFAULT_IDLE_EXIT = 30.0  # a spawned registry exits after this long with no peers
 
@@ -354,6 +354,11 @@ class Registry:
         Run from the main thread, it handles the signals itself.
         """
         assert self._listener is not None, "acquire() first"
+        if self._recovering_until:
+            # The grace counts from the first accept, not from acquire():
+            # a registry started on a loaded machine may take seconds to get
+            # here, and the peers cannot register again before it does.
+            self._recovering_until = time.monotonic() + RECOVERY_GRACE
         spawn_thread(self._sweep_loop, name="localnet-registry-sweep")
         logger.info("registry serving %s (pid %d)", self.address, os.getpid())
         if threading.current_thread() is not threading.main_thread():

@@ -181,20 +181,30 @@ def connect_registry(directory: Path, timeout: float = 5.0,
     """
     address = str(directory / _paths.REGISTRY_SOCKET)
     deadline = time.monotonic() + timeout
-    sock = _try_connect(address)
-    if sock is not None:
-        return sock
-    fd = _lock(directory / _paths.SPAWN_LOCK, deadline)
-    try:
+    delay = 0.005
+    while True:
         sock = _try_connect(address)
-        if sock is None:
-            _spawn(directory, deadline, current_mask() if mask is None else mask)
+        if sock is not None:
+            return sock
+        fd = _lock(directory / _paths.SPAWN_LOCK, deadline)
+        try:
             sock = _try_connect(address)
-    finally:
-        _brief_close(fd)
-    if sock is None:
-        raise RegistryUnavailable(f"no registry answers on {address}")
-    return sock
+            if sock is None:
+                _spawn(directory, deadline, current_mask() if mask is None else mask)
+                sock = _try_connect(address)
+        finally:
+            _brief_close(fd)
+        if sock is not None:
+            return sock
+        # The registry started answered "busy": another one holds the
+        # directory's lock without listening.  It is starting (run by hand),
+        # or it was just killed and the kernel has not released its lock
+        # yet; either way the next round finds a registry that answers.
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RegistryUnavailable(f"no registry answers on {address}")
+        time.sleep(min(delay, remaining))  # bounded back-off while the other one starts or ends
+        delay = min(delay * 2, 0.1)
 
 
 def _send_whole(sock: socket.socket, kind: int, ident: int, body: bytes) -> bool:
