@@ -90,7 +90,7 @@ def _detach(peer: Peer) -> None:
     peer.state = _current.State.CLOSED
     peer._stoppers = []
     peer._started.set()
-    server, registry = peer._server, peer._registry
+    server, registry = peer._server, peer._local.registry
     if server is not None:
         server._after_fork_in_child()
     if registry is not None:

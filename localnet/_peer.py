@@ -5,17 +5,17 @@ A started peer wires together:
 * a :class:`~localnet._server.Server` on ``p-<pid>-<n>.sock`` in the
   runtime directory, which hands incoming calls and events to its
   :class:`~localnet._receive.Receiver`;
-* a :class:`~localnet._registry_client.RegistryClient`, which keeps it
-  registered (name, pid, connections, subscriptions) across registry
-  restarts and passes the registry's pushes (who subscribes to it) to its
-  :class:`~localnet._publisher.Publisher`;
+* its transports (:mod:`localnet._transports`): the one-host one
+  (:class:`~localnet._local.LocalTransport`, the registry), which keeps it
+  registered across registry restarts and passes the registry's pushes (who
+  subscribes to it) to its :class:`~localnet._publisher.Publisher`; and,
+  with a NATS setting, the one to the other hosts' peers;
 * a :class:`~localnet._calls.Caller`, which holds its channels to the peers
   it calls.
 """
 
 from __future__ import annotations
 
-import getpass
 import itertools
 import logging
 import os
@@ -31,19 +31,17 @@ from ._calls import Caller
 from ._catalog import CATALOG, Subscription
 from ._current import State
 from ._dispatch import Dispatcher, checked
+from ._local import LocalTransport
 from ._publisher import Publisher
 from ._receive import EventContext, Receiver, current_event
-from ._registry_client import RegistryClient
 from ._remote import RemotePeer
 from ._server import Server
 from ._stats import EventCounts, ReceivedCounts, Stats, snapshot
 from ._wire import DEFAULT_MAX_FRAME
 from .errors import (
     ConfigurationError,
-    LocalnetError,
     PeerClosed,
     PeerNotFound,
-    RegistryUnavailable,
     Timeout,
     translate_os_error,
 )
@@ -183,7 +181,6 @@ class Peer:
         self._lock = threading.RLock()
         self._started = threading.Event()
         self._server: Server | None = None
-        self._registry: RegistryClient | None = None
         self._stoppers: list[Callable[[], None]] = []  # serve_forever() waits
         self._identity: dict[str, Any] = {}
         # The parts: calling, publishing and receiving.  The hot paths are
@@ -193,7 +190,10 @@ class Peer:
         self._receiver = Receiver(self.name, self.max_frame, max_workers, self.shm_threshold)
         if dispatcher is not None:
             self._receiver.dispatcher = checked(dispatcher)
-        _transports.settings(self, nats)
+        # The ways it reaches the others: this host's first, then any other.
+        self._local = LocalTransport(self)
+        self._others = _transports.configured(self, nats)
+        self._transports: list[_transports.Transport] = [self._local, *self._others]
         self.call = self._caller.call  # type: ignore[method-assign]
         self.publish = self._publisher.publish  # type: ignore[method-assign]
         self.flush = self._publisher.flush  # type: ignore[method-assign]
@@ -240,25 +240,19 @@ class Peer:
                                          ConfigurationError) from exc
             CATALOG.add_listener(self)
             _current.claim_receiving(self)
-            self._registry = RegistryClient(directory, self._registration,
-                                            self._publisher.apply_push)
             try:
-                try:
-                    self._registry.start(timeout)
-                except OSError as exc:
-                    raise translate_os_error(exc, f"cannot reach the registry in {directory}",
-                                             RegistryUnavailable) from exc
+                self._local.start(timeout)
             except BaseException:
                 _current.release_receiving(self)
                 CATALOG.remove_listener(self)
                 self._server.close()
                 self._server = None
-                self._registry = None
                 raise
             self.state = State.RUNNING
             self._started.set()
             _current.peer_started(self)
-            _transports.attach(self)
+            for other in self._others:
+                other.start(timeout)
         logger.debug("%r started on %s", self, self.address)
         return self
 
@@ -270,21 +264,21 @@ class Peer:
                 return
             _current.peer_stopped(self)
             CATALOG.remove_listener(self)
-            _transports.detach(self)
             if self._server is not None:
                 self._server.wind_down()  # new calls are refused from here on
-        _hand_over(self, self._registry)
+        for transport in reversed(self._transports):
+            transport.leave()  # (this host's hands its subscriptions over)
         try:  # (closing from a handler: what waits for that handler is not waited for)
             self._publisher.flush(self.linger, skip_blocked=True)
         except Timeout:
             logger.warning("%r closed with events still unacknowledged", self)
         with self._lock:
             self.state = State.CLOSED
-            registry, server = self._registry, self._server
+            server = self._server
             stoppers, self._stoppers = self._stoppers, []
         self._publisher.close()
-        if registry is not None:
-            registry.close()  # publishers now send us nothing new ...
+        for transport in self._transports:
+            transport.close()  # publishers now send us nothing new ...
         if server is not None:
             server.close(drain=self.linger)  # ... and what they sent is handled and acknowledged
         self._caller.close()
@@ -305,92 +299,41 @@ class Peer:
         """Name, pid, process start time, group and hub: how others filter this peer."""
         return dict(self._identity)
 
-    def _registration(self) -> dict[str, Any]:
-        info = {
-            "name": self.name, "pid": self.pid, "started": self._identity["started"],
-            "ticks": self._identity["ticks"],
-            "since": self.since, "uid": os.getuid(), "user": _user(),
-            "executable": sys.executable, "argv": list(sys.argv), "group": self.group,
-            "hub": self.hub, "address": self.address, "max_frame": self.max_frame,
-            "connections": sorted(CATALOG.connections), "events": sorted(CATALOG.events),
-        }
-        receiving = _current.receiving.peer is self  # (see _current: one peer a process)
-        return {"info": info, "subs": [s.describe() for s in CATALOG.subscriptions()]
-                if receiving else []}
-
     # -- catalog changes after start ------------------------------------------
     def catalog_changed(self, added: Subscription | None, removed: list[Subscription]) -> None:
-        """Tell the registry; returns once the change is confirmed."""
+        """Tell every transport; returns once the change is confirmed."""
         if not self._started.wait(30.0) or self.state is not State.RUNNING:
             return
-        registry = self._registry
-        if registry is None:
-            return
         try:
-            with _current.subscribing:  # only the receiving peer registers subscriptions
-                if _current.receiving.peer is self:
-                    if added is not None:
-                        try:
-                            registry.request("subscribe", sub=added.describe())
-                        except BaseException:
-                            # The request may still be queued at a registry that
-                            # is stopped, not dead: undo it behind it, so a
-                            # subscribe that raised never takes effect later
-                            # (the catalog forgets it too).
-                            registry.request_nowait("unsubscribe", id=added.id)
-                            raise
-                    for sub in removed:
-                        registry.request("unsubscribe", id=sub.id)
-            if added is None and not removed:
-                registry.request("update", connections=sorted(CATALOG.connections),
-                                 events=sorted(CATALOG.events))
-            else:
-                _transports.changed(self)  # the other hosts' publishers, if joined
+            for transport in self._transports:
+                if added is None and not removed:
+                    transport.catalog_updated()
+                else:
+                    transport.subscriptions_changed(added, removed)
         except PeerClosed:
             pass
 
     # -- discovery --------------------------------------------------------------
     def lookup(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
-        """The registry's record of peer ``name``, within ``timeout`` seconds.
+        """This host's registry record of peer ``name``, within ``timeout`` seconds.
 
         Raises :class:`PeerNotFound`, or RegistryUnavailable after ``timeout``.
         """
-        assert self._registry is not None
-        deadline = time.monotonic() + timeout
-        info = self._registry.request("lookup", timeout, name=name)
-        if not isinstance(info, dict):
-            try:  # the others' names, for the message
-                names = [str(i["name"]) for i in self._registry.request(
-                    "list", max(0.001, deadline - time.monotonic())) if i.get("name") != self.name]
-            except RegistryUnavailable:
-                names = None
-            raise PeerNotFound(name, names)
-        return info
+        return self._local.find(name, timeout)
 
     def peers(self, group: str | None = None, hubs_only: bool = False) -> list[RemotePeer]:
         """The other live peers, optionally only one group's or only hubs."""
         self.require_running()
-        assert self._registry is not None
-        found = []
-        for info in self._registry.request("list"):
-            if info.get("name") == self.name and info.get("pid") == self.pid:
-                continue
-            if group is not None and info.get("group") != group:
-                continue
-            if hubs_only and not info.get("hub"):
-                continue
-            found.append(RemotePeer(info, self))
-        for info in _transports.peers(self):  # other hosts' peers, named name@host
-            if (group is None or info.get("group") == group) and \
-                    (not hubs_only or info.get("hub")):
-                found.append(RemotePeer(info, self))
-        return sorted(found, key=lambda p: p.name)
+        return sorted((RemotePeer(info, self) for transport in self._transports
+                       for info in transport.peers()
+                       if (group is None or info.get("group") == group)
+                       and (not hubs_only or info.get("hub"))), key=lambda p: p.name)
 
     def peer(self, name: str) -> RemotePeer:
         """The live peer called ``name``; raises :class:`PeerNotFound`."""
         self.require_running()
         try:
-            info = self.lookup(name)
+            info = self._local.find(name)
         except PeerNotFound:
             remote = _transports.lookup(self, name)  # another host's (name@host)
             if remote is None:
@@ -441,28 +384,9 @@ class Peer:
 
     def stats(self) -> Stats:
         """A snapshot of this peer's counters; see :class:`Stats`."""
-        registry = self._registry
         served, errors = self._receiver.counts
         return snapshot(self._caller.made, served, errors, self._publisher.delivery(),
-                        self._receiver.received,
-                        registry.recoveries if registry is not None else 0)
-
-
-def _hand_over(peer: Peer, registry: RegistryClient | None) -> None:
-    """A closing peer hands this process's subscriptions to the oldest peer still
-    running, if it held them (see :mod:`localnet._current`)."""
-    with _current.subscribing:
-        heir = _current.next_receiving(peer)
-        if heir is None or registry is None:
-            return
-        try:
-            registry.request("hand_over", to=heir.name)
-        except LocalnetError as exc:
-            # The heir subscribes on its own: for a moment both may get an event.
-            logger.warning("%r could not hand its subscriptions over to %r: %s", peer, heir,
-                           exc)
-            for sub in CATALOG.subscriptions():
-                heir.catalog_changed(sub, [])
+                        self._receiver.received, self._local.recoveries)
 
 
 def _check_threshold(value: object) -> int | None:
@@ -471,10 +395,3 @@ def _check_threshold(value: object) -> int | None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigurationError("shm_threshold is a positive number of bytes, or None")
     return value if _shm.AVAILABLE else None
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return str(os.getuid())

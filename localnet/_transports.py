@@ -1,46 +1,96 @@
-"""The transports beside the one-host one: what a peer adds to reach other hosts.
+"""The transport boundary: the ways a peer reaches the others.
 
-On one host a peer reaches the others through the registry and Unix sockets
-(:mod:`localnet._registry_client`, :mod:`localnet._calls`).  A peer with a
-NATS setting also has a link to the other hosts' peers
-(:mod:`localnet.nats`); the peer knows it only through the few functions
-here, so that it grows no code for it: :func:`settings` when it is made,
-:func:`attach` and :func:`detach` when it starts and closes, :func:`peers`
-and :func:`lookup` for discovery, and :func:`call` for a name the registry
-does not know.
+A peer has a list of transports, all with the interface of
+:class:`Transport`, and treats them alike: it starts them, lists and looks
+peers up through them, tells them when its subscriptions change, and lets
+them go when it closes.
+
+* The one-host transport (:class:`localnet._local.LocalTransport`), always
+  first: the registry of the runtime directory for membership and
+  discovery.  Calls and events between the peers of a host travel over
+  their Unix sockets on the peer's own fast paths (:mod:`localnet._calls`,
+  :mod:`localnet._publisher`), which ask it where a name lives.
+* The transport to the other hosts' peers, with a NATS setting
+  (:class:`localnet.nats._transport.NatsTransport`): presence messages for membership
+  and discovery, NATS request/reply for calls (:meth:`Transport.call`), and
+  a remote outbox that the publisher hands every event to.
+
+A name is looked up on this host first, then on the other transports in
+turn; a peer of another host is named ``name@host``.
 """
 
 from __future__ import annotations
 
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import PeerNotFound
 
 if TYPE_CHECKING:
+    from ._catalog import Subscription
     from ._peer import Peer
-    from .nats._config import NatsConfig
     from .nats._link import NatsLink
 
-JOIN_WAIT = 2.0  # seconds start() waits for the server
+JOIN_WAIT = 2.0  # seconds start() waits for the NATS server
 CONFIRM_WAIT = 2.0  # ... and for the other hosts' peers to learn its subscriptions
 
-_settings: weakref.WeakKeyDictionary[Peer, NatsConfig] = weakref.WeakKeyDictionary()
-_links: weakref.WeakKeyDictionary[Peer, NatsLink] = weakref.WeakKeyDictionary()
+
+class Transport(Protocol):
+    """What a peer asks of each way of reaching the others."""
+
+    def start(self, timeout: float) -> None:
+        """Join; once it returns, the publishers it reaches know this peer's
+        subscriptions."""
+
+    def leave(self) -> None:
+        """The peer closes: stop taking new work, say goodbye."""
+
+    def close(self) -> None:
+        """The peer's queued events are settled: let go of everything."""
+
+    def subscriptions_changed(self, added: Subscription | None,
+                              removed: list[Subscription]) -> None:
+        """Tell the publishers it reaches; return once they know."""
+
+    def catalog_updated(self) -> None:
+        """The process's connections or events changed."""
+
+    def peers(self) -> list[dict[str, Any]]:
+        """The records of the live peers it reaches (not this peer)."""
+
+    def lookup(self, name: str, timeout: float = 10.0) -> dict[str, Any] | None:
+        """The record of peer ``name``, or None."""
 
 
-def settings(peer: Peer, nats: str | None) -> None:
-    """Read and check ``peer``'s NATS setting (``nats=``, else ``LOCALNET_NATS``).
+class Carrier(Transport, Protocol):
+    """A transport that carries calls itself (the one-host transport's go on
+    the peer's fast path, over Unix sockets)."""
+
+    def call(self, name: str, connection: str, args: tuple[Any, ...],
+             kwargs: dict[str, Any], deadline: float | None) -> Any:
+        """Run ``connection(*args, **kwargs)`` in peer ``name`` by ``deadline``
+        (``time.monotonic()``); raises as a call on one host does."""
+
+    async def acall(self, name: str, connection: str, args: tuple[Any, ...],
+                    kwargs: dict[str, Any], deadline: float | None) -> Any:
+        """:meth:`call`, awaited."""
+
+
+def configured(peer: Peer, nats: str | None) -> list[Carrier]:
+    """The transports ``peer`` has beside the one-host one: the NATS transport
+    when ``nats`` (else ``LOCALNET_NATS``) is set.
 
     Raises ConfigurationError (see :mod:`localnet.nats._config`).
     """
     if nats is None or (nats == "env" and not _env_set()):
-        return
+        return []
     from .nats._config import from_settings
 
     config = from_settings(nats)
-    if config is not None:
-        _settings[peer] = config
+    if config is None:
+        return []
+    from .nats._transport import NatsTransport
+
+    return [NatsTransport(peer, config)]
 
 
 def _env_set() -> bool:
@@ -49,69 +99,46 @@ def _env_set() -> bool:
     return bool(os.environ.get("LOCALNET_NATS"))
 
 
-def attach(peer: Peer) -> None:
-    """``peer`` started: open its link to the other hosts, if it has a setting."""
-    config = _settings.get(peer)
-    if config is None:
-        return
-    from .nats._link import NatsLink
-
-    link = _links[peer] = NatsLink(peer, config)
-    peer._publisher.remote = link.events  # noqa: SLF001 - its events reach other hosts too
-    link.start()
-    # Joined within a moment: the other hosts' publishers know this peer's
-    # subscriptions before start() returns.  (A server that cannot be reached
-    # delays start by that moment only; the peer joins later by itself.)
-    if link.wait_joined(JOIN_WAIT):
-        link.confirm(CONFIRM_WAIT)
-
-
-def changed(peer: Peer) -> None:
-    """``peer``'s subscriptions changed: tell the other hosts' peers before returning."""
-    link = _links.get(peer)
-    if link is not None:
-        link.confirm(CONFIRM_WAIT)
-
-
-def detach(peer: Peer) -> None:
-    """``peer`` closes: say goodbye to the other hosts."""
-    link = _links.pop(peer, None)
-    if link is not None:
-        peer._publisher.remote = None  # noqa: SLF001
-        link.close()
-
-
 def link(peer: Peer) -> NatsLink | None:
-    """``peer``'s link to the other hosts, if any."""
-    return _links.get(peer)
+    """``peer``'s live link to the other hosts, if any (for tools and tests)."""
+    for transport in peer._others:  # noqa: SLF001
+        found = getattr(transport, "link", None)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+    return None
 
 
 def peers(peer: Peer) -> list[dict[str, Any]]:
-    """The records of the other hosts' peers ``peer`` knows of (named ``name@host``)."""
-    found = _links.get(peer)
-    return found.peers() if found is not None else []
+    """The records of the peers ``peer``'s other transports reach (``name@host``)."""
+    return [info for transport in peer._others  # noqa: SLF001
+            for info in transport.peers()]
 
 
 def lookup(peer: Peer, name: str) -> dict[str, Any] | None:
-    """The record of another host's peer ``name`` (``name@host``), if known."""
-    found = _links.get(peer)
-    return found.lookup(name) if found is not None else None
+    """The record of peer ``name`` on another transport than this host's, if known."""
+    for transport in peer._others:  # noqa: SLF001
+        info = transport.lookup(name)
+        if info is not None:
+            return info
+    return None
+
+
+def _carrier(peer: Peer, name: str, error: PeerNotFound) -> Carrier:
+    for transport in peer._others:  # noqa: SLF001
+        if transport.lookup(name) is not None:
+            return transport
+    raise error
 
 
 def call(peer: Peer, name: str, connection: str, args: tuple[Any, ...],
          kwargs: dict[str, Any], deadline: float | None, error: PeerNotFound) -> Any:
-    """Call ``name`` on another host, which the registry did not know (``error``:
-    what the one-host lookup raised, raised again when no other host has it)."""
-    found = _links.get(peer)
-    if found is None or found.lookup(name) is None:
-        raise error
-    return found.calls.call(name, connection, args, kwargs, deadline)
+    """Call ``name``, which this host's registry did not know, on the transport
+    that knows it (``error``: what the one-host lookup raised, raised again
+    when none does)."""
+    return _carrier(peer, name, error).call(name, connection, args, kwargs, deadline)
 
 
 async def acall(peer: Peer, name: str, connection: str, args: tuple[Any, ...],
                 kwargs: dict[str, Any], deadline: float | None, error: PeerNotFound) -> Any:
     """:func:`call`, awaited (``deadline``: ``time.monotonic()``)."""
-    found = _links.get(peer)
-    if found is None or found.lookup(name) is None:
-        raise error
-    return await found.calls.acall(name, connection, args, kwargs, deadline)
+    return await _carrier(peer, name, error).acall(name, connection, args, kwargs, deadline)

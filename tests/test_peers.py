@@ -154,7 +154,7 @@ def test_registry_prunes_a_dead_process_whose_socket_lives_on(spawn, runtime_dir
     try:
         with localnet.Peer(name="watcher") as me:
             parent.kill9()
-            registry = me._registry
+            registry = me._local.registry
             wait_until(lambda: not [i for i in registry.request("list")
                                     if i["name"] == "forker"],
                        timeout=5, what="the registry to drop the dead peer")

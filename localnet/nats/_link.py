@@ -235,7 +235,7 @@ class NatsLink:
 
     # -- the directory ------------------------------------------------------------
     def _presence(self) -> bytes:
-        registration = self._peer._registration()  # noqa: SLF001 - its own record
+        registration = self._peer._local.registration()  # noqa: SLF001 - its own record
         info = registration["info"]
         record = {key: info.get(key) for key in _SHARED}
         record["host"] = self.host
