@@ -333,7 +333,7 @@ class Peer:
         """The live peer called ``name``; raises :class:`PeerNotFound`."""
         self.require_running()
         try:
-            info = self._local.find(name)
+            info = self.lookup(name)
         except PeerNotFound:
             remote = _transports.lookup(self, name)  # another host's (name@host)
             if remote is None:

@@ -108,12 +108,6 @@ def link(peer: Peer) -> NatsLink | None:
     return None
 
 
-def peers(peer: Peer) -> list[dict[str, Any]]:
-    """The records of the peers ``peer``'s other transports reach (``name@host``)."""
-    return [info for transport in peer._others  # noqa: SLF001
-            for info in transport.peers()]
-
-
 def lookup(peer: Peer, name: str) -> dict[str, Any] | None:
     """The record of peer ``name`` on another transport than this host's, if known."""
     for transport in peer._others:  # noqa: SLF001

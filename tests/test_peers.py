@@ -332,3 +332,46 @@ def test_module_api_after_the_only_peer_closed_raises_peer_closed(spawn) -> None
     assert len(lines) == 4 and lines[-1] == "LISTED []", lines
     assert all(line.startswith("CLOSED") and "'only' was closed" in line
                for line in lines[:3]), lines
+
+
+def test_start_waits_for_a_registry_that_still_holds_its_lock(runtime_dir: Path) -> None:
+    # A registry killed a moment ago holds the directory's lock until the kernel
+    # has closed its files: the registry a joining peer starts meanwhile answers
+    # "busy" and exits.  The joining peer must try again within its timeout
+    # (it used to raise RegistryUnavailable at once).  Here the test holds the
+    # lock, and lets it go only once such a registry has come and gone.
+    import fcntl
+
+    fd = os.open(runtime_dir / "registry.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    outcome: list[object] = []
+
+    def join() -> None:
+        try:
+            with localnet.Peer(name="joiner", directory=runtime_dir, nats=None) as peer:
+                outcome.append(peer.state)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    def busy_registries() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            line = " ".join(proc.info["cmdline"] or [])
+            if "localnet._registry" in line and str(runtime_dir) in line:
+                found.append(proc)
+        return found
+
+    joiner = threading.Thread(target=join)
+    joiner.start()
+    try:
+        turned_away = wait_until(busy_registries, timeout=10,
+                                 what="a registry started while the lock is held")
+        wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                   for p in turned_away),
+                   timeout=10, what="that registry to answer busy and exit")
+        assert joiner.is_alive() and not outcome, outcome  # still trying, not failed
+    finally:
+        os.close(fd)  # the lock goes: the next registry started takes it
+        joiner.join(20)
+    assert not joiner.is_alive()
+    assert [getattr(s, "value", s) for s in outcome] == ["RUNNING"], outcome
