@@ -6,7 +6,10 @@ Each event is a small pickled tuple ``(i, "payload")``. Measured, per K:
   event − the moment the publisher started sending). Both are ``time.monotonic()``
   (CLOCK_MONOTONIC, one clock for all processes of the machine);
 - sent/s: M ÷ the publisher's own send loop (how fast ``send`` / the trigger returns);
-- lost: M·K − the events the subscribers counted before their deadline (worst round).
+- lost: M·K − the events the subscribers counted before their deadline (worst round);
+- publisher CPU per event: the publisher process's CPU time (every thread, user and
+  system) from its first send until every subscriber had counted its M events, ÷ M.
+  This is the figure that should not grow with K once subscribers share a payload.
 
 Every subscriber is connected (and, for pyzmq, has received a probe) before the counted
 stream starts, so the slow joiner costs nothing here; see the table notes per system.
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks._child import (
+    EOF_COMMAND,
     Params,
     expect_command,
     load_localnet_module,
@@ -65,10 +69,11 @@ def _publish_zmq(params: Params) -> None:
         if command is not None or time.monotonic() > deadline:
             raise RuntimeError(f"probe barrier failed (command {command!r})")
     first = time.monotonic()
+    cpu = time.process_time()
     for i in range(params["events"]):
         pub.send(pickle.dumps((i, PAYLOAD), protocol=5))
     report(result={"first": first, "sent": time.monotonic()})
-    wait_for_quit(params["lifetime"])
+    report_cpu_until_quit(cpu, params["lifetime"])
 
 
 def _publish_socket(params: Params) -> None:
@@ -81,14 +86,14 @@ def _publish_socket(params: Params) -> None:
     subscribers = [listener.accept()[0] for _ in range(params["k"])]
     for sub in subscribers:
         sub.settimeout(params["timeout"])
-    first = time.monotonic()
+    first, cpu = time.monotonic(), time.process_time()
     for i in range(params["events"]):
         data = pickle.dumps((i, PAYLOAD), protocol=5)
         frame = HEADER.pack(len(data)) + data
         for sub in subscribers:
             sub.sendall(frame)
     report(result={"first": first, "sent": time.monotonic()})
-    wait_for_quit(params["lifetime"])
+    report_cpu_until_quit(cpu, params["lifetime"])
 
 
 def stream_ticks(app: Any, peer: Any, params: Params) -> None:
@@ -97,13 +102,24 @@ def stream_ticks(app: Any, peer: Any, params: Params) -> None:
     report(ready=True)
     expect_command("go", READY_TIMEOUT)
     tick = app.bench_tick
-    first = time.monotonic()
+    first, cpu = time.monotonic(), time.process_time()
     for i in range(params["events"]):
         tick(i, PAYLOAD)
     sent = time.monotonic()
     peer.flush(timeout=params["timeout"])
     report(result={"first": first, "sent": sent, "flushed": time.monotonic()})
-    wait_for_quit(params["lifetime"])
+    report_cpu_until_quit(cpu, params["lifetime"])
+
+
+def report_cpu_until_quit(cpu: float, lifetime: float) -> None:
+    """Answer "cpu" with the process's CPU seconds since ``cpu``; return on quit."""
+    deadline = time.monotonic() + lifetime
+    while (remaining := deadline - time.monotonic()) > 0:
+        command = read_command(remaining)
+        if command == "cpu":
+            report(cpu=time.process_time() - cpu)
+        elif command == EOF_COMMAND:
+            return
 
 
 def _publish_localnet(params: Params) -> None:
@@ -247,6 +263,8 @@ def _measure(cfg: Config) -> Measure:
         pub.send("go")
         sent = pub.expect("result", timeout + 30)["result"]
         counted = [sub.expect("result", timeout + 30)["result"] for sub in subs]
+        pub.send("cpu")  # every subscriber is done: what the publisher spent on them
+        sent["cpu"] = pub.expect("cpu", 30)["cpu"]
         return {variant: _metrics(events, k, sent, counted)}
 
     return measure
@@ -259,6 +277,7 @@ def _metrics(
     metrics = {
         "sent_per_s": events / (sent["sent"] - sent["first"]),
         "lost": float(events * k - received),
+        "pub_cpu_us": sent["cpu"] / events * 1e6,
     }
     if all(c["last"] is not None for c in counted):
         elapsed = max(c["last"] for c in counted) - sent["first"]
@@ -277,6 +296,7 @@ def run_fanout(cfg: Config) -> Table:
             Column("events_per_s", "events/s", 0, spread=True),
             Column("deliveries_per_s", "deliveries/s", 0),
             Column("sent_per_s", "sent/s", 0),
+            Column("pub_cpu_us", "pub CPU µs/event", 2),
             Column("lost", "lost", 0, worst=True),
         ],
         details=[

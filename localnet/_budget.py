@@ -24,7 +24,7 @@ against 256 MiB) small events never get there.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._serial import Payload
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 #: 1 MiB (the shared-memory threshold), so also at most about 256 descriptors.
 DEFAULT_EVENT_BYTES = 256 * 1024 * 1024
 
-Entry = tuple[str, "bytes | Payload"]
+#: (event, frame), or for an item in the event ring (event, item, position, number).
+Entry = tuple[Any, ...]
 
 
 def size_of(frame: bytes | Payload) -> int:
@@ -104,7 +105,7 @@ class Budget:
         """Count the items queued since the last count."""
         new = queue[self.counted:]
         if new:
-            self.held += sum(_item_size(frame) for _, frame in new)
+            self.held += sum(_item_size(entry[1]) for entry in new)
             self.counted += len(new)
 
     def add(self, frame: bytes | Payload) -> None:
@@ -115,11 +116,11 @@ class Budget:
         """``done`` left the front of the queue (acknowledged); only needed while ``held``."""
         counted = self.counted
         if counted >= len(done):
-            self.held -= sum(size_of(frame) for _, frame in done)
+            self.held -= sum(size_of(entry[1]) for entry in done)
             self.counted = counted - len(done)
         else:
-            self.held -= (sum(size_of(frame) for _, frame in done[:counted])
-                          + sum(_heavy_size(frame) for _, frame in done[counted:]))
+            self.held -= (sum(size_of(entry[1]) for entry in done[:counted])
+                          + sum(_heavy_size(entry[1]) for entry in done[counted:]))
             self.counted = 0
 
     def clear(self) -> None:

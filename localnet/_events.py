@@ -28,6 +28,7 @@ failed: the subscriber could not rebuild it, or a handler raised).
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -39,6 +40,8 @@ from typing import Any
 
 from . import _liveness
 from ._budget import Budget, size_of
+from ._lanes import take
+from ._ring import EventRing, is_ring_run, pack_span, ring_runs
 from ._serial import ITEM_MAX, Payload
 from ._signals import spawn_thread
 from ._wire import (
@@ -56,11 +59,6 @@ from ._wire import (
 
 logger = logging.getLogger("localnet.events")
 
-try:  # the C fan-out (optional, see localnet/_speedups.c)
-    from . import _speedups
-except ImportError:  # built without a C compiler
-    _speedups = None  # type: ignore[assignment]
-c_fan_out = None if _speedups is None else _speedups.fan_out
 
 
 class _Waiting(threading.local):
@@ -102,7 +100,7 @@ class Outbox:
 
     def __init__(self, entry: dict[str, Any], hello: dict[str, Any], limit: int, block: float,
                  max_bytes: int, on_dead: Callable[[Outbox, str], None],
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, ring: EventRing | None = None) -> None:
         self.name = str(entry["name"])
         self.pid = int(entry["pid"])
         self.started = float(entry["started"])
@@ -138,6 +136,12 @@ class Outbox:
         self._failed: Counter[str] = Counter()
         self._sock: socket.socket | None = None
         self._delay = delay  # before connecting: the subscriber was unreachable a moment ago
+        # The publisher's event ring (localnet._ring): entries of 4 come from it.
+        # Entries queued through put() are counted (_plain), so that the writer
+        # knows when a run it sends holds ring entries only.
+        self._ring = ring
+        self._ring_sent = False  # the ring's descriptor went to the subscriber
+        self._plain = self._plain_sent = 0
         self._writer = spawn_thread(self._write_loop, name="localnet-outbox")
 
     def __repr__(self) -> str:
@@ -177,6 +181,7 @@ class Outbox:
                     frame.settle()  # type: ignore[union-attr]
                 return False
             self._queue.append((event, frame))
+            self._plain += 1
             kind = _kind(frame)
             if kind != _ITEM:
                 self._mixed = True
@@ -209,6 +214,14 @@ class Outbox:
         with self._lock:
             self._events |= events
             self._only = next(iter(self._events)) if len(self._events) == 1 else None
+
+    def ring_hold(self) -> int | None:
+        """The ring position of the oldest ring entry queued here (None: there is none)."""
+        with self._lock:
+            for entry in self._queue:
+                if len(entry) == 4:
+                    return int(entry[2])
+        return None
 
     def mark(self) -> int:
         """The sequence of the last event queued here."""
@@ -299,9 +312,32 @@ class Outbox:
                     first = self._base + self._written + 1
                     self._written = end
                     mixed, self._mixed = self._mixed, False
-                self._send(sock, entries, first, mixed)
+                    plain, self._plain_sent = self._plain - self._plain_sent, self._plain
+                if not (mixed or plain) and self._ring is not None and is_ring_run(entries):
+                    self._send_ring(sock, entries, first)
+                else:
+                    self._send(sock, entries, first, mixed)
         except Exception as exc:
             self._fail(f"connection broken: {exc}")
+
+    def _send_ring(self, sock: socket.socket, entries: list[Any], first: int) -> None:
+        """Send events ``first``, ... (consecutive entries of the ring) as RING frames:
+        a header and 17 bytes for up to ``ITEMS_PER_FRAME`` events."""
+        ring = self._ring
+        assert ring is not None
+        frames = [(first + high - 1, pack_span(start, end))
+                  for _, high, start, end in ring_runs(entries, ring.size)]
+        if not self._ring_sent:  # the first one carries the ring's descriptor
+            ident, span = frames.pop(0)
+            fd = ring.dup()
+            try:
+                send_raw_with_fds(sock, pack_header(Kind.EVENT, ident, len(span), 1) + span, [fd])
+            finally:
+                os.close(fd)
+            self._ring_sent = True
+        if frames:
+            sock.sendall(b"".join([pack_header(Kind.EVENT, ident, len(span)) + span
+                                   for ident, span in frames]))
 
     @staticmethod
     def _send(sock: socket.socket, entries: list[tuple[str, bytes | Payload]], first: int,
@@ -481,7 +517,7 @@ def _kind(frame: bytes | Payload) -> int:
 
 def _payloads_in(entries: list[tuple[str, bytes | Payload]]) -> list[Payload]:
     """The shared-memory payloads among queued entries."""
-    return [frame for _, frame in entries if type(frame) is not bytes]  # type: ignore[misc]
+    return [entry[1] for entry in entries if type(entry[1]) is not bytes]  # type: ignore[misc]
 
 
 class Route(tuple):  # type: ignore[type-arg]
@@ -501,20 +537,8 @@ def fan_out(route: Route, event: str, item: bytes) -> bool:
 
     Returns True when a retiring outbox refused it (see ``Publisher._reroute``).
     """
-    entry = (event, item)
-    if c_fan_out is not None:  # the same in C: no lookups, a few ns an outbox
-        rest = c_fan_out(route.lanes, entry)
-        return rest is not None and finish_fan_out(route, event, item, rest)
-    idle, full = [], []
-    for i, lane in enumerate(route.lanes):
-        queue = lane[0]
-        if len(queue) < lane[1]:
-            queue.append(entry)
-            if lane[2]:  # (appended first, then looked: see Outbox._write_loop)
-                idle.append(i)
-        else:
-            full.append(i)
-    return finish_fan_out(route, event, item, (idle, full))
+    rest = take((event, item), route.lanes)
+    return rest is not None and finish_fan_out(route, event, item, rest)
 
 
 def finish_fan_out(route: Route, event: str, item: bytes,

@@ -26,10 +26,11 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import _deadlock, _events, _liveness, _serial
+from . import _deadlock, _liveness, _ring, _serial
 from ._current import RUNNING
 from ._dispatch import is_home, pump_while
-from ._events import Outbox, Route, fan_out, finish_fan_out, put_all
+from ._events import Outbox, Route, finish_fan_out, put_all
+from ._lanes import take
 from ._stats import add_into
 from .errors import SerializationError, Timeout, WouldDeadlock, translate_os_error
 
@@ -42,7 +43,6 @@ logger = logging.getLogger("localnet.peer")
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 _encode_item = _serial.encode_item
-_fan_out_lanes = _events.c_fan_out
 
 
 class Publisher:
@@ -62,6 +62,10 @@ class Publisher:
         self._unreachable: dict[str, int] = {}  # subscriber name -> failures in a row
         #: The other hosts' subscribers (localnet.nats._events.RemoteEvents), if joined.
         self.remote: Any = None
+        # Small events are written once for all subscribers (localnet._ring); made
+        # with the first outbox, where there is shared memory.
+        self._ring: _ring.EventRing | None = None
+        self._ring_wanted = _ring.available() and peer.shm_threshold is not None
 
     # -- the registry's pushes: who subscribes to us --------------------------
     def apply_push(self, changes: list[Any]) -> None:
@@ -128,18 +132,28 @@ class Publisher:
                 continue
             outbox = self._outboxes.get(name)
             if outbox is None:
+                if self._ring is None and self._ring_wanted:
+                    self._make_ring()
                 hello = {"role": "events", **peer.identity}
                 failures = self._unreachable.get(name, 0)
                 delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS)) - 1] if failures else 0.0
                 outbox = Outbox(self._entries[name], hello, peer.event_queue,
                                 peer.event_block, peer.event_bytes, self._outbox_died,
-                                delay)
+                                delay, self._ring)
                 self._outboxes[name] = outbox
             outbox.carry(wanted)
             for event in wanted:
                 routes.setdefault(event, []).append(outbox)
         self._routes = {event: Route(boxes) for event, boxes in routes.items()}
         self._published = published
+
+    def _make_ring(self) -> None:
+        try:
+            self._ring = _ring.EventRing(_ring.RING_BYTES)
+        except OSError as exc:  # no memory or descriptors for it: events go the plain way
+            logger.info("no event ring for %r (%s); events go through each subscriber's "
+                        "socket", self._peer.name, exc)
+            self._ring_wanted = False
 
     def _outbox_died(self, outbox: Outbox, reason: str) -> None:
         alive = _liveness.is_alive(outbox.pid, outbox.started, outbox.ticks)
@@ -186,14 +200,8 @@ class Publisher:
         if _encode_item is not None:
             item = _encode_item(event, args, kwargs, self._item_max)
             if item is not None:  # the common case: an item of plain values
-                if not targets:
-                    return
-                if _fan_out_lanes is not None:  # fan_out's C part, inlined
-                    rest = _fan_out_lanes(targets.lanes, (event, item))
-                    if rest is not None and finish_fan_out(targets, event, item, rest):
-                        self._reroute(targets, event, item)
-                elif fan_out(targets, event, item):
-                    self._reroute(targets, event, item)
+                if targets:
+                    self._fan_out(targets, event, item)
                 return
         try:
             payload = _serial.dumps_event(event, args, kwargs, peer.shm_threshold)
@@ -205,8 +213,11 @@ class Publisher:
         if len(payload) > peer.max_frame:
             _serial.refuse_oversize(payload, peer.max_frame, f"an argument of event {event!r}")
         if type(payload) is bytes:  # pickled once; the outboxes frame it, in batches
-            if targets and (fan_out(targets, event, payload) if payload[0] != 0x80  # an item
-                            else put_all(targets, event, payload)):
+            if not targets:
+                return
+            if payload[0] != 0x80:  # an item
+                self._fan_out(targets, event, payload)
+            elif put_all(targets, event, payload):
                 self._reroute(targets, event, payload)
             return
         assert isinstance(payload, _serial.Payload)
@@ -215,6 +226,24 @@ class Publisher:
             if put_all(targets, event, payload):
                 self._reroute(targets, event, payload)
         payload.settle()
+
+    def _fan_out(self, targets: Route, event: str, item: bytes) -> None:
+        """Queue an item for every outbox of ``targets`` without their locks (see
+        :class:`~localnet._events.Outbox`): written once into the ring when there
+        is one, else appended as it is; full outboxes take the locked way."""
+        ring = self._ring
+        if ring is None:
+            rest = take((event, item), targets.lanes)
+        else:  # written once, for every subscriber (see localnet._ring)
+            if ring.route is not targets:
+                ring.join(targets)
+            rest = ring.fan_out(targets.lanes, event, item)
+            if rest is False:  # the ring is full: each subscriber's own way
+                if put_all(targets, event, item):
+                    self._reroute(targets, event, item)
+                return
+        if rest is not None and finish_fan_out(targets, event, item, rest):
+            self._reroute(targets, event, item)
 
     def _reroute(self, targets: tuple[Outbox, ...], event: str,
                  frame: bytes | _serial.Payload) -> None:
@@ -300,8 +329,11 @@ class Publisher:
             self._retired.extend(outboxes)
             self._outboxes.clear()
             self._routes = {}
+            ring, self._ring, self._ring_wanted = self._ring, None, False
         for outbox in outboxes:
             outbox.close()
+        if ring is not None:
+            ring.close()
 
     # -- fork (see localnet._fork) ---------------------------------------------
     def _after_fork_in_child(self) -> None:
@@ -311,6 +343,9 @@ class Publisher:
         self._outboxes, self._routes, self._retired = {}, {}, []
         for outbox in outboxes:
             outbox._after_fork_in_child()
+        if self._ring is not None:
+            self._ring.after_fork_in_child()
+            self._ring = None
 
     # -- statistics -------------------------------------------------------------
     def _fold_retired(self) -> None:

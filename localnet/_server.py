@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 from . import _deadlock, _liveness
 from ._listen import ListeningSocket
+from ._ring import RING_MARK, RingReader, translate
 from ._serial import Payload, dumps_exception
 from ._signals import current_mask, spawn_thread
 from ._wire import (
@@ -215,20 +216,33 @@ class Server:
     def _receive_loop(sock: socket.socket, reader: FrameReader,
                       receive: Callable[[list[Frame]], list[list[int]]]) -> None:
         read, drain = reader.read, reader.drain
-        while True:
-            batch = [read()]  # waits for the next event,
-            batch += drain()  # takes what came with it,
-            for kind, _, _, _ in batch:
-                if kind != _EVENT:
-                    for frame in batch:
-                        close_fds(frame[3])
-                    raise ProtocolError(
-                        f"unexpected {Kind(kind).name} frame on an event channel")
-            failed = receive(batch)  # handles it all,
-            if failed:  # and acknowledges it at once, naming what failed
-                sock.sendall(pack_ack(batch[-1][1], failed))
-            else:
-                send_frame(sock, _ACK, batch[-1][1])
+        ring = RingReader()  # the publisher's event ring, once it sends from it
+        try:
+            while True:
+                batch = [read()]  # waits for the next event,
+                batch += drain()  # takes what came with it,
+                ringed = False
+                for kind, _, body, _ in batch:
+                    if kind != _EVENT:
+                        for frame in batch:
+                            close_fds(frame[3])
+                        raise ProtocolError(
+                            f"unexpected {Kind(kind).name} frame on an event channel")
+                    ringed = ringed or bool(body and body[0] == RING_MARK)
+                if ringed:  # events in the publisher's ring: read them there
+                    try:
+                        translate(batch, ring)
+                    except BaseException:
+                        for frame in batch:
+                            close_fds(frame[3])
+                        raise
+                failed = receive(batch)  # handles it all,
+                if failed:  # and acknowledges it at once, naming what failed
+                    sock.sendall(pack_ack(batch[-1][1], failed))
+                else:
+                    send_frame(sock, _ACK, batch[-1][1])
+        finally:
+            ring.close()
 
     def wind_down(self) -> None:
         """Refuse new calls from now on with PeerStopping; running ones go on.  Idempotent."""

@@ -655,6 +655,80 @@ failed:
     return NULL;
 }
 
+PyDoc_STRVAR(ring_fan_out_doc,
+"ring_fan_out(state, ring, lanes, event, item, /)\n--\n\n"
+"Copy the bytes ``item`` into an event ring and queue its entry ``(event,\n"
+"item, position, number)`` on ``lanes`` as fan_out() does, returning what\n"
+"fan_out() returns.  ``ring`` is the writable segment and ``state`` the\n"
+"list ``[head, tail, number, pause, size, start]`` of\n"
+"localnet._ring.EventRing, updated here.  False, writing nothing, when the\n"
+"ring has no room for it or pauses (pause > 0 counts down; < 0: closed).\n"
+"Runs without letting go of the GIL: a ring write and its fan-out are one step.");
+
+static PyObject *
+ring_fan_out(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 5 || !PyList_CheckExact(argv[0]) || PyList_GET_SIZE(argv[0]) != 6
+            || !PyTuple_Check(argv[2]) || !PyBytes_CheckExact(argv[4])) {
+        PyErr_SetString(PyExc_TypeError, "ring_fan_out() takes a state list of 6, a ring, "
+                        "a tuple of lanes, an event and bytes");
+        return NULL;
+    }
+    PyObject *state = argv[0], *item = argv[4];
+    long long v[6];
+    for (int i = 0; i < 6; i++) {
+        v[i] = PyLong_AsLongLong(PyList_GET_ITEM(state, i));
+        if (v[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    long long head = v[0], tail = v[1], number = v[2], pause = v[3], size = v[4], start = v[5];
+    if (pause != 0) {
+        if (pause > 0) {
+            PyObject *left = PyLong_FromLongLong(pause - 1);
+            if (left == NULL || PyList_SetItem(state, 3, left) < 0)
+                return NULL;
+        }
+        Py_RETURN_FALSE;
+    }
+    long long n = (long long)PyBytes_GET_SIZE(item);
+    if (size <= 0 || n > size || head < 0 || start < 0)
+        Py_RETURN_FALSE;
+    long long pos = head, offset = head % size;
+    if (offset + n > size) {  /* never across the end: on to the next lap */
+        pos += size - offset;
+        offset = 0;
+    }
+    if (pos + n - tail > size)
+        Py_RETURN_FALSE;
+    Py_buffer view;
+    if (PyObject_GetBuffer(argv[1], &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (start + offset + n > (long long)view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "the ring is smaller than its state says");
+        return NULL;
+    }
+    memcpy((char *)view.buf + start + offset, PyBytes_AS_STRING(item), (size_t)n);
+    PyBuffer_Release(&view);
+    PyObject *where = PyLong_FromLongLong(pos);
+    PyObject *count = PyLong_FromLongLong(number + 1);
+    PyObject *next = PyLong_FromLongLong(pos + n);
+    PyObject *entry = (where && count && next)
+        ? PyTuple_Pack(4, argv[3], item, where, count) : NULL;
+    Py_XDECREF(where);
+    if (entry == NULL) {
+        Py_XDECREF(count);
+        Py_XDECREF(next);
+        return NULL;
+    }
+    PyList_SetItem(state, 0, next);  /* (steals the references) */
+    PyList_SetItem(state, 2, count);
+    PyObject *args[2] = {argv[2], entry};
+    PyObject *result = fan_out(module, args, 2);
+    Py_DECREF(entry);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"load_checked", load_checked, METH_O, load_checked_doc},
     {"encode_item", (PyCFunction)(void (*)(void))encode_item, METH_FASTCALL, encode_item_doc},
@@ -662,6 +736,8 @@ static PyMethodDef methods[] = {
     {"encode_value", (PyCFunction)(void (*)(void))encode_value, METH_FASTCALL, encode_value_doc},
     {"memo_bound", memo_bound, METH_O, memo_bound_doc},
     {"fan_out", (PyCFunction)(void (*)(void))fan_out, METH_FASTCALL, fan_out_doc},
+    {"ring_fan_out", (PyCFunction)(void (*)(void))ring_fan_out, METH_FASTCALL,
+     ring_fan_out_doc},
     {NULL, NULL, 0, NULL},
 };
 

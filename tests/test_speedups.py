@@ -351,9 +351,9 @@ class _Lane:
 
 def _fan_out_both_ways(monkeypatch: pytest.MonkeyPatch, use_c: bool
                        ) -> tuple[list[_Lane], bool]:
-    from localnet import _events
+    from localnet import _events, _lanes
     if not use_c:
-        monkeypatch.setattr(_events, "c_fan_out", None)
+        monkeypatch.setattr(_lanes, "c_fan_out", None)
     outboxes = [_Lane([], 2, False), _Lane([1, 2], 2, True), _Lane([], 5, True),
                 _Lane([], 0, False)]
     outboxes[3].retiring = True  # refused and retiring: the trigger reroutes
