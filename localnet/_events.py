@@ -136,10 +136,11 @@ class Outbox:
         self._failed: Counter[str] = Counter()
         self._sock: socket.socket | None = None
         self._delay = delay  # before connecting: the subscriber was unreachable a moment ago
-        # The publisher's event ring (localnet._ring): entries of 4 come from it.
+        # The publisher's event ring (localnet._ring), for an outbox made while
+        # there was one: its lane then only ever takes the ring's entries (of 4).
         # Entries queued through put() are counted (_plain), so that the writer
         # knows when a run it sends holds ring entries only.
-        self._ring = ring
+        self.ring = ring
         self._ring_sent = False  # the ring's descriptor went to the subscriber
         self._plain = self._plain_sent = 0
         self._writer = spawn_thread(self._write_loop, name="localnet-outbox")
@@ -313,7 +314,7 @@ class Outbox:
                     self._written = end
                     mixed, self._mixed = self._mixed, False
                     plain, self._plain_sent = self._plain - self._plain_sent, self._plain
-                if not (mixed or plain) and self._ring is not None and is_ring_run(entries):
+                if not (mixed or plain) and self.ring is not None and is_ring_run(entries):
                     self._send_ring(sock, entries, first)
                 else:
                     self._send(sock, entries, first, mixed)
@@ -323,7 +324,7 @@ class Outbox:
     def _send_ring(self, sock: socket.socket, entries: list[Any], first: int) -> None:
         """Send events ``first``, ... (consecutive entries of the ring) as RING frames:
         a header and 17 bytes for up to ``ITEMS_PER_FRAME`` events."""
-        ring = self._ring
+        ring = self.ring
         assert ring is not None
         frames = [(first + high - 1, pack_span(start, end))
                   for _, high, start, end in ring_runs(entries, ring.size)]
@@ -521,37 +522,60 @@ def _payloads_in(entries: list[tuple[str, bytes | Payload]]) -> list[Payload]:
 
 
 class Route(tuple):  # type: ignore[type-arg]
-    """The outboxes an event goes to, and their ``lane`` lists (for :func:`fan_out`)."""
+    """The outboxes an event goes to, and their ``lane`` lists (for :func:`fan_out`):
+    first those that take items as they are (``lanes``), then those that take
+    entries of the event ring (``ring_lanes``, see :mod:`localnet._ring`)."""
 
     lanes: tuple[list[Any], ...]
+    ring_lanes: tuple[list[Any], ...]
+    ring: EventRing | None
 
     def __new__(cls, outboxes: list[Outbox]) -> Route:
-        route = super().__new__(cls, outboxes)
-        route.lanes = tuple(outbox.lane for outbox in outboxes)
+        plain = [outbox for outbox in outboxes if outbox.ring is None]
+        ringed = [outbox for outbox in outboxes if outbox.ring is not None]
+        route = super().__new__(cls, plain + ringed)
+        route.lanes = tuple(outbox.lane for outbox in plain)
+        route.ring_lanes = tuple(outbox.lane for outbox in ringed)
+        route.ring = ringed[0].ring if ringed else None
         return route
 
 
 def fan_out(route: Route, event: str, item: bytes) -> bool:
     """Queue one event's item for every outbox of ``route``, without taking their
     locks (see :class:`Outbox`); a full or closing outbox takes the locked path.
+    For the outboxes of the ring, the item is written once into the ring; when it
+    is full, they take the locked path too.
 
     Returns True when a retiring outbox refused it (see ``Publisher._reroute``).
     """
-    rest = take((event, item), route.lanes)
-    return rest is not None and finish_fan_out(route, event, item, rest)
+    moved = False
+    if route.lanes:
+        rest = take((event, item), route.lanes)
+        moved = rest is not None and finish_fan_out(route, event, item, rest)
+    ring = route.ring
+    if ring is not None:
+        if ring.route is not route:
+            ring.join(route[len(route.lanes):])
+            ring.route = route
+        rest = ring.fan_out(route.ring_lanes, event, item)
+        if rest is False:  # no room in the ring: each subscriber's own way
+            moved = put_all(route[len(route.lanes):], event, item) or moved
+        elif rest is not None:
+            moved = finish_fan_out(route, event, item, rest, len(route.lanes)) or moved
+    return moved
 
 
 def finish_fan_out(route: Route, event: str, item: bytes,
-                   rest: tuple[list[int], list[int]]) -> bool:
+                   rest: tuple[list[int], list[int]], offset: int = 0) -> bool:
     """After the lanes took ``item``: wake the idle writers (``rest[0]``, indices into
-    ``route``) and put it, locked, into the outboxes that had no room (``rest[1]``);
-    True when a retiring one refused it."""
+    ``route`` from ``offset``) and put it, locked, into the outboxes that had no room
+    (``rest[1]``); True when a retiring one refused it."""
     idle, full = rest
     for i in idle:
-        route[i].wake()
+        route[offset + i].wake()
     moved = False
     for i in full:
-        outbox = route[i]
+        outbox = route[offset + i]
         if not outbox.put(event, item) and outbox.retiring:  # drop, or wait for room
             moved = True
     return moved

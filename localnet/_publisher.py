@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from . import _deadlock, _liveness, _ring, _serial
 from ._current import RUNNING
 from ._dispatch import is_home, pump_while
-from ._events import Outbox, Route, finish_fan_out, put_all
+from ._events import Outbox, Route, fan_out, finish_fan_out, put_all
 from ._lanes import take
 from ._stats import add_into
 from .errors import SerializationError, Timeout, WouldDeadlock, translate_os_error
@@ -63,7 +63,8 @@ class Publisher:
         #: The other hosts' subscribers (localnet.nats._events.RemoteEvents), if joined.
         self.remote: Any = None
         # Small events are written once for all subscribers (localnet._ring); made
-        # with the first outbox, where there is shared memory.
+        # with the second outbox (a single subscriber gains nothing from it), where
+        # there is shared memory.  Outboxes made from then on take its entries.
         self._ring: _ring.EventRing | None = None
         self._ring_wanted = _ring.available() and peer.shm_threshold is not None
 
@@ -132,7 +133,7 @@ class Publisher:
                 continue
             outbox = self._outboxes.get(name)
             if outbox is None:
-                if self._ring is None and self._ring_wanted:
+                if self._ring is None and self._ring_wanted and self._outboxes:
                     self._make_ring()
                 hello = {"role": "events", **peer.identity}
                 failures = self._unreachable.get(name, 0)
@@ -228,21 +229,10 @@ class Publisher:
         payload.settle()
 
     def _fan_out(self, targets: Route, event: str, item: bytes) -> None:
-        """Queue an item for every outbox of ``targets`` without their locks (see
-        :class:`~localnet._events.Outbox`): written once into the ring when there
-        is one, else appended as it is; full outboxes take the locked way."""
-        ring = self._ring
-        if ring is None:
-            rest = take((event, item), targets.lanes)
-        else:  # written once, for every subscriber (see localnet._ring)
-            if ring.route is not targets:
-                ring.join(targets)
-            rest = ring.fan_out(targets.lanes, event, item)
-            if rest is False:  # the ring is full: each subscriber's own way
-                if put_all(targets, event, item):
-                    self._reroute(targets, event, item)
-                return
-        if rest is not None and finish_fan_out(targets, event, item, rest):
+        """Queue an item for every outbox of ``targets`` (see ``_events.fan_out``)."""
+        if (fan_out(targets, event, item) if targets.ring is not None else
+                (rest := take((event, item), targets.lanes)) is not None
+                and finish_fan_out(targets, event, item, rest)):
             self._reroute(targets, event, item)
 
     def _reroute(self, targets: tuple[Outbox, ...], event: str,

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from inspect import isawaitable
-from itertools import accumulate, chain, pairwise
+from itertools import accumulate, pairwise
 from typing import Any
 
 from . import _deadlock, _serial
@@ -41,6 +41,11 @@ from ._loop import await_result
 from ._serial import ENCODE_MAX, encode_value
 from ._tracebacks import user_traceback
 from ._wire import BATCH_MARK, ITEMS_MARK, Frame, Kind, close_fds, unpack_batch
+
+try:  # the handlers' loop over a run of one event, in C (optional, see _speedups.c)
+    from ._speedups import dispatch as c_dispatch
+except ImportError:  # built without a C compiler
+    c_dispatch = None  # type: ignore[assignment]
 from .errors import Timeout, TooManyCalls, UnknownConnection
 
 logger = logging.getLogger("localnet.peer")
@@ -279,50 +284,79 @@ class Receiver:
             n = handled = 0
             failed: Failed = []
             try:
-                for message in chain.from_iterable(unpickled(frames, failed)):
-                    try:
-                        event, args, kwargs = message
-                    except (TypeError, ValueError):
-                        if message is not None:  # (None: could not be rebuilt, counted)
-                            malformed(message, failed)
-                        continue
-                    # (checked per event: a handler may unsubscribe itself)
-                    if event != run or table[0] is not CATALOG.by_event:
-                        counts[0] += n
-                        counts[1] += handled
-                        n = handled = 0
-                        run = _NO_RUN
-                        if table[0] is not CATALOG.by_event:  # subscriptions changed
-                            table[0] = CATALOG.by_event
-                            cache.clear()
-                        entry = cache.get(event) if type(event) is str else None
-                        if entry is None:
-                            if type(event) is not str:
-                                malformed(message, failed)
-                                continue
-                            handlers = tuple(bind(s.handler, s.dispatcher or
-                                                  receiver.dispatcher)
-                                             for s in table[0].get(event, ())
-                                             if s.accepts(name, group, hub))
-                            counts = received.setdefault(event, [0, 0, 0])
-                            entry = cache[event] = (EventContext(event, name, pid, group, hub),
-                                                    handlers, counts)
-                        handling.context, handlers, counts = entry
-                        run = event
-                    n += 1
-                    for handler in handlers:
+                for batch in unpickled(frames, failed):
+                    i, end = 0, len(batch)
+                    while i < end:
+                        message = batch[i]
+                        i += 1
                         try:
-                            result = handler(*args, **kwargs) if kwargs else handler(*args)
-                            if result is not None and isawaitable(result):
-                                await_result(result, receiver.loop)  # async def: its end
-                            handled += 1
-                        except Exception:
+                            event, args, kwargs = message
+                        except (TypeError, ValueError):
+                            if message is not None:  # (None: could not be rebuilt, counted)
+                                malformed(message, failed)
+                            continue
+                        # (checked per event: a handler may unsubscribe itself)
+                        if event != run or table[0] is not CATALOG.by_event:
+                            counts[0] += n
+                            counts[1] += handled
+                            n = handled = 0
+                            run = _NO_RUN
+                            if table[0] is not CATALOG.by_event:  # subscriptions changed
+                                table[0] = CATALOG.by_event
+                                cache.clear()
+                            entry = cache.get(event) if type(event) is str else None
+                            if entry is None:
+                                if type(event) is not str:
+                                    malformed(message, failed)
+                                    continue
+                                handlers = tuple(bind(s.handler, s.dispatcher or
+                                                      receiver.dispatcher)
+                                                 for s in table[0].get(event, ())
+                                                 if s.accepts(name, group, hub))
+                                counts = received.setdefault(event, [0, 0, 0])
+                                entry = cache[event] = (EventContext(event, name, pid, group, hub),
+                                                        handlers, counts)
+                            handling.context, handlers, counts = entry
+                            run = event
+                        n += 1
+                        for handler in handlers:
+                            try:
+                                result = handler(*args, **kwargs) if kwargs else handler(*args)
+                                if result is not None and isawaitable(result):
+                                    await_result(result, receiver.loop)  # async def: its end
+                                handled += 1
+                            except Exception:
+                                counts[2] += 1
+                                seq = seq_of(message)
+                                failed.append([seq, seq])
+                                logger.exception("handler %s for event %r from %r raised",
+                                                 getattr(handler, "__qualname__", handler), event,
+                                                 name)
+                        if len(handlers) != 1 or i == end or c_dispatch is None:
+                            continue
+                        # The rest of this run, in C: the same calls and checks, without
+                        # the interpreter's loop (see _speedups.dispatch).
+                        handler = handlers[0]
+                        status, j, value = c_dispatch(batch, i, event, handler, CATALOG, table[0])
+                        ran = j - i + (status >= 2)
+                        n += ran
+                        handled += ran - (status >= 2)
+                        i = j + (status >= 2)
+                        if status == 3:  # it returned something
+                            try:
+                                if isawaitable(value):
+                                    await_result(value, receiver.loop)  # async def: its end
+                                handled += 1
+                                continue
+                            except Exception as exc:
+                                value = exc
+                        if status >= 2:  # it raised
                             counts[2] += 1
-                            seq = seq_of(message)
-                            failed.append([seq, seq])
-                            logger.exception("handler %s for event %r from %r raised",
-                                             getattr(handler, "__qualname__", handler), event,
-                                             name)
+                            failed.append([where[0] + j, where[0] + j])
+                            logger.error("handler %s for event %r from %r raised",
+                                         getattr(handler, "__qualname__", handler), event, name,
+                                         exc_info=value)
+                            del value
             finally:
                 counts[0] += n
                 counts[1] += handled

@@ -90,20 +90,19 @@ class EventRing:
         self.lock = threading.Lock()
         self._members: list[Outbox] = []
         self._member_ids: set[int] = set()
-        self.route: Any = None  # the last route joined
+        self.route: Any = None  # the last route whose outboxes joined
 
     @property
     def closed(self) -> bool:
         return self.state[3] < 0
 
-    def join(self, route: Any) -> None:
-        """Note the outboxes of ``route``: they may hold entries of this ring."""
+    def join(self, outboxes: Any) -> None:
+        """Note ``outboxes``: they may hold entries of this ring from now on."""
         with self.lock:
-            for outbox in route:
+            for outbox in outboxes:
                 if id(outbox) not in self._member_ids:
                     self._member_ids.add(id(outbox))
                     self._members.append(outbox)
-            self.route = route
 
     def fan_out(self, lanes: tuple[list[Any], ...], event: str, item: bytes) -> Any:
         """Write ``item`` and queue its entry on ``lanes`` (see ``_events.take``);
@@ -196,6 +195,17 @@ class EventRing:
     def after_fork_in_child(self) -> None:
         """Close this process's copy (its lock may be held by a thread of the parent)."""
         self._close()
+
+
+def descriptors() -> int:
+    """How many descriptors of this process are event rings (for resource checks)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:localnet-ring")
+        except OSError:  # (closed meanwhile)
+            pass
+    return count
 
 
 def ring_runs(entries: list[Any], size: int) -> Iterator[tuple[int, int, int, int]]:

@@ -729,6 +729,80 @@ ring_fan_out(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     return result;
 }
 
+PyDoc_STRVAR(dispatch_doc,
+"dispatch(items, start, event, handler, catalog, table, /)\n--\n\n"
+"Run ``handler(*args, **kwargs)`` for the events ``items[start:]`` (a list of\n"
+"``(event, args, kwargs)``) while they are events named ``event`` and\n"
+"``catalog.by_event`` is still ``table`` (a handler may unsubscribe).\n"
+"Returns ``(status, index, value)``: status 0, all were run (index is\n"
+"len(items)); 1, ``items[index]`` was not run (another event, or not such a\n"
+"triple, or the subscriptions changed); 2, ``items[index]``'s handler raised\n"
+"``value`` (an Exception); 3, it returned ``value``, which is not None.  A\n"
+"BaseException that is not an Exception (KeyboardInterrupt) propagates.");
+
+static PyObject *by_event_name = NULL;
+
+static PyObject *
+dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 6 || !PyList_CheckExact(argv[0])) {
+        PyErr_SetString(PyExc_TypeError, "dispatch() takes a list of events, a start index, "
+                        "an event name, a handler, the catalog and its table");
+        return NULL;
+    }
+    PyObject *items = argv[0], *event = argv[2], *handler = argv[3];
+    PyObject *catalog = argv[4], *table = argv[5];
+    Py_ssize_t i = PyLong_AsSsize_t(argv[1]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (by_event_name == NULL && (by_event_name = PyUnicode_InternFromString("by_event")) == NULL)
+        return NULL;
+    for (; i < PyList_GET_SIZE(items); i++) {
+        PyObject *message = PyList_GET_ITEM(items, i);
+        if (!PyTuple_CheckExact(message) || PyTuple_GET_SIZE(message) != 3)
+            return Py_BuildValue("(inO)", 1, i, Py_None);
+        PyObject *name = PyTuple_GET_ITEM(message, 0);
+        PyObject *args = PyTuple_GET_ITEM(message, 1);
+        PyObject *kwargs = PyTuple_GET_ITEM(message, 2);
+        if (name != event) {
+            if (!PyUnicode_CheckExact(name))
+                return Py_BuildValue("(inO)", 1, i, Py_None);
+            int same = PyUnicode_Compare(name, event);
+            if (same == -1 && PyErr_Occurred())
+                return NULL;
+            if (same != 0)
+                return Py_BuildValue("(inO)", 1, i, Py_None);
+        }
+        if (!PyTuple_CheckExact(args) || !PyDict_CheckExact(kwargs))
+            return Py_BuildValue("(inO)", 1, i, Py_None);
+        PyObject *now = PyObject_GetAttr(catalog, by_event_name);
+        if (now == NULL)
+            return NULL;
+        Py_DECREF(now);
+        if (now != table)
+            return Py_BuildValue("(inO)", 1, i, Py_None);
+        PyObject *result = PyObject_Call(handler, args, PyDict_GET_SIZE(kwargs) ? kwargs : NULL);
+        if (result == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                return NULL;
+            PyObject *type, *value, *traceback;
+            PyErr_Fetch(&type, &value, &traceback);
+            PyErr_NormalizeException(&type, &value, &traceback);
+            if (traceback != NULL && value != NULL)
+                PyException_SetTraceback(value, traceback);
+            Py_XDECREF(type);
+            Py_XDECREF(traceback);
+            PyObject *answer = Py_BuildValue("(inO)", 2, i, value ? value : Py_None);
+            Py_XDECREF(value);
+            return answer;
+        }
+        if (result != Py_None)
+            return Py_BuildValue("(inN)", 3, i, result);
+        Py_DECREF(result);
+    }
+    return Py_BuildValue("(inO)", 0, i, Py_None);
+}
+
 static PyMethodDef methods[] = {
     {"load_checked", load_checked, METH_O, load_checked_doc},
     {"encode_item", (PyCFunction)(void (*)(void))encode_item, METH_FASTCALL, encode_item_doc},
@@ -738,6 +812,7 @@ static PyMethodDef methods[] = {
     {"fan_out", (PyCFunction)(void (*)(void))fan_out, METH_FASTCALL, fan_out_doc},
     {"ring_fan_out", (PyCFunction)(void (*)(void))ring_fan_out, METH_FASTCALL,
      ring_fan_out_doc},
+    {"dispatch", (PyCFunction)(void (*)(void))dispatch, METH_FASTCALL, dispatch_doc},
     {NULL, NULL, 0, NULL},
 };
 

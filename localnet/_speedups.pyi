@@ -21,3 +21,7 @@ def fan_out(
 def ring_fan_out(
     state: list[int], ring: Any, lanes: tuple[list[Any], ...], event: str, item: bytes, /
 ) -> tuple[list[int], list[int]] | None | bool: ...
+
+def dispatch(
+    items: list[Any], start: int, event: str, handler: Any, catalog: Any, table: Any, /
+) -> tuple[int, int, Any]: ...

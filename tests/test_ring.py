@@ -82,26 +82,32 @@ def test_a_small_ring_wraps_and_fills_and_every_subscriber_gets_every_event_in_o
 def test_a_stopped_subscriber_holds_the_ring_and_the_others_go_on_the_plain_way(
         spawn, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_ring, "RING_BYTES", 8192)
-    running = spawn(SUBSCRIBER, args=["ring-running"])
-    stopped = spawn(SUBSCRIBER, args=["ring-stopped"])
+    running = [spawn(SUBSCRIBER, args=[f"ring-running-{i}"]) for i in range(2)]
     n = 5_000
     with localnet.Peer(name="ring-pub") as peer:
+        ring_tick(-2)
+        peer.flush(20)  # two outboxes: the ring is made with the second
+        ring = peer._publisher._ring
+        assert ring is not None
+        stopped = spawn(SUBSCRIBER, args=["ring-stopped"])  # so it reads the ring
         ring_tick(-1)
-        peer.flush(20)  # both channels open, the ring's descriptor sent
+        peer.flush(20)  # its channel open, the ring's descriptor sent
+        assert [outbox.ring for outbox in peer._publisher._outboxes.values()
+                if outbox.name == "ring-stopped"] == [ring]
         stopped.signal(signal.SIGSTOP)
         try:
             for i in range(n):
                 ring_tick(i)
-            running_peer = peer.peer("ring-running")
-            wait_until(lambda: len(running_peer.received()) == n + 1, timeout=30)
-            assert running_peer.received() == list(range(-1, n))
+            for name in ("ring-running-0", "ring-running-1"):
+                other = peer.peer(name)
+                wait_until(lambda other=other: len(other.received()) == n + 2, timeout=30)
+                assert other.received() == list(range(-2, n))
         finally:
             stopped.signal(signal.SIGCONT)
         peer.flush(30)
         assert peer.peer("ring-stopped").received() == list(range(-1, n))
-        ring = peer._publisher._ring
-        assert ring is not None and 0 < ring.state[2] < n + 1  # filled while stopped
-    assert running.stop() == 0 and stopped.stop() == 0
+        assert 0 < ring.state[2] < n + 2  # it filled while the subscriber was stopped
+    assert [child.stop() for child in (*running, stopped)] == [0, 0, 0]
 
 
 class Opaque:
@@ -112,7 +118,8 @@ class Opaque:
 
 
 def test_ring_events_keep_their_order_among_pickles_and_shared_memory(spawn) -> None:
-    spawn(SUBSCRIBER, args=["ring-mixed-sub"])
+    for name in ("ring-mixed-0", "ring-mixed-1"):  # (the ring comes with the second)
+        spawn(SUBSCRIBER, args=[name])
     expected = []
     with localnet.Peer(name="ring-pub") as peer:
         for i in range(600):
@@ -122,8 +129,9 @@ def test_ring_events_keep_their_order_among_pickles_and_shared_memory(spawn) -> 
             ring_mixed(i, value)
             expected.append([i, type(value).__name__])
         peer.flush(60)
-        got = peer.peer("ring-mixed-sub").received()
-        assert [list(pair) for pair in got] == expected
+        for name in ("ring-mixed-0", "ring-mixed-1"):
+            got = peer.peer(name).received()
+            assert [list(pair) for pair in got] == expected
         assert _written(peer) >= 300
 
 
@@ -256,6 +264,7 @@ def test_a_publisher_without_the_extensions_writes_the_ring_in_python(spawn, tmp
     (tmp_path / "sitecustomize.py").write_text(
         "import sys\nsys.modules['localnet._fastcall'] = None\n"
         "sys.modules['localnet._speedups'] = None\n")
+    spawn(SUBSCRIBER, args=["ring-pure-sub"])  # a second subscriber: the ring is made
     spawn(PURE_PUBLISHER,
           PYTHONPATH=os.pathsep.join([str(tmp_path), spawn.env()["PYTHONPATH"]]))
     got: list[int] = []
@@ -269,6 +278,7 @@ def test_a_publisher_without_the_extensions_writes_the_ring_in_python(spawn, tmp
             written = me.call("ring-pure", "fire", (5_000,), {}, timeout=90)
             assert written > 0
             assert got == list(range(5_000))
+            assert me.peer("ring-pure-sub").received() == list(range(5_000))
     finally:
         localnet.unsubscribe(on_tick)
 

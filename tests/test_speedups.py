@@ -340,6 +340,7 @@ class _Lane:
         self.woken = 0
         self.put_calls: list[tuple[str, bytes]] = []
         self.retiring = False
+        self.ring = None
 
     def wake(self) -> None:
         self.woken += 1
@@ -382,3 +383,45 @@ def test_the_c_fan_out_refuses_what_is_not_a_lane() -> None:
         _speedups.fan_out(([1, 2],), ("ev", b"x"))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="tuple"):
         _speedups.fan_out([[[], 1, False]], ("ev", b"x"))  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(_speedups is None, reason="localnet._speedups is not built")
+def test_the_c_dispatch_runs_a_run_of_one_event_and_stops_where_python_must_look() -> None:
+    class Catalog:
+        by_event: dict = {}
+
+    catalog = Catalog()
+    table = catalog.by_event
+    seen: list = []
+
+    def handler(*args, **kwargs):
+        seen.append((args, kwargs))
+        if args == (3,):
+            raise ValueError("three")
+        if args == (5,):
+            return "five"
+        if args == (7,):
+            catalog.by_event = {}  # it unsubscribed: the next event goes back to Python
+        return None
+
+    items = [("e", (1,), {}), ("e", (2,), {"k": 1}), ("e", (3,), {}), ("e", (4,), {}),
+             ("e", (5,), {}), ("e", (6,), {}), ("other", (0,), {}), ("e", (7,), {}),
+             ("e", (8,), {}), ["e", (9,), {}]]
+    status, index, value = _speedups.dispatch(items, 0, "e", handler, catalog, table)
+    assert (status, index, type(value), str(value)) == (2, 2, ValueError, "three")
+    assert value.__traceback__ is not None
+    assert _speedups.dispatch(items, 3, "e", handler, catalog, table) == (3, 4, "five")
+    assert _speedups.dispatch(items, 5, "e", handler, catalog, table) == (1, 6, None)
+    assert _speedups.dispatch(items, 7, "e", handler, catalog, table) == (1, 8, None)
+    assert _speedups.dispatch(items, 9, "e", handler, catalog, catalog.by_event) == (1, 9, None)
+    assert _speedups.dispatch(items, 10, "e", handler, catalog, catalog.by_event) == (0, 10, None)
+    assert [args for args, _ in seen] == [(1,), (2,), (3,), (4,), (5,), (6,), (7,)]
+    assert seen[1] == ((2,), {"k": 1})
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _speedups.dispatch([("e", (1,), {})], 0, "e", interrupted, catalog, catalog.by_event)
+    with pytest.raises(TypeError, match="list of events"):
+        _speedups.dispatch((), 0, "e", handler, catalog, table)

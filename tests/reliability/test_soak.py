@@ -51,7 +51,9 @@ def resources():
     gc.collect()
     localnet._shm.POOL.trim(everything=True)
     proc = psutil.Process()
-    return {"fds": proc.num_fds(), "rss": proc.memory_info().rss,
+    rings = localnet._ring.descriptors()  # the event ring, made with the second subscriber,
+    return {"fds": proc.num_fds() - rings, "rings": rings,  # lasts as long as its publisher
+            "rss": proc.memory_info().rss,
             # shared-memory transfers (the event ring lasts as long as its publisher)
             "segments": sum(1 for m in proc.memory_maps(grouped=False)
                             if "memfd:localnet" in m.path and "ring" not in m.path)}
@@ -81,7 +83,9 @@ def own_resources() -> dict[str, int]:
     gc.collect()
     _shm.POOL.trim(everything=True)
     proc = psutil.Process()
-    return {"fds": proc.num_fds(), "rss": proc.memory_info().rss,
+    rings = localnet._ring.descriptors()  # the event ring, made with the second subscriber,
+    return {"fds": proc.num_fds() - rings, "rings": rings,  # lasts as long as its publisher
+            "rss": proc.memory_info().rss,
             # shared-memory transfers (the event ring lasts as long as its publisher)
             "segments": sum(1 for m in proc.memory_maps(grouped=False)
                             if "memfd:localnet" in m.path and "ring" not in m.path)}
@@ -150,6 +154,8 @@ def _soak(spawn, received: list[int]) -> None:
                    what="the hub's descriptors to return")
         hub_end, own_end = hub.resources(), own_resources()
     assert hub_end["segments"] == hub_start["segments"] == 0
+    # At most one ring: its descriptor, and the one its mapping keeps (mmap dups it)
+    assert hub_end["rings"] <= 2 and own_end["rings"] == own_start["rings"] == 0
     assert own_end["segments"] == own_start["segments"] == 0
     assert own_end["fds"] == own_start["fds"]
     for label, start, end in (("hub", hub_start, hub_end), ("test", own_start, own_end)):
