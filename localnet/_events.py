@@ -136,13 +136,10 @@ class Outbox:
         self._failed: Counter[str] = Counter()
         self._sock: socket.socket | None = None
         self._delay = delay  # before connecting: the subscriber was unreachable a moment ago
-        # The publisher's event ring (localnet._ring), for an outbox made while
-        # there was one: its lane then only ever takes the ring's entries (of 4).
-        # Entries queued through put() are counted (_plain), so that the writer
-        # knows when a run it sends holds ring entries only.
+        # The publisher's event ring (localnet._ring), once it has one: entries
+        # of 4 come from it, and a run of only those goes as RING frames.
         self.ring = ring
         self._ring_sent = False  # the ring's descriptor went to the subscriber
-        self._plain = self._plain_sent = 0
         self._writer = spawn_thread(self._write_loop, name="localnet-outbox")
 
     def __repr__(self) -> str:
@@ -182,7 +179,6 @@ class Outbox:
                     frame.settle()  # type: ignore[union-attr]
                 return False
             self._queue.append((event, frame))
-            self._plain += 1
             kind = _kind(frame)
             if kind != _ITEM:
                 self._mixed = True
@@ -313,8 +309,7 @@ class Outbox:
                     first = self._base + self._written + 1
                     self._written = end
                     mixed, self._mixed = self._mixed, False
-                    plain, self._plain_sent = self._plain - self._plain_sent, self._plain
-                if not (mixed or plain) and self.ring is not None and is_ring_run(entries):
+                if not mixed and self.ring is not None and is_ring_run(entries):
                     self._send_ring(sock, entries, first)
                 else:
                     self._send(sock, entries, first, mixed)
@@ -522,60 +517,53 @@ def _payloads_in(entries: list[tuple[str, bytes | Payload]]) -> list[Payload]:
 
 
 class Route(tuple):  # type: ignore[type-arg]
-    """The outboxes an event goes to, and their ``lane`` lists (for :func:`fan_out`):
-    first those that take items as they are (``lanes``), then those that take
-    entries of the event ring (``ring_lanes``, see :mod:`localnet._ring`)."""
+    """The outboxes an event goes to, and their ``lane`` lists (for :func:`fan_out`);
+    ``ring``: the event ring its items are written into (see :mod:`localnet._ring`),
+    for a route of two outboxes or more (for one, the ring would only add a step)."""
 
     lanes: tuple[list[Any], ...]
-    ring_lanes: tuple[list[Any], ...]
     ring: EventRing | None
 
     def __new__(cls, outboxes: list[Outbox]) -> Route:
-        plain = [outbox for outbox in outboxes if outbox.ring is None]
-        ringed = [outbox for outbox in outboxes if outbox.ring is not None]
-        route = super().__new__(cls, plain + ringed)
-        route.lanes = tuple(outbox.lane for outbox in plain)
-        route.ring_lanes = tuple(outbox.lane for outbox in ringed)
-        route.ring = ringed[0].ring if ringed else None
+        route = super().__new__(cls, outboxes)
+        route.lanes = tuple(outbox.lane for outbox in outboxes)
+        ring = outboxes[0].ring if len(outboxes) > 1 else None
+        route.ring = ring if all(outbox.ring is ring for outbox in outboxes) else None
         return route
 
 
 def fan_out(route: Route, event: str, item: bytes) -> bool:
     """Queue one event's item for every outbox of ``route``, without taking their
     locks (see :class:`Outbox`); a full or closing outbox takes the locked path.
-    For the outboxes of the ring, the item is written once into the ring; when it
-    is full, they take the locked path too.
+    With a ring, the item is written once into it; when it has no room, every
+    outbox takes the locked path.
 
     Returns True when a retiring outbox refused it (see ``Publisher._reroute``).
     """
-    moved = False
-    if route.lanes:
-        rest = take((event, item), route.lanes)
-        moved = rest is not None and finish_fan_out(route, event, item, rest)
     ring = route.ring
-    if ring is not None:
+    if ring is None:
+        rest = take((event, item), route.lanes)
+    else:
         if ring.route is not route:
-            ring.join(route[len(route.lanes):])
+            ring.join(route)
             ring.route = route
-        rest = ring.fan_out(route.ring_lanes, event, item)
+        rest = ring.fan_out(route.lanes, event, item)
         if rest is False:  # no room in the ring: each subscriber's own way
-            moved = put_all(route[len(route.lanes):], event, item) or moved
-        elif rest is not None:
-            moved = finish_fan_out(route, event, item, rest, len(route.lanes)) or moved
-    return moved
+            return put_all(route, event, item)
+    return rest is not None and finish_fan_out(route, event, item, rest)
 
 
 def finish_fan_out(route: Route, event: str, item: bytes,
-                   rest: tuple[list[int], list[int]], offset: int = 0) -> bool:
+                   rest: tuple[list[int], list[int]]) -> bool:
     """After the lanes took ``item``: wake the idle writers (``rest[0]``, indices into
-    ``route`` from ``offset``) and put it, locked, into the outboxes that had no room
-    (``rest[1]``); True when a retiring one refused it."""
+    ``route``) and put it, locked, into the outboxes that had no room (``rest[1]``);
+    True when a retiring one refused it."""
     idle, full = rest
     for i in idle:
-        route[offset + i].wake()
+        route[i].wake()
     moved = False
     for i in full:
-        outbox = route[offset + i]
+        outbox = route[i]
         if not outbox.put(event, item) and outbox.retiring:  # drop, or wait for room
             moved = True
     return moved

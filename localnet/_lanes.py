@@ -17,6 +17,7 @@ except ImportError:  # built without a C compiler
     _speedups = None  # type: ignore[assignment]
 c_fan_out = None if _speedups is None else _speedups.fan_out
 c_ring_fan_out = None if _speedups is None else _speedups.ring_fan_out
+c_ring_run = None if _speedups is None else _speedups.ring_run
 
 Rest = tuple[list[int], list[int]]
 

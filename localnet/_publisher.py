@@ -30,7 +30,8 @@ from . import _deadlock, _liveness, _ring, _serial
 from ._current import RUNNING
 from ._dispatch import is_home, pump_while
 from ._events import Outbox, Route, fan_out, finish_fan_out, put_all
-from ._lanes import take
+from ._lanes import c_fan_out as _c_fan_out
+from ._lanes import c_ring_fan_out
 from ._stats import add_into
 from .errors import SerializationError, Timeout, WouldDeadlock, translate_os_error
 
@@ -62,9 +63,8 @@ class Publisher:
         self._unreachable: dict[str, int] = {}  # subscriber name -> failures in a row
         #: The other hosts' subscribers (localnet.nats._events.RemoteEvents), if joined.
         self.remote: Any = None
-        # Small events are written once for all subscribers (localnet._ring); made
-        # with the second outbox (a single subscriber gains nothing from it), where
-        # there is shared memory.  Outboxes made from then on take its entries.
+        # Small events are written once for all subscribers (localnet._ring): made
+        # with the first route of two outboxes or more, where there is shared memory.
         self._ring: _ring.EventRing | None = None
         self._ring_wanted = _ring.available() and peer.shm_threshold is not None
 
@@ -133,8 +133,6 @@ class Publisher:
                 continue
             outbox = self._outboxes.get(name)
             if outbox is None:
-                if self._ring is None and self._ring_wanted and self._outboxes:
-                    self._make_ring()
                 hello = {"role": "events", **peer.identity}
                 failures = self._unreachable.get(name, 0)
                 delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS)) - 1] if failures else 0.0
@@ -145,12 +143,18 @@ class Publisher:
             outbox.carry(wanted)
             for event in wanted:
                 routes.setdefault(event, []).append(outbox)
+        if self._ring is None and self._ring_wanted and any(
+                len(boxes) > 1 for boxes in routes.values()):
+            self._make_ring()
         self._routes = {event: Route(boxes) for event, boxes in routes.items()}
         self._published = published
 
     def _make_ring(self) -> None:
+        """Make the event ring; every outbox takes its entries from now on."""
         try:
             self._ring = _ring.EventRing(_ring.RING_BYTES)
+            for outbox in self._outboxes.values():
+                outbox.ring = self._ring
         except OSError as exc:  # no memory or descriptors for it: events go the plain way
             logger.info("no event ring for %r (%s); events go through each subscriber's "
                         "socket", self._peer.name, exc)
@@ -201,7 +205,13 @@ class Publisher:
         if _encode_item is not None:
             item = _encode_item(event, args, kwargs, self._item_max)
             if item is not None:  # the common case: an item of plain values
-                if targets:
+                if not targets:
+                    return
+                if targets.ring is None and _c_fan_out is not None:  # take's C part, inlined
+                    rest = _c_fan_out(targets.lanes, (event, item))
+                    if rest is not None and finish_fan_out(targets, event, item, rest):
+                        self._reroute(targets, event, item)
+                else:
                     self._fan_out(targets, event, item)
                 return
         try:
@@ -230,9 +240,14 @@ class Publisher:
 
     def _fan_out(self, targets: Route, event: str, item: bytes) -> None:
         """Queue an item for every outbox of ``targets`` (see ``_events.fan_out``)."""
-        if (fan_out(targets, event, item) if targets.ring is not None else
-                (rest := take((event, item), targets.lanes)) is not None
-                and finish_fan_out(targets, event, item, rest)):
+        ring = targets.ring
+        if ring is not None and ring.route is targets and c_ring_fan_out is not None:
+            rest = c_ring_fan_out(ring.state, ring.map, targets.lanes, event, item)
+            if rest is not False:  # (the common case; False: no room, see ring.fan_out)
+                if rest is not None and finish_fan_out(targets, event, item, rest):
+                    self._reroute(targets, event, item)
+                return
+        if fan_out(targets, event, item):
             self._reroute(targets, event, item)
 
     def _reroute(self, targets: tuple[Outbox, ...], event: str,

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _shm
-from ._lanes import c_ring_fan_out, take
+from ._lanes import c_ring_fan_out, c_ring_run, take
 from ._wire import EVENT_BATCH, ITEMS_HEAD, ITEMS_PER_FRAME, ITEMS_TAIL, ProtocolError
 
 if TYPE_CHECKING:
@@ -231,10 +231,13 @@ def ring_runs(entries: list[Any], size: int) -> Iterator[tuple[int, int, int, in
 
 
 def is_ring_run(entries: list[Any]) -> bool:
-    """True when ``entries`` (items only, none queued the plain way) are consecutive
-    entries of the ring: the first and last numbers tell it."""
-    return (len(entries[0]) == 4 and len(entries[-1]) == 4
-            and entries[-1][3] - entries[0][3] == len(entries) - 1)
+    """True when ``entries`` are only entries of the ring, numbered one after the
+    other (so their items lie back to back in it, but for the laps' ends)."""
+    if c_ring_run is not None:
+        return c_ring_run(entries)
+    first = entries[0][-1] if entries and len(entries[0]) == 4 else None
+    return first is not None and all(
+        len(entry) == 4 and entry[3] == first + i for i, entry in enumerate(entries))
 
 
 def pack_span(start: int, end: int) -> bytes:

@@ -803,6 +803,38 @@ dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
     return Py_BuildValue("(inO)", 0, i, Py_None);
 }
 
+PyDoc_STRVAR(ring_run_doc,
+"ring_run(entries, /)\n--\n\n"
+"True when the list ``entries`` is not empty and holds only entries of the\n"
+"event ring, ``(event, item, position, number)``, numbered one after the other.");
+
+static PyObject *
+ring_run(PyObject *Py_UNUSED(module), PyObject *entries)
+{
+    if (!PyList_CheckExact(entries)) {
+        PyErr_SetString(PyExc_TypeError, "ring_run() takes a list");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(entries);
+    long long first = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *entry = PyList_GET_ITEM(entries, i);
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 4
+                || !PyLong_CheckExact(PyTuple_GET_ITEM(entry, 3)))
+            Py_RETURN_FALSE;
+        long long number = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 3));
+        if (number == -1 && PyErr_Occurred())
+            return NULL;
+        if (i == 0)
+            first = number;
+        else if (number != first + i)
+            Py_RETURN_FALSE;
+    }
+    if (n == 0)
+        Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"load_checked", load_checked, METH_O, load_checked_doc},
     {"encode_item", (PyCFunction)(void (*)(void))encode_item, METH_FASTCALL, encode_item_doc},
@@ -813,6 +845,7 @@ static PyMethodDef methods[] = {
     {"ring_fan_out", (PyCFunction)(void (*)(void))ring_fan_out, METH_FASTCALL,
      ring_fan_out_doc},
     {"dispatch", (PyCFunction)(void (*)(void))dispatch, METH_FASTCALL, dispatch_doc},
+    {"ring_run", ring_run, METH_O, ring_run_doc},
     {NULL, NULL, 0, NULL},
 };
 

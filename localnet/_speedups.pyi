@@ -1,4 +1,4 @@
-from typing import Any
+from typing import Any, Literal
 
 def encode_item(
     name: str, args: tuple[Any, ...], kwargs: dict[str, Any], limit: int, /
@@ -20,8 +20,10 @@ def fan_out(
 
 def ring_fan_out(
     state: list[int], ring: Any, lanes: tuple[list[Any], ...], event: str, item: bytes, /
-) -> tuple[list[int], list[int]] | None | bool: ...
+) -> tuple[list[int], list[int]] | None | Literal[False]: ...
 
 def dispatch(
     items: list[Any], start: int, event: str, handler: Any, catalog: Any, table: Any, /
 ) -> tuple[int, int, Any]: ...
+
+def ring_run(entries: list[Any], /) -> bool: ...

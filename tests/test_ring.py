@@ -298,3 +298,20 @@ def test_the_c_ring_write_refuses_what_is_not_a_ring_state() -> None:
         assert _lanes.c_ring_fan_out(ring.state, ring.map, (), "e", b"x" * 5000) is False
     finally:
         ring.close()
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+def test_a_run_goes_through_the_ring_only_when_it_holds_ring_entries_only(
+        monkeypatch: pytest.MonkeyPatch, use_c: bool) -> None:
+    from localnet import _lanes
+    if use_c and _lanes.c_ring_run is None:
+        pytest.skip("localnet._speedups is not built")
+    if not use_c:
+        monkeypatch.setattr(_ring, "c_ring_run", None)
+    a, b, c = ("e", b"a", 0, 7), ("e", b"b", 1, 8), ("e", b"c", 2, 9)
+    assert _ring.is_ring_run([a, b, c])
+    assert _ring.is_ring_run([b])
+    assert not _ring.is_ring_run([a, c])  # 8 went elsewhere: the bytes between are not ours
+    assert not _ring.is_ring_run([a, ("e", b"plain"), c])  # same count, but one is plain
+    assert not _ring.is_ring_run([("e", b"plain"), b, c])
+    assert not _ring.is_ring_run([])
