@@ -523,12 +523,14 @@ class Route(tuple):  # type: ignore[type-arg]
 
     lanes: tuple[list[Any], ...]
     ring: EventRing | None
+    joined: bool
 
     def __new__(cls, outboxes: list[Outbox]) -> Route:
         route = super().__new__(cls, outboxes)
         route.lanes = tuple(outbox.lane for outbox in outboxes)
         ring = outboxes[0].ring if len(outboxes) > 1 else None
         route.ring = ring if all(outbox.ring is ring for outbox in outboxes) else None
+        route.joined = False  # (its outboxes are not yet known to the ring)
         return route
 
 
@@ -544,9 +546,9 @@ def fan_out(route: Route, event: str, item: bytes) -> bool:
     if ring is None:
         rest = take((event, item), route.lanes)
     else:
-        if ring.route is not route:
+        if not route.joined:  # its outboxes may hold the ring's entries from now on
             ring.join(route)
-            ring.route = route
+            route.joined = True
         rest = ring.fan_out(route.lanes, event, item)
         if rest is False:  # no room in the ring: each subscriber's own way
             return put_all(route, event, item)

@@ -241,7 +241,7 @@ class Publisher:
     def _fan_out(self, targets: Route, event: str, item: bytes) -> None:
         """Queue an item for every outbox of ``targets`` (see ``_events.fan_out``)."""
         ring = targets.ring
-        if ring is not None and ring.route is targets and c_ring_fan_out is not None:
+        if ring is not None and targets.joined and c_ring_fan_out is not None:
             rest = c_ring_fan_out(ring.state, ring.map, targets.lanes, event, item)
             if rest is not False:  # (the common case; False: no room, see ring.fan_out)
                 if rest is not None and finish_fan_out(targets, event, item, rest):

@@ -90,7 +90,6 @@ class EventRing:
         self.lock = threading.Lock()
         self._members: list[Outbox] = []
         self._member_ids: set[int] = set()
-        self.route: Any = None  # the last route whose outboxes joined
 
     @property
     def closed(self) -> bool:
@@ -167,7 +166,6 @@ class EventRing:
             if len(members) < len(self._members):
                 self._members = members
                 self._member_ids = {id(outbox) for outbox in members}
-                self.route = None
             if low > self.state[1] and not self.closed:
                 _TAIL.pack_into(self.map, 0, low)  # before any of that space is written again
                 self.state[1] = low

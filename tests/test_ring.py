@@ -315,3 +315,42 @@ def test_a_run_goes_through_the_ring_only_when_it_holds_ring_entries_only(
     assert not _ring.is_ring_run([a, ("e", b"plain"), c])  # same count, but one is plain
     assert not _ring.is_ring_run([("e", b"plain"), b, c])
     assert not _ring.is_ring_run([])
+
+
+ONLY_TICKS = """
+got = []
+
+@localnet.subscribe("ring_tick")
+def on_tick(i, pad=b""):
+    got.append(i)
+
+@localnet.connect()
+def received():
+    return got
+
+peer = localnet.Peer(name=sys.argv[1]).start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_two_events_through_one_ring_to_subscribers_of_one_or_both(
+        spawn, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both subscribers of ring_tick read it from the ring; the ring also holds
+    # ring_mixed, which only one of them takes, so the other's runs have gaps
+    # and go the plain way: each gets exactly its events, in order.
+    monkeypatch.setattr(_ring, "RING_BYTES", 16384)
+    spawn(SUBSCRIBER, args=["ring-both"])
+    spawn(ONLY_TICKS, args=["ring-ticks"])
+    spawn(ONLY_TICKS, args=["ring-ticks-2"])
+    n = 3_000
+    with localnet.Peer(name="ring-pub") as peer:
+        for i in range(n):
+            ring_tick(i)
+            ring_mixed(i, i)
+        peer.flush(60)
+        both = [item if isinstance(item, int) else list(item)
+                for item in peer.peer("ring-both").received()]
+        assert both == [x for i in range(n) for x in (i, [i, "int"])]
+        assert peer.peer("ring-ticks").received() == list(range(n))
+        assert peer.peer("ring-ticks-2").received() == list(range(n))
+        assert _written(peer) > 0
