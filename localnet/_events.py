@@ -28,7 +28,6 @@ failed: the subscriber could not rebuild it, or a handler raised).
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -41,7 +40,7 @@ from typing import Any
 from . import _liveness
 from ._budget import Budget, size_of
 from ._lanes import take
-from ._ring import EventRing, is_ring_run, pack_span, ring_runs
+from ._ring import EventRing, is_ring_run
 from ._serial import ITEM_MAX, Payload
 from ._signals import spawn_thread
 from ._wire import (
@@ -317,23 +316,10 @@ class Outbox:
             self._fail(f"connection broken: {exc}")
 
     def _send_ring(self, sock: socket.socket, entries: list[Any], first: int) -> None:
-        """Send events ``first``, ... (consecutive entries of the ring) as RING frames:
-        a header and 17 bytes for up to ``ITEMS_PER_FRAME`` events."""
-        ring = self.ring
-        assert ring is not None
-        frames = [(first + high - 1, pack_span(start, end))
-                  for _, high, start, end in ring_runs(entries, ring.size)]
-        if not self._ring_sent:  # the first one carries the ring's descriptor
-            ident, span = frames.pop(0)
-            fd = ring.dup()
-            try:
-                send_raw_with_fds(sock, pack_header(Kind.EVENT, ident, len(span), 1) + span, [fd])
-            finally:
-                os.close(fd)
-            self._ring_sent = True
-        if frames:
-            sock.sendall(b"".join([pack_header(Kind.EVENT, ident, len(span)) + span
-                                   for ident, span in frames]))
+        """Send events ``first``, ... (consecutive entries of the ring) as RING frames."""
+        assert self.ring is not None
+        self.ring.send(sock, entries, first, with_descriptor=not self._ring_sent)
+        self._ring_sent = True
 
     @staticmethod
     def _send(sock: socket.socket, entries: list[tuple[str, bytes | Payload]], first: int,

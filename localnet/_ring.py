@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import socket
 import struct
 import threading
 from collections.abc import Iterator
@@ -41,7 +42,16 @@ from typing import TYPE_CHECKING, Any
 
 from . import _shm
 from ._lanes import c_ring_fan_out, c_ring_run, take
-from ._wire import EVENT_BATCH, ITEMS_HEAD, ITEMS_PER_FRAME, ITEMS_TAIL, ProtocolError
+from ._wire import (
+    EVENT_BATCH,
+    ITEMS_HEAD,
+    ITEMS_PER_FRAME,
+    ITEMS_TAIL,
+    Kind,
+    ProtocolError,
+    pack_header,
+    send_raw_with_fds,
+)
 
 if TYPE_CHECKING:
     from ._events import Outbox
@@ -170,6 +180,25 @@ class EventRing:
                 _TAIL.pack_into(self.map, 0, low)  # before any of that space is written again
                 self.state[1] = low
             return self.state[1]
+
+    def send(self, sock: socket.socket, entries: list[Any], first: int,
+             with_descriptor: bool) -> None:
+        """Send events ``first``, ... (consecutive entries of this ring, see
+        :func:`is_ring_run`) as RING frames, a header and 17 bytes for up to
+        ``ITEMS_PER_FRAME`` events; the first one ``with_descriptor`` of the ring."""
+        frames = [(first + high - 1, pack_span(start, end))
+                  for _, high, start, end in ring_runs(entries, self.size)]
+        if with_descriptor:
+            ident, span = frames.pop(0)
+            fd = self.dup()
+            try:
+                send_raw_with_fds(sock, pack_header(Kind.EVENT, ident, len(span), 1) + span,
+                                  [fd])
+            finally:
+                os.close(fd)
+        if frames:
+            sock.sendall(b"".join([pack_header(Kind.EVENT, ident, len(span)) + span
+                                   for ident, span in frames]))
 
     def dup(self) -> int:
         """A descriptor of the segment, for one subscriber (the caller closes it)."""

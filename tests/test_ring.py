@@ -354,3 +354,49 @@ def test_two_events_through_one_ring_to_subscribers_of_one_or_both(
         assert peer.peer("ring-ticks").received() == list(range(n))
         assert peer.peer("ring-ticks-2").received() == list(range(n))
         assert _written(peer) > 0
+
+
+FORKING_PUBLISHER = """
+@localnet.event("ring_tick")
+def ring_tick(*args, **kwargs):
+    return args, kwargs
+
+@localnet.connect()
+def fork_and_publish():
+    for i in range(1_000):
+        ring_tick(i)
+    peer.flush(30)
+    pid = os.fork()
+    if pid == 0:  # the child: its own peer, its own ring; the parent's left alone
+        code = 1
+        try:
+            assert peer._publisher._ring is None
+            with localnet.Peer(name="ring-child") as child:
+                for i in range(1_000, 2_000):
+                    ring_tick(i)
+                child.flush(30)
+                code = 0 if child._publisher._ring is not None else 2
+        finally:
+            os._exit(code)
+    for i in range(2_000, 3_000):
+        ring_tick(i)
+    peer.flush(30)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+peer = localnet.Peer(name="ring-forker").start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_a_publisher_that_forks_keeps_its_ring_and_the_child_makes_its_own(spawn) -> None:
+    for name in ("ring-fork-0", "ring-fork-1"):
+        spawn(SUBSCRIBER, args=[name])
+    spawn(FORKING_PUBLISHER)
+    with localnet.Peer(name="ring-driver") as me:
+        assert me.call("ring-forker", "fork_and_publish", (), {}, timeout=90) == 0
+        for name in ("ring-fork-0", "ring-fork-1"):
+            got = me.peer(name).received()
+            parent = [i for i in got if not 1_000 <= i < 2_000]
+            child = [i for i in got if 1_000 <= i < 2_000]
+            assert parent == list(range(1_000)) + list(range(2_000, 3_000))
+            assert child == list(range(1_000, 2_000))
