@@ -2,12 +2,11 @@
 
 A trigger pickles its event once and appends the bytes to the outbox of
 every subscriber whose subscription matches this publisher, without a lock
-(:func:`fan_out`); it never waits for the network.  Each outbox has a writer
-thread, which sends whatever has queued up in one ``sendall``, packed into
-frames of up to ``EVENT_BATCH`` bytes each (:func:`~localnet._wire.pack_items`,
-:func:`~localnet._wire.pack_batch`: a burst of events costs a few system
-calls and a few frame headers, not one each), and an acknowledgement reader,
-which counts what the subscriber has handled.
+(:func:`fan_out`); it never waits for the network.  The publisher's
+courier (:mod:`localnet._courier`, one thread for all its outboxes) sends
+whatever has queued up, packed into frames of up to ``EVENT_BATCH`` bytes
+each (a burst of events costs a few system calls and a few frame headers,
+not one each), and reads the acknowledgements, which the outbox counts.
 
 Bounds (per subscriber): at most ``limit`` events, and ``max_bytes`` bytes
 (:mod:`localnet._budget`), may be queued or in flight unacknowledged.  When
@@ -33,31 +32,21 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from itertools import groupby
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _liveness
 from ._budget import Budget, size_of
 from ._lanes import take
-from ._ring import EventRing, is_ring_run
+from ._ring import EventRing
 from ._serial import ITEM_MAX, Payload
 from ._signals import spawn_thread
-from ._wire import (
-    FrameReader,
-    Kind,
-    ProtocolError,
-    encode_control,
-    pack_batch,
-    pack_header,
-    pack_items,
-    send_frame,
-    send_raw_with_fds,
-    unpack_ack,
-)
+from ._wire import Kind, ProtocolError, encode_control, send_frame, unpack_ack
+
+if TYPE_CHECKING:
+    from ._courier import Courier
 
 logger = logging.getLogger("localnet.events")
-
 
 
 class _Waiting(threading.local):
@@ -75,7 +64,7 @@ class Outbox:
     ``_queue`` lists the events queued or unacknowledged, oldest first, as
     ``(event, frame)`` pairs; its first ``_written`` entries were handed to
     the socket.  A frame is an item or a whole pickle (bytes), which the
-    writer packs into batch frames, or a :class:`Payload` (shared memory),
+    courier packs into batch frames, or a :class:`Payload` (shared memory),
     sent alone.  Each outbox numbers its channel's events 1, 2, 3 ...: the
     entry at index i is event ``_base + i + 1``, and an acknowledgement
     (cumulative) cuts its events from the front.
@@ -84,7 +73,7 @@ class Outbox:
     is shorter than ``room`` (:func:`fan_out`; ``list.append`` is atomic;
     ``room`` keeps both bounds, see :class:`~localnet._budget.Budget`, and is
     0 once the outbox no longer accepts): the
-    writer and the acknowledgement reader, which hold the lock, only cut
+    courier's :meth:`take` and :meth:`acknowledge`, which hold the lock, only cut
     from the front and read below the length they saw, so an append never
     moves what they index.  Everything else -
     shared-memory payloads, whole pickles, a full, retiring or closed
@@ -93,12 +82,13 @@ class Outbox:
     ``limit`` plus at most one event per such thread.)
 
     What the trigger side reads is kept in one list, ``lane``: ``[_queue,
-    room, writer idle]``, so that the C fan-out (``localnet._speedups``)
+    room, courier idle]``, so that the C fan-out (``localnet._speedups``)
     reads it without an attribute lookup.
     """
 
-    def __init__(self, entry: dict[str, Any], hello: dict[str, Any], limit: int, block: float,
-                 max_bytes: int, on_dead: Callable[[Outbox, str], None],
+    def __init__(self, entry: dict[str, Any], hello: dict[str, Any],
+                 courier: Callable[[], Courier], limit: int, block: float, max_bytes: int,
+                 on_dead: Callable[[Outbox, str], None],
                  delay: float = 0.0, ring: EventRing | None = None) -> None:
         self.name = str(entry["name"])
         self.pid = int(entry["pid"])
@@ -112,7 +102,7 @@ class Outbox:
         self.block = block
         self._budget = Budget(max_bytes, limit, ITEM_MAX)
         # fan_out appends while the queue is shorter than lane[1] (room); lane[2]:
-        # the writer waits for work (a trigger wakes it)
+        # the courier waits for work (a trigger wakes it)
         self.lane: list[Any] = [None, self._budget.room(), False]
         self._on_dead = on_dead
         lock = self._lock = threading.Lock()
@@ -138,8 +128,10 @@ class Outbox:
         # The publisher's event ring (localnet._ring), once it has one: entries
         # of 4 come from it, and a run of only those goes as RING frames.
         self.ring = ring
-        self._ring_sent = False  # the ring's descriptor went to the subscriber
-        self._writer = spawn_thread(self._write_loop, name="localnet-outbox")
+        self.ring_sent = False  # the ring's descriptor went to the subscriber
+        self._courier_of = courier  # the publisher's courier (started on first use)
+        self._courier: Courier | None = None  # ... once it serves this outbox
+        spawn_thread(self._connect_loop, name="localnet-connect")
 
     def __repr__(self) -> str:
         state = "CLOSED" if self.closed else "CONGESTED" if self._congested else "OPEN"
@@ -178,11 +170,11 @@ class Outbox:
                     frame.settle()  # type: ignore[union-attr]
                 return False
             self._queue.append((event, frame))
-            kind = _kind(frame)
-            if kind != _ITEM:
+            kind = kind_of(frame)
+            if kind != ITEM:
                 self._mixed = True
                 budget.add(frame)
-                if kind == _PAYLOAD:
+                if kind == PAYLOAD:
                     self._payloads += 1
             if self.accepting:
                 self.lane[1] = budget.room()
@@ -190,16 +182,14 @@ class Outbox:
             return True
 
     def wake(self) -> None:
-        """Wake the writer if it waits for work (fan_out saw it idle)."""
-        with self._lock:
-            self._notify_writer()
+        """Wake the courier if it waits for work (fan_out saw it idle)."""
+        courier = self._courier
+        if courier is not None:
+            courier.wake()
 
     def _notify_writer(self) -> None:
-        # called with the lock held
-        lane = self.lane
-        if lane[2]:
-            lane[2] = False
-            self._has_work.notify()
+        if self.lane[2]:
+            self.wake()
 
     def carry(self, events: set[str]) -> None:
         """Note the events routed to this outbox (before any of them is queued).
@@ -261,7 +251,7 @@ class Outbox:
                 self._has_room.wait(remaining)
             return True
 
-    # -- the network side ---------------------------------------------------
+    # -- the network side (the publisher's courier, see localnet._courier) ----
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -269,134 +259,92 @@ class Outbox:
             if not _liveness.same_user(sock):
                 raise ProtocolError("the subscriber runs as another user")
             send_frame(sock, Kind.HELLO, 0, encode_control(self._hello))
+            sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
         return sock
 
-    def _write_loop(self) -> None:
+    def _connect_loop(self) -> None:
+        """Connect (after ``delay``), then hand the socket to the courier."""
         if self._delay:  # events queue meanwhile, and go once connected
             deadline = time.monotonic() + self._delay
             with self._lock:
                 while not self.closed and time.monotonic() < deadline:
                     self._has_work.wait(deadline - time.monotonic())
         try:
+            courier = self._courier_of()
             sock = self._connect()
         except Exception as exc:  # whatever the address or the peer, never die silently
-            self._fail(f"cannot connect: {exc}")
+            self.fail(f"cannot connect: {exc}")
             return
         with self._lock:
-            if self.closed:
-                sock.close()
-                return
-            self._sock = sock
-        spawn_thread(self._ack_loop, sock, name="localnet-acks")
-        queue, lane = self._queue, self.lane
-        try:
-            while True:
-                with self._lock:
-                    # Idle first, then look: a trigger that appends and then sees
-                    # the writer busy knows the writer will see its event.
-                    lane[2] = True
-                    while len(queue) <= self._written and not self.closed:
-                        self._has_work.wait()
-                    lane[2] = False
-                    if self.closed:
-                        return
-                    end = len(queue)
-                    entries = queue[self._written:end]
-                    first = self._base + self._written + 1
-                    self._written = end
-                    mixed, self._mixed = self._mixed, False
-                if not mixed and self.ring is not None and is_ring_run(entries):
-                    self._send_ring(sock, entries, first)
-                else:
-                    self._send(sock, entries, first, mixed)
-        except Exception as exc:
-            self._fail(f"connection broken: {exc}")
-
-    def _send_ring(self, sock: socket.socket, entries: list[Any], first: int) -> None:
-        """Send events ``first``, ... (consecutive entries of the ring) as RING frames."""
-        assert self.ring is not None
-        self.ring.send(sock, entries, first, with_descriptor=not self._ring_sent)
-        self._ring_sent = True
-
-    @staticmethod
-    def _send(sock: socket.socket, entries: list[tuple[str, bytes | Payload]], first: int,
-              mixed: bool) -> None:
-        """Send events ``first``, ``first + 1``, ...: items as list frames,
-        whole pickles as batch frames, shared-memory payloads alone (each run
-        in its turn)."""
-        frames: list[Any] = list(map(_frame_of, entries))
-        if not mixed:  # the common case: items only
-            sock.sendall(b"".join(pack_items(frames, first)))
-            return
-        start = 0
-        for kind, run in groupby(frames, key=_kind):
-            end = start + len(list(run))
-            if kind == _PAYLOAD:
-                for seq, payload in enumerate(frames[start:end], first + start):
-                    body, fds = payload.body, payload.fds
-                    send_raw_with_fds(sock, pack_header(Kind.EVENT, seq, len(body), len(fds))
-                                      + body, fds)
-            else:
-                pack = pack_items if kind == _ITEM else pack_batch
-                sock.sendall(b"".join(pack(frames[start:end], first + start)))
-            start = end
-
-    def _ack_loop(self, sock: socket.socket) -> None:
-        reader = FrameReader(sock, 1024, with_fds=False)
-        try:
-            self._read_acks(reader)
-        except EOFError:
-            self._fail("the subscriber closed the connection")
-        except (OSError, ProtocolError) as exc:
-            self._fail(f"connection broken: {exc}")
-        finally:
+            if not self.closed:
+                self._sock, self._courier = sock, courier
+        if self._sock is not sock or not courier.attach(self, sock):
             sock.close()
+            self.fail("the publisher closed")
 
-    def _read_acks(self, reader: FrameReader) -> None:
+    def unwritten(self) -> bool:
+        """True when events were queued since the courier last took them."""
+        return len(self._queue) > self._written
+
+    def take(self) -> tuple[list[Any], int, bool] | None:
+        """The entries queued since the last time, the number of the first, and
+        whether they hold more than items; None when there are none."""
         queue = self._queue
-        while True:
-            kind, seq, body, _ = reader.read()
-            if kind != Kind.ACK:
-                raise ProtocolError(f"unexpected {Kind(kind).name} frame from a subscriber")
-            settle: list[Payload] = []
-            with self._lock:
-                n = seq - self._base
-                if n > self._written:
-                    raise ProtocolError(f"the subscriber acknowledged event {seq}, "
-                                        f"which was never sent")
-                failed = unpack_ack(body, self._base, seq) if body else None
-                if n > 0:
-                    done = queue[:n]
-                    del queue[:n]
-                    if failed:  # some of them could not be handled
-                        self._count_failed(done, failed)
-                    elif self._only is not None:
-                        self._delivered[self._only] += n
-                    else:
-                        self._delivered.update(map(_event_of, done))  # counted in C
-                    self._base = seq
-                    self._written -= n
-                    if self._budget.held:  # (0 while only uncounted items are queued)
-                        self._budget.cut(done)
-                        if self.accepting:
-                            self.lane[1] = self._budget.room()
-                    if self._payloads:
-                        settle = _payloads_in(done)
-                        self._payloads -= len(settle)
-                if self._congested and len(queue) <= self.limit // 2 \
-                        and not self._budget.over(queue, 0.5):
-                    self._congested = False
-                    logger.info("subscriber %r caught up", self.name)
-                self._has_room.notify_all()
-                settled = self.retiring and not queue
-            for payload in settle:
-                payload.settle()
-            if settled:
-                self.close()
-                return
+        with self._lock:
+            end = len(queue)
+            if self.closed or end <= self._written:
+                return None
+            entries = queue[self._written:end]
+            first = self._base + self._written + 1
+            self._written = end
+            mixed, self._mixed = self._mixed, False
+        return entries, first, mixed
+
+    def acknowledge(self, seq: int, body: bytes) -> bool:
+        """The subscriber handled every event up to ``seq`` (``body``: the ranges
+        of those that failed); True when this outbox retired and is now settled.
+
+        Raises:
+            ProtocolError: ``seq`` was never sent, or ``body`` is malformed.
+        """
+        queue = self._queue
+        settle: list[Payload] = []
+        with self._lock:
+            n = seq - self._base
+            if n > self._written:
+                raise ProtocolError(f"the subscriber acknowledged event {seq}, "
+                                    f"which was never sent")
+            failed = unpack_ack(body, self._base, seq) if body else None
+            if n > 0:
+                done = queue[:n]
+                del queue[:n]
+                if failed:  # some of them could not be handled
+                    self._count_failed(done, failed)
+                elif self._only is not None:
+                    self._delivered[self._only] += n
+                else:
+                    self._delivered.update(map(_event_of, done))  # counted in C
+                self._base = seq
+                self._written -= n
+                if self._budget.held:  # (0 while only uncounted items are queued)
+                    self._budget.cut(done)
+                    if self.accepting:
+                        self.lane[1] = self._budget.room()
+                if self._payloads:
+                    settle = _payloads_in(done)
+                    self._payloads -= len(settle)
+            if self._congested and len(queue) <= self.limit // 2 \
+                    and not self._budget.over(queue, 0.5):
+                self._congested = False
+                logger.info("subscriber %r caught up", self.name)
+            self._has_room.notify_all()
+            settled = self.retiring and not queue
+        for payload in settle:
+            payload.settle()
+        return settled
 
     def _count_failed(self, done: list[tuple[str, bytes | Payload]],
                       ranges: list[tuple[int, int]]) -> None:
@@ -427,7 +375,8 @@ class Outbox:
         if settled:
             self.close()
 
-    def _fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> None:
+        """Close, and tell the publisher why (its channel broke)."""
         if self.close():
             self._on_dead(self, reason)
 
@@ -455,7 +404,7 @@ class Outbox:
             payload.abandon()  # its fate is unknown: never reuse its segments
         if sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the acknowledgement reader, which closes it
+                sock.shutdown(socket.SHUT_RDWR)  # the courier sees it, and closes it
             except OSError:
                 pass
         return True
@@ -485,16 +434,15 @@ class Outbox:
             sock.close()
 
 
-_ITEM, _WHOLE, _PAYLOAD = range(3)
+ITEM, WHOLE, PAYLOAD = range(3)
 _event_of = itemgetter(0)
-_frame_of = itemgetter(1)
 
 
-def _kind(frame: bytes | Payload) -> int:
+def kind_of(frame: bytes | Payload) -> int:
     """What a queued frame is: an item, a whole pickle, or a shared-memory payload."""
     if type(frame) is not bytes:
-        return _PAYLOAD
-    return _WHOLE if frame[0] == 0x80 else _ITEM
+        return PAYLOAD
+    return WHOLE if frame[0] == 0x80 else ITEM
 
 
 def _payloads_in(entries: list[tuple[str, bytes | Payload]]) -> list[Payload]:
@@ -543,7 +491,7 @@ def fan_out(route: Route, event: str, item: bytes) -> bool:
 
 def finish_fan_out(route: Route, event: str, item: bytes,
                    rest: tuple[list[int], list[int]]) -> bool:
-    """After the lanes took ``item``: wake the idle writers (``rest[0]``, indices into
+    """After the lanes took ``item``: wake the courier of the idle lanes (``rest[0]``, indices into
     ``route``) and put it, locked, into the outboxes that had no room (``rest[1]``);
     True when a retiring one refused it."""
     idle, full = rest

@@ -16,6 +16,12 @@
  *       the raw bytes for the Python reader to go on with.
  *   send_frame(fd, kind, ident, body) -> None
  *       Send one frame without descriptors, blocking until it is all sent.
+ *   send_now(fd, data) -> int
+ *       Send what the socket takes at once (MSG_DONTWAIT), 0 when it takes
+ *       nothing, without letting go of the GIL (see localnet._courier).
+ *   recv_now(fd, size) -> bytes | None
+ *       Up to ``size`` bytes the socket holds now; b"" at its end, None when
+ *       it holds nothing; without letting go of the GIL.
  *
  * roundtrip's answer is (kind, ident, body, fds) with kind > 0, or, when
  * it could not read a whole small reply, (status, a, b, c) with status < 0:
@@ -577,7 +583,76 @@ send_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(send_now_doc,
+"send_now(fd, data) -> int\n\n"
+"Send as much of ``data`` as the socket takes at once, without waiting and\n"
+"without letting go of the GIL: the number of bytes sent, 0 when it is full.\n"
+"Raises OSError when the socket is broken.");
+
+static PyObject *
+send_now(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd;
+    if (arity("send_now", nargs, 2) < 0 || as_int(args[0], &fd) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    ssize_t sent;
+    do {
+        sent = send(fd, view.buf, (size_t)view.len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    int err = errno;
+    PyBuffer_Release(&view);
+    if (sent < 0) {
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            return PyLong_FromLong(0);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(sent);
+}
+
+PyDoc_STRVAR(recv_now_doc,
+"recv_now(fd, size) -> bytes | None\n\n"
+"Up to ``size`` bytes the socket holds now, without waiting and without\n"
+"letting go of the GIL: b\"\" at the end of the stream, None when it holds\n"
+"nothing.  Raises OSError when the socket is broken.");
+
+static PyObject *
+recv_now(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd, size;
+    if (arity("recv_now", nargs, 2) < 0 || as_int(args[0], &fd) < 0
+            || as_int(args[1], &size) < 0)
+        return NULL;
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "recv_now: a negative size");
+        return NULL;
+    }
+    PyObject *data = PyBytes_FromStringAndSize(NULL, size);
+    if (data == NULL)
+        return NULL;
+    ssize_t got;
+    do {
+        got = recv(fd, PyBytes_AS_STRING(data), (size_t)size, MSG_DONTWAIT);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        int err = errno;
+        Py_DECREF(data);
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            Py_RETURN_NONE;
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (got < size && _PyBytes_Resize(&data, got) < 0)
+        return NULL;
+    return data;
+}
+
 static PyMethodDef methods[] = {
+    {"send_now", (PyCFunction)(void (*)(void))send_now, METH_FASTCALL, send_now_doc},
+    {"recv_now", (PyCFunction)(void (*)(void))recv_now, METH_FASTCALL, recv_now_doc},
     {"roundtrip", (PyCFunction)(void (*)(void))roundtrip, METH_FASTCALL, roundtrip_doc},
     {"recv_frame", (PyCFunction)(void (*)(void))recv_frame, METH_FASTCALL, recv_frame_doc},
     {"send_frame", (PyCFunction)(void (*)(void))send_frame, METH_FASTCALL, send_frame_doc},

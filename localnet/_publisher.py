@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _deadlock, _liveness, _ring, _serial
+from ._courier import Courier
 from ._current import RUNNING
 from ._dispatch import is_home, pump_while
 from ._events import Outbox, Route, fan_out, finish_fan_out, put_all
@@ -67,6 +68,8 @@ class Publisher:
         # with the first route of two outboxes or more, where there is shared memory.
         self._ring: _ring.EventRing | None = None
         self._ring_wanted = _ring.available() and peer.shm_threshold is not None
+        self._courier: Courier | None = None  # sends to every outbox (localnet._courier)
+        self._closed = False
 
     # -- the registry's pushes: who subscribes to us --------------------------
     def apply_push(self, changes: list[Any]) -> None:
@@ -136,7 +139,7 @@ class Publisher:
                 hello = {"role": "events", **peer.identity}
                 failures = self._unreachable.get(name, 0)
                 delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS)) - 1] if failures else 0.0
-                outbox = Outbox(self._entries[name], hello, peer.event_queue,
+                outbox = Outbox(self._entries[name], hello, self._start_courier, peer.event_queue,
                                 peer.event_block, peer.event_bytes, self._outbox_died,
                                 delay, self._ring)
                 self._outboxes[name] = outbox
@@ -148,6 +151,16 @@ class Publisher:
             self._make_ring()
         self._routes = {event: Route(boxes) for event, boxes in routes.items()}
         self._published = published
+
+    def _start_courier(self) -> Courier:
+        """The thread that sends to every outbox (see localnet._courier); started
+        by the first outbox that connects."""
+        with self._lock:
+            if self._courier is None:
+                if self._closed:
+                    raise OSError("the publisher closed")
+                self._courier = Courier()
+            return self._courier
 
     def _make_ring(self) -> None:
         """Make the event ring; every outbox takes its entries from now on."""
@@ -335,8 +348,11 @@ class Publisher:
             self._outboxes.clear()
             self._routes = {}
             ring, self._ring, self._ring_wanted = self._ring, None, False
+            courier, self._courier, self._closed = self._courier, None, True
         for outbox in outboxes:
             outbox.close()
+        if courier is not None:
+            courier.close()
         if ring is not None:
             ring.close()
 
@@ -351,6 +367,9 @@ class Publisher:
         if self._ring is not None:
             self._ring.after_fork_in_child()
             self._ring = None
+        if self._courier is not None:
+            self._courier.after_fork_in_child()
+            self._courier = None
 
     # -- statistics -------------------------------------------------------------
     def _fold_retired(self) -> None:

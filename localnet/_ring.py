@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import socket
 import struct
 import threading
 from collections.abc import Iterator
@@ -50,7 +49,6 @@ from ._wire import (
     Kind,
     ProtocolError,
     pack_header,
-    send_raw_with_fds,
 )
 
 if TYPE_CHECKING:
@@ -181,24 +179,23 @@ class EventRing:
                 self.state[1] = low
             return self.state[1]
 
-    def send(self, sock: socket.socket, entries: list[Any], first: int,
-             with_descriptor: bool) -> None:
-        """Send events ``first``, ... (consecutive entries of this ring, see
-        :func:`is_ring_run`) as RING frames, a header and 17 bytes for up to
-        ``ITEMS_PER_FRAME`` events; the first one ``with_descriptor`` of the ring."""
-        frames = [(first + high - 1, pack_span(start, end))
-                  for _, high, start, end in ring_runs(entries, self.size)]
-        if with_descriptor:
-            ident, span = frames.pop(0)
-            fd = self.dup()
-            try:
-                send_raw_with_fds(sock, pack_header(Kind.EVENT, ident, len(span), 1) + span,
-                                  [fd])
-            finally:
-                os.close(fd)
-        if frames:
-            sock.sendall(b"".join([pack_header(Kind.EVENT, ident, len(span)) + span
-                                   for ident, span in frames]))
+    def chunks(self, entries: list[Any], first: int,
+               fd: int | None) -> list[tuple[bytes, list[int] | None, int | None]]:
+        """The RING frames for events ``first``, ... (consecutive entries of this
+        ring, see :func:`is_ring_run`), a header and 17 bytes for up to
+        ``ITEMS_PER_FRAME`` events, as chunks for the courier
+        (:mod:`localnet._courier`); ``fd``, a descriptor of the ring
+        (:meth:`dup`), goes with the first frame and is closed once sent."""
+        spans = [(first + high - 1, pack_span(start, end))
+                 for _, high, start, end in ring_runs(entries, self.size)]
+        chunks: list[tuple[bytes, list[int] | None, int | None]] = []
+        if fd is not None:
+            ident, span = spans.pop(0)
+            chunks.append((pack_header(Kind.EVENT, ident, _SPAN.size, 1) + span, [fd], fd))
+        if spans:
+            chunks.append((b"".join([pack_header(Kind.EVENT, ident, _SPAN.size) + span
+                                     for ident, span in spans]), None, None))
+        return chunks
 
     def dup(self) -> int:
         """A descriptor of the segment, for one subscriber (the caller closes it)."""

@@ -410,3 +410,31 @@ def test_the_test_process_calls_a_callee_without_the_extensions(spawn, tmp_path:
         assert me.call("pure", "blob", (400_000,), {}, timeout=30) == b"b" * 400_000
         with pytest.raises(ValueError, match="boom"):
             me.call("pure", "boom", (), {})
+
+
+@needs_fastcall
+def test_send_now_and_recv_now_never_wait(pair) -> None:
+    a, b = pair
+    assert _fastcall.recv_now(b.fileno(), 100) is None  # nothing there yet
+    assert _fastcall.send_now(a.fileno(), memoryview(b"hello world")[:5]) == 5
+    assert _fastcall.recv_now(b.fileno(), 3) == b"hel"
+    assert _fastcall.recv_now(b.fileno(), 100) == b"lo"
+    sent = 0
+    while True:  # until the socket's buffer is full: then 0, not a wait
+        n = _fastcall.send_now(a.fileno(), b"x" * 65536)
+        if n == 0:
+            break
+        sent += n
+    assert sent > 0
+    got = 0
+    while (data := _fastcall.recv_now(b.fileno(), 1 << 20)) is not None:
+        got += len(data)
+    assert got == sent
+    a.close()
+    assert _fastcall.recv_now(b.fileno(), 100) == b""  # the end of the stream
+    with pytest.raises(BrokenPipeError):  # (and no SIGPIPE)
+        _fastcall.send_now(b.fileno(), b"x")
+    with pytest.raises(ValueError, match="negative"):
+        _fastcall.recv_now(b.fileno(), -1)
+    with pytest.raises(OSError):
+        _fastcall.recv_now(-1, 10)

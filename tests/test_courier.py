@@ -1,0 +1,127 @@
+"""The courier: one thread sends a publisher's events to all its subscribers.
+
+Real subscriber processes; a stopped one fills its socket, which the courier
+must hold apart from the others (its pending chunks, sent when the socket is
+writable again), with and without the C send and receive (localnet._fastcall).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+from helpers import wait_until
+
+import localnet
+from localnet import _courier, _wire
+
+SUBSCRIBER = """
+got = []
+
+@localnet.subscribe("courier_tick")
+def on_tick(i, pad=b""):
+    got.append(i)
+
+@localnet.connect()
+def received():
+    return got
+
+@localnet.connect()
+def count():
+    return len(got)
+
+peer = localnet.Peer(name=sys.argv[1]).start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+@localnet.event("courier_tick")
+def courier_tick(*args, **kwargs):
+    return args, kwargs
+
+
+def _threads(prefix: str) -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith(prefix)]
+
+
+@pytest.mark.parametrize("in_c", [True, False], ids=["C", "Python"])
+def test_a_stopped_subscriber_fills_its_socket_and_the_courier_serves_the_others(
+        spawn, monkeypatch: pytest.MonkeyPatch, in_c: bool) -> None:
+    if not in_c:
+        monkeypatch.setattr(_courier, "send_now", None)
+        monkeypatch.setattr(_courier, "recv_now", None)
+    elif _courier.send_now is None:
+        pytest.skip("the C extensions are not built")
+    names = [f"courier-running-{i}" for i in range(2)]
+    running = [spawn(SUBSCRIBER, args=[name]) for name in names]
+    stopped = spawn(SUBSCRIBER, args=["courier-stopped"])
+    n, pad = 2_000, b"p" * 2_000  # 4 MB: far more than a socket's buffer
+    # No ring (shm_threshold=None): every event's bytes go through each socket.
+    with localnet.Peer(name="courier-pub", shm_threshold=None, event_queue=n + 10,
+                       event_bytes=64 * 1024 * 1024) as peer:
+        courier_tick(-1)
+        peer.flush(20)
+        courier = peer._publisher._courier
+        assert courier is not None
+        stopped.signal(signal.SIGSTOP)
+        try:
+            for i in range(n):
+                courier_tick(i, pad=pad)
+            for name in names:
+                wait_until(lambda name=name: peer.peer(name).count() == n + 1, timeout=30)
+                assert peer.peer(name).received() == list(range(-1, n))
+            held = [channel for channel in list(courier._channels.values())
+                    if channel.outbox.name == "courier-stopped"]
+            assert len(held) == 1 and held[0].pending and held[0].writing
+        finally:
+            stopped.signal(signal.SIGCONT)
+        peer.flush(60)
+        assert peer.peer("courier-stopped").received() == list(range(-1, n))
+        rows = peer.stats().subscribers
+        assert {name: (row.sent, row.delivered, row.dropped, row.failed)
+                for name, row in rows.items()} == {
+            name: (n + 1, n + 1, 0, 0)
+            for name in ("courier-running-0", "courier-running-1", "courier-stopped")}
+    assert [child.stop() for child in (*running, stopped)] == [0, 0, 0]
+
+
+def test_one_courier_thread_serves_every_subscriber_and_ends_with_the_peer(spawn) -> None:
+    names = [f"courier-many-{i}" for i in range(6)]
+    children = [spawn(SUBSCRIBER, args=[name]) for name in names]
+    before = set(os.listdir("/proc/self/fd"))
+    with localnet.Peer(name="courier-pub") as peer:
+        for i in range(3_000):
+            courier_tick(i)
+        peer.flush(30)
+        for name in names:
+            assert peer.peer(name).received() == list(range(3_000))
+        wait_until(lambda: not _threads("localnet-connect"), timeout=10)  # they connect, and end
+        assert len(_threads("localnet-courier")) == 1
+        thread = _threads("localnet-courier")[0]
+        assert len(peer._publisher._courier._channels) == len(names)
+    thread.join(10)
+    assert not thread.is_alive()
+    # Its selector, its pipe and the channels' sockets are closed (the peer's
+    # own descriptors may take a moment longer: wait for them).
+    wait_until(lambda: set(os.listdir("/proc/self/fd")) <= before, timeout=10)
+    assert [child.stop() for child in children] == [0] * len(names)
+
+
+def test_acknowledgements_are_cut_from_the_stream_and_anything_else_is_refused() -> None:
+    ack = _wire.pack_header(_wire.Kind.ACK, 7, 0)
+    with_ranges = _wire.pack_ack(9, [[8, 8]])  # event 8 failed
+    failed = with_ranges[_wire.HEADER_SIZE:]
+    assert _wire.unpack_ack(failed, 0, 9) == [(8, 8)]
+    buffer = bytearray(ack + with_ranges + ack[:5])
+    assert _courier.take_acks(buffer) == [(7, b""), (9, failed)]
+    assert buffer == ack[:5]  # a partial frame waits for the rest
+    buffer += ack[5:]
+    assert _courier.take_acks(buffer) == [(7, b"")] and not buffer
+    for frame in (_wire.pack_header(_wire.Kind.CALL, 1, 0),  # not an ACK
+                  b"\x09" + ack[1:],  # another version
+                  _wire.pack_header(_wire.Kind.ACK, 1, 0, 1),  # with descriptors
+                  _wire.pack_header(_wire.Kind.ACK, 1, 1 << 20)):  # a body far too long
+        with pytest.raises(_wire.ProtocolError, match="from a subscriber"):
+            _courier.take_acks(bytearray(frame))
