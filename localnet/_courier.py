@@ -89,9 +89,13 @@ class Courier:
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        # A socket pair, not a pipe: send_now writes the wake-up byte without
+        # letting go of the GIL, so a trigger that wakes the courier is not
+        # switched out for it at once; the courier runs at the trigger
+        # thread's next switch and takes a batch, not one event per wake-up.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, _READ)
         self._channels: dict[int, _Channel] = {}
         self._lanes: list[list[Any]] = []  # the channels' outboxes' lanes (replaced, not changed)
@@ -123,7 +127,10 @@ class Courier:
                 lane[2] = False
             if not self.closed:
                 try:
-                    os.write(self._wake_w, b"\0")
+                    if send_now is not None:
+                        send_now(self._wake_w.fileno(), b"\0")  # (0: one is pending already)
+                    else:
+                        self._wake_w.send(b"\0")
                 except BlockingIOError:  # (a wake-up is pending already)
                     pass
 
@@ -133,7 +140,10 @@ class Courier:
             if self.closed:
                 return
             self.closed = True
-            os.write(self._wake_w, b"\0")
+            try:
+                self._wake_w.send(b"\0")
+            except BlockingIOError:
+                pass
 
     def after_fork_in_child(self) -> None:
         """Close this process's copies of the courier's descriptors (its thread
@@ -142,8 +152,8 @@ class Courier:
         for channel in self._channels.values():
             channel.sock.close()
         self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wake_r.close()
+        self._wake_w.close()
 
     # -- the courier's thread ---------------------------------------------------
     def _run(self) -> None:
@@ -296,16 +306,16 @@ class Courier:
             self.closed = True
             arrivals, self._arrivals = self._arrivals, []
             self._selector.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wake_r.close()
+            self._wake_w.close()
         for outbox, sock in arrivals:
             sock.close()
             outbox.fail("the publisher closed")
 
 
-def _drain(fd: int) -> None:
+def _drain(sock: socket.socket) -> None:
     try:
-        while os.read(fd, 4096):
+        while sock.recv(4096):
             pass
     except BlockingIOError:
         pass

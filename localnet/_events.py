@@ -318,7 +318,13 @@ class Outbox:
                 raise ProtocolError(f"the subscriber acknowledged event {seq}, "
                                     f"which was never sent")
             failed = unpack_ack(body, self._base, seq) if body else None
-            if n > 0:
+            if n > 0 and not failed and self._only is not None and not self._budget.held \
+                    and not self._payloads:  # the common case: nothing to look at in them
+                del queue[:n]
+                self._delivered[self._only] += n
+                self._base = seq
+                self._written -= n
+            elif n > 0:
                 done = queue[:n]
                 del queue[:n]
                 if failed:  # some of them could not be handled

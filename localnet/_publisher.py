@@ -220,12 +220,20 @@ class Publisher:
             if item is not None:  # the common case: an item of plain values
                 if not targets:
                     return
-                if targets.ring is None and _c_fan_out is not None:  # take's C part, inlined
+                ring = targets.ring
+                rest: Any
+                if ring is None and _c_fan_out is not None:  # take's C part, inlined
                     rest = _c_fan_out(targets.lanes, (event, item))
-                    if rest is not None and finish_fan_out(targets, event, item, rest):
-                        self._reroute(targets, event, item)
+                elif ring is not None and targets.joined and c_ring_fan_out is not None:
+                    rest = c_ring_fan_out(ring.state, ring.map, targets.lanes, event, item)
+                    if rest is False:  # no room in the ring (see ring.fan_out)
+                        self._fan_out(targets, event, item)
+                        return
                 else:
                     self._fan_out(targets, event, item)
+                    return
+                if rest is not None and finish_fan_out(targets, event, item, rest):
+                    self._reroute(targets, event, item)
                 return
         try:
             payload = _serial.dumps_event(event, args, kwargs, peer.shm_threshold)
@@ -253,13 +261,6 @@ class Publisher:
 
     def _fan_out(self, targets: Route, event: str, item: bytes) -> None:
         """Queue an item for every outbox of ``targets`` (see ``_events.fan_out``)."""
-        ring = targets.ring
-        if ring is not None and targets.joined and c_ring_fan_out is not None:
-            rest = c_ring_fan_out(ring.state, ring.map, targets.lanes, event, item)
-            if rest is not False:  # (the common case; False: no room, see ring.fan_out)
-                if rest is not None and finish_fan_out(targets, event, item, rest):
-                    self._reroute(targets, event, item)
-                return
         if fan_out(targets, event, item):
             self._reroute(targets, event, item)
 
