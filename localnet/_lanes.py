@@ -1,7 +1,7 @@
 """The trigger's lock-free hand-off of an event to its subscribers' outboxes.
 
 Each outbox keeps what a trigger reads in one list, its *lane*: ``[queue,
-room, writer idle]`` (see :class:`~localnet._events.Outbox`).  :func:`take`
+room, courier idle]`` (see :class:`~localnet._events.Outbox`).  :func:`take`
 appends one entry to the queue of every lane with room, without a lock
 (``list.append`` is atomic), in C where the extension is built
 (``localnet._speedups.fan_out``: about 11 ns a lane, against 77 in Python).
@@ -24,8 +24,8 @@ Rest = tuple[list[int], list[int]]
 
 def take(entry: tuple[Any, ...], lanes: tuple[list[Any], ...]) -> Rest | None:
     """Append ``entry`` to the queue of every lane with room; None when all took it
-    and no writer was idle, else ``(idle, full)``: the indices of the lanes whose
-    writer waits (to wake) and of those without room (for the locked path)."""
+    and the courier was not idle, else ``(idle, full)``: the indices of the lanes whose
+    courier waits (to wake) and of those without room (for the locked path)."""
     if c_fan_out is not None:  # the same in C: no lookups, a few ns a lane
         return c_fan_out(lanes, entry)
     idle, full = [], []

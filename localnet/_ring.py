@@ -3,14 +3,16 @@
 A publisher writes each small event (an *item*, see
 :func:`~localnet._serial.encode_item`) once into a ring of shared memory
 (a ``memfd``), and queues the same entry ``(event, item, position, number)``
-for each of its subscribers (:func:`~localnet._events.fan_out`).  Each
-outbox's writer then sends, for a run of such entries, one small RING
-frame naming the bytes ``[start, end)`` of the ring that hold them, instead
-of packing and sending the items themselves; the subscriber maps the ring
-(its descriptor comes with the first RING frame, by SCM_RIGHTS) and reads
-the items from there.  So the publisher's work per event is the same for 1
-or 16 subscribers: one copy into the ring, one list append per subscriber
-(a few ns, in C), and per *batch* one frame header per subscriber.
+for each of its subscribers (:func:`~localnet._events.fan_out`).  The
+publisher's courier (:mod:`localnet._courier`) then sends each subscriber,
+for a run of such entries, one small RING frame naming the bytes
+``[start, end)`` of the ring that hold them (:meth:`EventRing.chunks`),
+instead of packing and sending the items themselves; the subscriber maps
+the ring (its descriptor comes with the first RING frame, by SCM_RIGHTS)
+and reads the items from there.  So the event is copied once whatever the
+number of subscribers; what is left per subscriber is bookkeeping: the
+entry appended to its queue (in C), taken by the courier and dropped when
+acknowledged, and per *batch* one frame header.
 
 Items back to back are a valid body of an items frame (see
 :func:`~localnet._wire.pack_items`): the subscriber rebuilds the frame as
@@ -18,7 +20,7 @@ Items back to back are a valid body of an items frame (see
 come through the socket: same order, acknowledgements, counts and bounds.
 
 Space: the ring holds ``size`` bytes; positions grow without end and
-``position % size`` is the offset.  An item never wraps (the writer skips
+``position % size`` is the offset.  An item never wraps (the trigger skips
 to the next lap instead), and a RING frame never spans two laps.  Space is
 taken back up to the oldest entry any subscriber has not acknowledged
 (:meth:`EventRing.reclaim`); the first 8 bytes of the segment hold that

@@ -591,9 +591,9 @@ load_checked(PyObject *Py_UNUSED(module), PyObject *data)
 PyDoc_STRVAR(fan_out_doc,
 "fan_out(lanes, entry, /)\n--\n\n"
 "Append ``entry`` to every lane of the tuple ``lanes`` (an outbox's\n"
-"``[queue, room, writer_idle]``, see localnet._events.Outbox.lane) whose\n"
+"``[queue, room, courier_idle]``, see localnet._events.Outbox.lane) whose\n"
 "queue is shorter than its room; None when that was all, else ``(idle,\n"
-"full)``: the indices of the lanes that took it with their writer idle\n"
+"full)``: the indices of the lanes that took it with their courier idle\n"
 "(to wake), and of those that did not take it (for the locked path).");
 
 /* Append ``index`` to the list ``*into``, made on first use; -1 on failure. */
@@ -624,7 +624,7 @@ fan_out(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
         PyObject *lane = PyTuple_GET_ITEM(lanes, i);
         if (!PyList_CheckExact(lane) || PyList_GET_SIZE(lane) != 3
                 || !PyList_CheckExact(PyList_GET_ITEM(lane, 0))) {
-            PyErr_SetString(PyExc_TypeError, "a lane is a list [queue, room, writer_idle]");
+            PyErr_SetString(PyExc_TypeError, "a lane is a list [queue, room, courier_idle]");
             goto failed;
         }
         PyObject *queue = PyList_GET_ITEM(lane, 0);

@@ -371,7 +371,7 @@ def test_fan_out_appends_where_there_is_room_wakes_idle_writers_and_locks_the_re
     outboxes, moved = _fan_out_both_ways(monkeypatch, use_c)
     entry = ("ev", b"x")
     assert [o.lane[0] for o in outboxes] == [[entry], [1, 2], [entry], []]
-    assert [o.woken for o in outboxes] == [0, 0, 1, 0]  # took it with its writer idle
+    assert [o.woken for o in outboxes] == [0, 0, 1, 0]  # took it with its courier idle
     assert [o.put_calls for o in outboxes] == [[], [("ev", b"x")], [], [("ev", b"x")]]
     assert moved is True
 
