@@ -28,7 +28,6 @@ from __future__ import annotations
 import array
 import logging
 import os
-import selectors
 import socket
 import threading
 from collections import deque
@@ -62,7 +61,7 @@ logger = logging.getLogger("localnet.events")
 _ACK = int(Kind.ACK)
 _ACK_MAX = 1024  # bytes of an ACK frame's body (see localnet._wire.ACK_RANGES)
 _SCM = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
-_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_READ, _WRITE = 1, 2  # selectors.EVENT_READ, EVENT_WRITE
 
 #: A piece of a channel's output: the bytes, the descriptors that go with
 #: their first byte (or None), and a descriptor to close once they went.
@@ -88,6 +87,8 @@ class Courier:
     acknowledgements, from one thread (see the module's docstring)."""
 
     def __init__(self) -> None:
+        import selectors  # (here: a peer that never publishes does not pay for it)
+
         self._selector = selectors.DefaultSelector()
         # A socket pair, not a pipe: send_now writes the wake-up byte without
         # letting go of the GIL, so a trigger that wakes the courier is not
