@@ -94,7 +94,11 @@ class Courier:
         # letting go of the GIL, so a trigger that wakes the courier is not
         # switched out for it at once; the courier runs at the trigger
         # thread's next switch and takes a batch, not one event per wake-up.
-        self._wake_r, self._wake_w = socket.socketpair()
+        try:
+            self._wake_r, self._wake_w = socket.socketpair()
+        except BaseException:  # (no descriptors left: the outbox that asked fails, and retries)
+            self._selector.close()
+            raise
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, _READ)
@@ -118,7 +122,7 @@ class Courier:
 
     def wake(self) -> None:
         """Have the courier look at the queues (a trigger saw an idle lane)."""
-        if self._sleeping:
+        if self._sleeping and not self.closed:  # (closed: also a forked child's copy)
             self._signal()
 
     def _signal(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import pytest
 from helpers import wait_until
@@ -125,3 +126,74 @@ def test_acknowledgements_are_cut_from_the_stream_and_anything_else_is_refused()
                   _wire.pack_header(_wire.Kind.ACK, 1, 1 << 20)):  # a body far too long
         with pytest.raises(_wire.ProtocolError, match="from a subscriber"):
             _courier.take_acks(bytearray(frame))
+
+
+STARVED_PUBLISHER = """
+import os, resource, time
+import localnet
+
+@localnet.event("courier_tick")
+def courier_tick(*args, **kwargs):
+    return args, kwargs
+
+with localnet.Peer(name="courier-starved") as peer:
+    import selectors, localnet._courier  # (imported now: an import needs descriptors too)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now, hard))  # room for nothing new
+    courier_tick(-1)  # its outbox can neither connect nor start the courier
+    deadline = time.monotonic() + 10
+    while peer.stats().subscribers.get("courier-fed") is None \\
+            or peer.stats().subscribers["courier-fed"].failed < 1:
+        assert time.monotonic() < deadline, peer.stats()
+        time.sleep(0.01)
+    say("STARVED", peer._publisher._courier is None)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for i in range(100):
+        courier_tick(i)
+    peer.flush(20)
+    row = peer.stats().subscribers["courier-fed"]
+    say("FED", row.sent, row.delivered, row.failed, peer.peer("courier-fed").received()[:3])
+"""
+
+
+def test_a_publisher_out_of_descriptors_fails_that_event_and_delivers_once_it_has_them(
+        spawn) -> None:
+    subscriber = spawn(SUBSCRIBER, args=["courier-fed"])
+    publisher = spawn(STARVED_PUBLISHER, ready=None)
+    assert publisher.expect("STARVED", timeout=30) == "STARVED True"
+    line = publisher.expect("FED", timeout=60).split(" ", 1)[1]
+    # The first event failed (never sent), the next 100 arrived, in order.
+    assert line == "101 100 1 [0, 1, 2]", line
+    assert publisher.wait_exit() == 0
+    assert subscriber.stop() == 0
+
+
+def test_a_peer_closes_within_its_linger_while_a_stopped_subscriber_holds_pending_bytes(
+        spawn) -> None:
+    stopped = spawn(SUBSCRIBER, args=["courier-frozen"])
+    fds_before = set(os.listdir("/proc/self/fd"))
+    peer = localnet.Peer(name="courier-pub", shm_threshold=None, linger=0.5,
+                         event_bytes=64 * 1024 * 1024).start()
+    try:
+        courier_tick(-1)
+        peer.flush(20)
+        courier = peer._publisher._courier
+        thread = _threads("localnet-courier")[0]
+        stopped.signal(signal.SIGSTOP)
+        for i in range(2_000):
+            courier_tick(i, pad=b"p" * 2_000)
+        wait_until(lambda: any(channel.pending for channel in list(courier._channels.values())),
+                   timeout=10)
+    finally:
+        started = time.monotonic()
+        peer.close()  # flushes for up to linger, then lets go of the stopped subscriber
+        took = time.monotonic() - started
+        stopped.signal(signal.SIGCONT)
+    assert took < 10, took  # (linger is 0.5 s; generous against a loaded machine)
+    thread.join(10)
+    assert not thread.is_alive()
+    wait_until(lambda: set(os.listdir("/proc/self/fd")) <= fds_before, timeout=10)
+    row = peer.stats().subscribers["courier-frozen"]
+    assert (row.sent, row.delivered + row.failed) == (2_001, 2_001) and row.failed > 0, row
+    assert stopped.stop() == 0  # it lived through it
