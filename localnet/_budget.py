@@ -24,7 +24,13 @@ against 256 MiB) small events never get there.
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import TYPE_CHECKING, Any
+
+try:  # the sums in C (about 3 ns an entry, against 0.3-0.5 µs): optional, see _speedups.c
+    from ._speedups import sizes as _c_sizes
+except ImportError:  # built without a C compiler
+    _c_sizes = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from ._serial import Payload
@@ -55,6 +61,19 @@ def _heavy_size(frame: bytes | Payload) -> int:
 def _item_size(frame: bytes | Payload) -> int:
     """The size of an item (counted late, see :class:`Budget`), else 0."""
     return len(frame) if type(frame) is bytes and frame[0] != 0x80 else 0
+
+
+#: What :func:`sizes` counts: the items, the rest, or both.
+ITEMS, HEAVY, ALL = range(3)
+_SIZE_OF = (_item_size, _heavy_size, size_of)
+
+
+def sizes(entries: list[Entry], start: int, end: int, mode: int) -> int:
+    """The bytes the frames of ``entries[start:end]`` hold, as ``mode`` counts them."""
+    if _c_sizes is not None:
+        return _c_sizes(entries, start, end, mode)
+    size = _SIZE_OF[mode]
+    return sum(size(entry[1]) for entry in islice(entries, start, end))
 
 
 class Budget:
@@ -103,10 +122,10 @@ class Budget:
 
     def count(self, queue: list[Entry]) -> None:
         """Count the items queued since the last count."""
-        new = queue[self.counted:]
-        if new:
-            self.held += sum(_item_size(entry[1]) for entry in new)
-            self.counted += len(new)
+        end = len(queue)  # (triggers may append meanwhile: those wait for the next count)
+        if end > self.counted:
+            self.held += sizes(queue, self.counted, end, ITEMS)
+            self.counted = end
 
     def add(self, frame: bytes | Payload) -> None:
         """A frame that is not an item was queued (its size is counted at once)."""
@@ -114,13 +133,12 @@ class Budget:
 
     def cut(self, done: list[Entry]) -> None:
         """``done`` left the front of the queue (acknowledged); only needed while ``held``."""
-        counted = self.counted
-        if counted >= len(done):
-            self.held -= sum(size_of(entry[1]) for entry in done)
-            self.counted = counted - len(done)
+        counted, n = self.counted, len(done)
+        if counted >= n:
+            self.held -= sizes(done, 0, n, ALL)
+            self.counted = counted - n
         else:
-            self.held -= (sum(size_of(entry[1]) for entry in done[:counted])
-                          + sum(_heavy_size(entry[1]) for entry in done[counted:]))
+            self.held -= sizes(done, 0, counted, ALL) + sizes(done, counted, n, HEAVY)
             self.counted = 0
 
     def clear(self) -> None:

@@ -835,7 +835,63 @@ ring_run(PyObject *Py_UNUSED(module), PyObject *entries)
     Py_RETURN_TRUE;
 }
 
+PyDoc_STRVAR(sizes_doc,
+"sizes(entries, start, end, mode, /)\n--\n\n"
+"The bytes held by ``entries[start:end]`` (a list of queued ``(event, frame,\n"
+"...)`` entries, see localnet._budget): mode 0 counts the items (bytes not\n"
+"starting with 0x80), mode 1 the rest (whole pickles, and a shared-memory\n"
+"payload's ``nbytes``), mode 2 both.");
+
+static PyObject *
+sizes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "sizes(entries: list, start, end, mode)");
+        return NULL;
+    }
+    PyObject *entries = args[0];
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
+    long mode = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (mode < 0 || mode > 2) {
+        PyErr_SetString(PyExc_ValueError, "sizes: mode is 0, 1 or 2");
+        return NULL;
+    }
+    if (start < 0)
+        start = 0;
+    long long total = 0;
+    /* (re-read the size each time: only this thread cuts the list, others append) */
+    for (Py_ssize_t i = start; i < end && i < PyList_GET_SIZE(entries); i++) {
+        PyObject *entry = PyList_GET_ITEM(entries, i);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) < 2) {
+            PyErr_SetString(PyExc_TypeError, "sizes: an entry is a tuple (event, frame, ...)");
+            return NULL;
+        }
+        PyObject *frame = PyTuple_GET_ITEM(entry, 1);
+        if (PyBytes_CheckExact(frame)) {
+            Py_ssize_t n = PyBytes_GET_SIZE(frame);
+            int item = n > 0 && (unsigned char)PyBytes_AS_STRING(frame)[0] != 0x80;
+            if (mode == 2 || (mode == 0) == item)
+                total += n;
+        } else if (mode != 0) {
+            Py_INCREF(entry);  /* (the attribute may run code that changes the list) */
+            PyObject *nbytes = PyObject_GetAttrString(frame, "nbytes");
+            Py_DECREF(entry);
+            if (nbytes == NULL)
+                return NULL;
+            long long n = PyLong_AsLongLong(nbytes);
+            Py_DECREF(nbytes);
+            if (n == -1 && PyErr_Occurred())
+                return NULL;
+            total += n;
+        }
+    }
+    return PyLong_FromLongLong(total);
+}
+
 static PyMethodDef methods[] = {
+    {"sizes", (PyCFunction)(void (*)(void))sizes, METH_FASTCALL, sizes_doc},
     {"load_checked", load_checked, METH_O, load_checked_doc},
     {"encode_item", (PyCFunction)(void (*)(void))encode_item, METH_FASTCALL, encode_item_doc},
     {"encode_call", (PyCFunction)(void (*)(void))encode_call, METH_FASTCALL, encode_call_doc},

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import localnet
-from localnet._budget import Budget, size_of
+from localnet import _budget
+from localnet._budget import ALL, HEAVY, ITEMS, Budget, size_of, sizes
 
 KIB, MIB = 1024, 1024 * 1024
 
@@ -123,3 +124,31 @@ def test_counting_late_matches_counting_everything(steps: list[tuple[str, int]])
         probe.held, probe.counted = budget.held, budget.counted
         probe.count(queue)
         assert probe.held == total
+
+
+class _Held:
+    """Stands for a shared-memory payload: only its ``nbytes`` is counted."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+def test_sizes_in_c_and_in_python_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    entries = [("e", _item(10)), ("e", _whole(30)), ("e", _Held(1000)),
+               ("e", _item(7), 64, 3), ("e", _whole(5))]  # (a ring entry has 4 fields)
+    expected = {ITEMS: 17, HEAVY: 1035, ALL: 1052}
+    c_sizes = _budget._c_sizes
+    for c in ([True] if c_sizes is None else [True, False]):
+        if not c:
+            monkeypatch.setattr(_budget, "_c_sizes", None)
+        assert {mode: sizes(entries, 0, len(entries), mode) for mode in expected} == expected
+        assert sizes(entries, 1, 3, HEAVY) == 1030 and sizes(entries, 3, 99, ITEMS) == 7
+        assert sizes(entries, 2, 2, ALL) == 0
+        monkeypatch.undo()
+    if c_sizes is not None:  # the C function's argument checks
+        with pytest.raises(TypeError, match="tuple"):
+            c_sizes([("e", b"x"), "not an entry"], 0, 2, ALL)
+        with pytest.raises(ValueError, match="mode"):
+            c_sizes(entries, 0, 1, 3)
+        with pytest.raises(AttributeError):
+            c_sizes([("e", object())], 0, 1, HEAVY)  # neither bytes nor a payload
