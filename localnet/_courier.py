@@ -189,7 +189,11 @@ class Courier:
             self._channels[channel.fd] = channel
             self._selector.register(channel.fd, _READ, channel)
         if arrivals:
-            self._lanes = [channel.outbox.lane for channel in self._channels.values()]
+            self._relane()
+
+    def _relane(self) -> None:
+        # a new list, never one changed in place: _signal reads it from other threads
+        self._lanes = [channel.outbox.lane for channel in self._channels.values()]
 
     def _has_work(self) -> bool:
         return any(channel.outbox.unwritten() and not channel.pending
@@ -295,7 +299,7 @@ class Courier:
         if self._channels.pop(channel.fd, None) is None:
             return
         self._selector.unregister(channel.fd)
-        self._lanes = [channel.outbox.lane for channel in self._channels.values()]
+        self._relane()
         channel.sock.close()
         for _, _, owned in channel.pending:
             if owned is not None:

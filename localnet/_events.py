@@ -178,7 +178,7 @@ class Outbox:
                     self._payloads += 1
             if self.accepting:
                 self.lane[1] = budget.room()
-            self._notify_writer()
+            self._notify_courier()
             return True
 
     def wake(self) -> None:
@@ -187,7 +187,7 @@ class Outbox:
         if courier is not None:
             courier.wake()
 
-    def _notify_writer(self) -> None:
+    def _notify_courier(self) -> None:
         if self.lane[2]:
             self.wake()
 
