@@ -56,7 +56,11 @@ class Connection(Generic[P, R]):
     def __call__(self, *args: Any, peer: str | RemotePeer | None = None, **kwargs: Any) -> R:
         if peer is None:
             return self.func(*args, **kwargs)
-        result: R = current_peer().call(peer, self.name, args, kwargs, None)
+        try:
+            me = _live[-1]  # current_peer(), inlined for the common case
+        except IndexError:
+            me = current_peer()
+        result: R = me.call(peer, self.name, args, kwargs, None)
         return result
 
     def on(self, peer: str | RemotePeer, timeout: float | None = None) -> Callable[P, R]:

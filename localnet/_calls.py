@@ -48,6 +48,8 @@ from ._current import RUNNING
 from ._deadlock import _local as _home
 from ._dispatch import pump_while
 from ._remote import CallChannel, NotSent, RemotePeer
+from ._serial import ENCODE_MAX
+from ._serial import encode_call as _encode_call
 from ._timeouts import check_timeout
 from ._wire import Kind
 from .errors import (
@@ -116,7 +118,7 @@ class Caller:
                                         PeerNotFound(name))
         # A thread running handlers for ``name``'s events calls it on channels
         # that say so (see _deadlock), kept apart from the others.
-        handling = _deadlock.handling_for(name)
+        handling = None if _home.receiving is None else _deadlock.handling_for(name)
         key = name if handling is None else f"{name}\0{handling}"
         pool = self._pools.get(key)
         if pool is not None and pool.unread:
@@ -136,8 +138,11 @@ class Caller:
                 return _transports.call(peer, name, connection, args, kwargs, deadline, exc)
         assert pool is not None
         try:
-            payload = _serial.dumps_call(connection, args, kwargs, "an argument of",
-                                         peer.shm_threshold)
+            # plain values straight to the C encoder (dumps_call's own first step)
+            plain = None if _encode_call is None else _encode_call(connection, args, kwargs,
+                                                                   ENCODE_MAX)
+            payload = plain if plain is not None else _serial.dumps_call(
+                connection, args, kwargs, "an argument of", peer.shm_threshold)
             if len(payload) > pool.limit:
                 refuse(payload, peer.max_frame, pool.callee_limit, name, connection)
         except BaseException:

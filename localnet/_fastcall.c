@@ -22,6 +22,11 @@
  *   recv_now(fd, size) -> bytes | None
  *       Up to ``size`` bytes the socket holds now; b"" at its end, None when
  *       it holds nothing; without letting go of the GIL.
+ *   serve_calls(fd, buffer, max_frame, conn, server, watchdog, run_call)
+ *       The callee's side: a call connection's reading loop while the calls
+ *       that arrive are plain (_fastserve.c).
+ *
+ * The helpers these share are in _frames.c (declared in _frames.h).
  *
  * roundtrip's answer is (kind, ident, body, fds) with kind > 0, or, when
  * it could not read a whole small reply, (status, a, b, c) with status < 0:
@@ -44,297 +49,10 @@
  * the connection is then unusable, as it is for the Python path.  Other
  * socket errors raise OSError.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_frames.h"
+
 #include <errno.h>
-#include <limits.h>
-#include <math.h>
-#include <poll.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <time.h>
-
-#define VERSION 1
-#define HEADER_SIZE 16
-#define MAX_FDS 64
-#define MAX_KIND 12
-#define KIND_CALL 2
-#define KIND_TIMED_CALL 12
-/* A reply body up to this size is read whole here; a larger one is handed
- * to the Python reader, which grows its buffer as the bytes arrive. */
-#define SMALL_REPLY (256 * 1024)
-#define STACK_READ 4096
-
-#define SEND_TIMEOUT (-1)
-#define END_OF_STREAM (-2)
-#define CUT_SHORT (-3)
-#define RECV_TIMEOUT (-4)
-#define BAD_HEADER (-5)
-#define BAD_FDS (-6)
-#define LARGE (-7)
-#define SEND_FAILED (-8)
-
-/* kinds that may carry descriptors (see _wire._FD_KINDS) */
-static int
-fd_kind(int kind)
-{
-    return kind == 2 || kind == 3 || kind == 5 || kind == 12;
-}
-
-static int
-as_int(PyObject *obj, int *out)
-{
-    long v = PyLong_AsLong(obj);
-    if (v == -1 && PyErr_Occurred())
-        return -1;
-    if (v < INT_MIN || v > INT_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "value out of range for a C int");
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
-}
-
-static double
-monotonic(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static inline void
-put_u16(unsigned char *p, unsigned v) { p[0] = v & 0xff; p[1] = (v >> 8) & 0xff; }
-static inline void
-put_u32(unsigned char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (v >> (8 * i)) & 0xff; }
-static inline void
-put_u64(unsigned char *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (v >> (8 * i)) & 0xff; }
-static inline uint32_t
-get_u32(const unsigned char *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static inline uint64_t
-get_u64(const unsigned char *p)
-{
-    return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
-}
-
-static void
-pack_header(unsigned char *h, int kind, unsigned nfds, uint32_t length, uint64_t ident)
-{
-    h[0] = VERSION;
-    h[1] = (unsigned char)kind;
-    put_u16(h + 2, nfds);
-    put_u32(h + 4, length);
-    put_u64(h + 8, ident);
-}
-
-/* Descriptors that arrived, kept until their frame is complete. */
-typedef struct {
-    int fds[MAX_FDS + 8];
-    int n;
-    int overflow;  /* more than fit, or the kernel truncated them */
-} Fds;
-
-static void
-close_fds(Fds *got)
-{
-    for (int i = 0; i < got->n; i++)
-        close(got->fds[i]);
-    got->n = 0;
-}
-
-/* Keep the descriptors a message brought (SCM_RIGHTS). */
-static void
-take_fds(struct msghdr *msg, Fds *got)
-{
-    if (msg->msg_flags & MSG_CTRUNC)
-        got->overflow = 1;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c != NULL; c = CMSG_NXTHDR(msg, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-            continue;
-        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-        int *data = (int *)CMSG_DATA(c);
-        for (int i = 0; i < count; i++) {
-            if (got->n < (int)(sizeof got->fds / sizeof got->fds[0]))
-                got->fds[got->n++] = data[i];
-            else {
-                close(data[i]);
-                got->overflow = 1;
-            }
-        }
-    }
-}
-
-/* Wait for ``events`` on fd until ``deadline`` (< 0: none, wait on).  Returns 1 when
- * ready, 0 at the deadline, -1 with a Python exception set (a signal handler
- * raised, or poll failed).  Called with the GIL held. */
-static int
-wait_for(int fd, short events, double deadline)
-{
-    for (;;) {
-        /* past the deadline: one look without waiting, as the Python reader;
-         * no deadline (< 0): wait as long as it takes */
-        double left = deadline < 0 ? 1.0 : deadline - monotonic();
-        struct pollfd p = {fd, events, 0};
-        int ms = deadline < 0 ? -1 : left > 0 ? (int)ceil(left * 1000.0) : 0, rc, err;
-        Py_BEGIN_ALLOW_THREADS
-        rc = poll(&p, 1, ms);
-        err = errno;
-        Py_END_ALLOW_THREADS
-        if (rc > 0)
-            return 1;
-        if (rc == 0 && left <= 0)
-            return 0;
-        if (rc < 0) {
-            errno = err;
-            if (err != EINTR) {
-                PyErr_SetFromErrno(PyExc_OSError);
-                return -1;
-            }
-            if (PyErr_CheckSignals() < 0)
-                return -1;
-        }
-    }
-}
-
-/* Send every byte of ``iov``; with a deadline (>= 0) each send is
- * non-blocking and a full buffer is waited on until then.  Returns 0 when
- * sent, SEND_TIMEOUT (with *sent set), SEND_FAILED (with *err set: the
- * socket is broken), or -100 with a Python exception. */
-static int
-send_all(int fd, struct iovec *iov, int iovcnt, double deadline, Py_ssize_t *sent, int *error)
-{
-    int flags = MSG_NOSIGNAL | (deadline >= 0 ? MSG_DONTWAIT : 0);
-    *sent = 0;
-    while (iovcnt > 0) {
-        struct msghdr msg;
-        memset(&msg, 0, sizeof msg);
-        msg.msg_iov = iov;
-        msg.msg_iovlen = iovcnt;
-        ssize_t n;
-        int err;
-        Py_BEGIN_ALLOW_THREADS
-        n = sendmsg(fd, &msg, flags);
-        err = errno;
-        Py_END_ALLOW_THREADS
-        if (n < 0) {
-            if (err == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    return -100;
-                continue;
-            }
-            if (err == EAGAIN || err == EWOULDBLOCK) {
-                /* a full buffer (with a deadline), or a non-blocking socket */
-                int ready = wait_for(fd, POLLOUT, deadline);
-                if (ready < 0)
-                    return -100;
-                if (ready == 0)
-                    return SEND_TIMEOUT;
-                continue;
-            }
-            *error = err;
-            return SEND_FAILED;
-        }
-        *sent += n;
-        while (iovcnt > 0 && (size_t)n >= iov->iov_len) {
-            n -= iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (iovcnt > 0) {
-            iov->iov_base = (char *)iov->iov_base + n;
-            iov->iov_len -= n;
-        }
-    }
-    return 0;
-}
-
-/* One receive into buf[0:cap]; descriptors go to ``got``.  Returns the
- * bytes read (0 at the end of the stream), RECV_TIMEOUT, or -100 with a
- * Python exception. */
-static Py_ssize_t
-recv_some(int fd, char *buf, Py_ssize_t cap, double deadline, Fds *got)
-{
-    union {
-        char space[CMSG_SPACE(sizeof(int) * MAX_FDS)];
-        struct cmsghdr align;
-    } control;
-    for (;;) {
-        if (deadline >= 0) {
-            int ready = wait_for(fd, POLLIN, deadline);
-            if (ready < 0)
-                return -100;
-            if (ready == 0)
-                return RECV_TIMEOUT;
-        }
-        struct iovec iov = {buf, (size_t)cap};
-        struct msghdr msg;
-        memset(&msg, 0, sizeof msg);
-        msg.msg_iov = &iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.space;
-        msg.msg_controllen = sizeof control.space;
-        ssize_t n;
-        int err;
-        Py_BEGIN_ALLOW_THREADS
-        n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
-        err = errno;
-        Py_END_ALLOW_THREADS
-        if (n < 0) {
-            if (err == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    return -100;
-                continue;
-            }
-            if (err == EAGAIN || err == EWOULDBLOCK) {
-                /* woken but nothing to read after all, or a non-blocking
-                 * socket: wait (the deadline's wait is at the loop's top) */
-                if (deadline < 0 && wait_for(fd, POLLIN, -1.0) < 0)
-                    return -100;
-                continue;
-            }
-            errno = err;
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -100;
-        }
-        take_fds(&msg, got);
-        return n;
-    }
-}
-
-static PyObject *
-fds_list(Fds *got)
-{
-    PyObject *list = PyList_New(got->n);
-    if (list == NULL) {
-        close_fds(got);
-        return NULL;
-    }
-    for (int i = 0; i < got->n; i++) {
-        PyObject *v = PyLong_FromLong(got->fds[i]);
-        if (v == NULL) {
-            for (int j = i; j < got->n; j++)
-                close(got->fds[j]);
-            got->n = 0;
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, i, v);
-    }
-    got->n = 0;
-    return list;
-}
-
-static PyObject *
-status(int code, PyObject *a, PyObject *b, PyObject *c)
-{
-    /* steals a, b, c (NULL: None) */
-    PyObject *t = Py_BuildValue("(iNNN)", code, a ? a : Py_NewRef(Py_None),
-                                b ? b : Py_NewRef(Py_None), c ? c : Py_NewRef(Py_None));
-    return t;
-}
 
 /* Read one frame that answers a call: see the module comment. */
 static PyObject *
@@ -426,41 +144,6 @@ error:
     return NULL;
 }
 
-/* 0 when ``nargs`` is ``want``, else -1 with a TypeError naming ``name``. */
-static int
-arity(const char *name, Py_ssize_t nargs, Py_ssize_t want)
-{
-    if (nargs == want)
-        return 0;
-    PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
-    return -1;
-}
-
-/* Send one frame of ``kind`` whose body is the buffer ``body`` (a TIMED_CALL
- * carries ``deadline`` in front of it); returns what send_all returns. */
-static int
-send_body(int fd, int kind, unsigned long long ident, PyObject *body, double deadline,
-          Py_ssize_t *sent, int *err)
-{
-    Py_buffer view;
-    if (PyObject_GetBuffer(body, &view, PyBUF_SIMPLE) < 0)
-        return -100;
-    unsigned char head[HEADER_SIZE + 8];
-    Py_ssize_t extra = kind == KIND_TIMED_CALL ? 8 : 0;
-    if (view.len + extra > 0xffffffffLL) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_OverflowError, "a frame body is at most 4 GiB");
-        return -100;
-    }
-    pack_header(head, kind, 0, (uint32_t)(view.len + extra), ident);
-    if (extra)
-        memcpy(head + HEADER_SIZE, &deadline, 8);  /* f64, little-endian on Linux */
-    struct iovec iov[2] = {{head, (size_t)(HEADER_SIZE + extra)}, {view.buf, (size_t)view.len}};
-    int rc = send_all(fd, iov, view.len ? 2 : 1, deadline, sent, err);
-    PyBuffer_Release(&view);
-    return rc;
-}
-
 PyDoc_STRVAR(roundtrip_doc,
 "roundtrip(fd, ident, payload, deadline, max_frame) -> tuple\n\n"
 "Send a CALL (a TIMED_CALL when deadline is a float) with id ``ident`` and\n"
@@ -530,28 +213,17 @@ recv_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         close_fds(&got);
         return NULL;
     }
-    if (n >= HEADER_SIZE && got.n == 0 && !got.overflow) {
-        const unsigned char *h = buf.buf;
-        uint32_t length = get_u32(h + 4);
-        if (h[0] == VERSION && h[1] >= 1 && h[1] <= MAX_KIND && h[2] == 0 && h[3] == 0
-                && (Py_ssize_t)length <= max_frame && HEADER_SIZE + (Py_ssize_t)length == n) {
-            PyObject *body = PyByteArray_FromStringAndSize((char *)h + HEADER_SIZE, length);
-            PyBuffer_Release(&buf);
-            if (body == NULL)
-                return NULL;
-            return Py_BuildValue("(iKN[])", h[1], (unsigned long long)get_u64(h + 8), body);
-        }
+    const unsigned char *h = buf.buf;
+    if (whole_frame(h, n, &got, max_frame)) {
+        PyObject *body = PyByteArray_FromStringAndSize((char *)h + HEADER_SIZE,
+                                                       n - HEADER_SIZE);
+        PyBuffer_Release(&buf);
+        if (body == NULL)
+            return NULL;
+        return Py_BuildValue("(iKN[])", h[1], (unsigned long long)get_u64(h + 8), body);
     }
     PyBuffer_Release(&buf);
-    if (got.overflow) {
-        /* as the Python reader does: the connection is refused */
-        close_fds(&got);
-        return Py_BuildValue("(in[]O)", 0, (Py_ssize_t)-1, Py_None);
-    }
-    PyObject *fds = fds_list(&got);
-    if (fds == NULL)
-        return NULL;
-    return Py_BuildValue("(inNO)", 0, n, fds, Py_None);
+    return raw_receive(n, &got);
 }
 
 PyDoc_STRVAR(send_frame_doc,
@@ -656,6 +328,7 @@ static PyMethodDef methods[] = {
     {"roundtrip", (PyCFunction)(void (*)(void))roundtrip, METH_FASTCALL, roundtrip_doc},
     {"recv_frame", (PyCFunction)(void (*)(void))recv_frame, METH_FASTCALL, recv_frame_doc},
     {"send_frame", (PyCFunction)(void (*)(void))send_frame, METH_FASTCALL, send_frame_doc},
+    {"serve_calls", (PyCFunction)(void (*)(void))serve_calls, METH_FASTCALL, serve_calls_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -678,7 +351,8 @@ PyInit__fastcall(void)
             || PyModule_AddIntConstant(m, "BAD_FDS", BAD_FDS) < 0
             || PyModule_AddIntConstant(m, "LARGE", LARGE) < 0
             || PyModule_AddIntConstant(m, "SEND_FAILED", SEND_FAILED) < 0
-            || PyModule_AddIntConstant(m, "SMALL_REPLY", SMALL_REPLY) < 0) {
+            || PyModule_AddIntConstant(m, "SMALL_REPLY", SMALL_REPLY) < 0
+            || serve_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

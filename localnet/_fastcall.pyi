@@ -22,3 +22,11 @@ def send_frame(fd: int, kind: int, ident: int, body: bytes | bytearray | memoryv
 def send_now(fd: int, data: bytes | bytearray | memoryview, /) -> int: ...
 
 def recv_now(fd: int, size: int, /) -> bytes | None: ...
+
+HANDED: int
+SHARED: int
+
+def serve_calls(
+    fd: int, buffer: bytearray, max_frame: int, conn: Any, server: Any, watchdog: Any,
+    run_call: Any, /
+) -> tuple[Any, Any, Any, Any]: ...

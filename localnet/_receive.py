@@ -126,7 +126,7 @@ class Receiver:
                 connection, args, kwargs = _serial.loads(body, "the call's arguments", fds)
             else:
                 try:
-                    connection, args, kwargs = _serial.unpickle(body)
+                    connection, args, kwargs = _serial.load_plain(body)
                 except Exception as exc:
                     raise _serial.unreadable("the call's arguments", None, exc) from exc
             func = CATALOG.connections.get(connection)

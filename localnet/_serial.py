@@ -472,6 +472,11 @@ def unpickle(data: bytes | bytearray | memoryview, buffers: Any = None) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
+#: :func:`unpickle` without out-of-band buffers: the C call itself where it is built.
+load_plain: Callable[[bytes | bytearray | memoryview], Any] = \
+    unpickle if _load_checked is None else _load_checked
+
+
 def unreadable(what: str, name: str | None, exc: Exception) -> SerializationError:
     """The error for a payload that cannot be rebuilt here (``exc``: why)."""
     return SerializationError(
@@ -490,7 +495,7 @@ def loads(data: bytes | bytearray | memoryview, what: str = "value",
             return _loads_shared(memoryview(data), fds or [])
         if fds:
             _close(fds)
-        return unpickle(data)
+        return load_plain(data)
     except Exception as exc:
         raise unreadable(what, name, exc) from exc
 

@@ -15,6 +15,12 @@ process is dropped before a byte is read), then announces its role in a
   connection (an idle one, or a new one up to ``max_workers``) once a
   handler has run for 10 ms and a request is waiting.  A peer runs at most
   ``max_workers`` calls at once in all (see ``Receiver.run_call``).
+  Where ``localnet._fastcall`` is built, the reading role's loop is C
+  (``serve_calls``, localnet/_fastserve.c) while the calls that arrive are
+  plain, one whole frame per receive: it does what the Python loop does, in
+  the same order and under the same locks, and hands back anything else
+  (control frames, descriptors, pipelined frames, expired calls, calls while
+  stopping, results in shared memory, a hand-over) to the Python loop.
 * ``events``: a publisher's channel.  One thread reads events, runs the
   handlers in order and acknowledges the last one handled whenever it has
   nothing more buffered, so acknowledgements are batched under load and
@@ -75,6 +81,15 @@ HAND_OVER_AFTER = 0.01  # a handler running longer than this hands the connectio
 _REFUSE_GRACE = 0.25  # how long close() lets connections answer refused calls past its drain
 _CALL, _EVENT, _ACK = int(Kind.CALL), int(Kind.EVENT), int(Kind.ACK)
 _TIMED_CALL, _ERROR = int(Kind.TIMED_CALL), int(Kind.ERROR)
+
+# The plain calls' loop in C (localnet/_fastserve.c), None where it was not built.
+_serve_calls: Callable[..., tuple[Any, Any, Any, Any]] | None
+try:
+    from ._fastcall import SHARED as _SHARED
+    from ._fastcall import serve_calls as _serve_calls
+except ImportError:  # built without a C compiler
+    _serve_calls = None
+    _SHARED = -2
 
 
 class Host(Protocol):
@@ -359,35 +374,49 @@ class _CallConnection:
         host = server.host
         reader, sock, lock, watch = self.reader, self.sock, self.lock, server.watch
         monotonic = time.monotonic
+        serve = _serve_calls
         if self.handling is not None:
             _deadlock.serving(host.name, self.handling)
         try:
             while True:
-                kind, ident, body, fds = reader.read()
-                if kind != _CALL:
-                    if kind != _TIMED_CALL:
-                        self._control(kind, ident, fds)
-                        continue
-                    if monotonic() >= take_deadline(body):  # type: ignore[arg-type]
-                        # its caller gave up before we read it: never run it
+                # While nothing is buffered, the C loop serves the plain calls
+                # (_fastserve.c) and hands back what it leaves to this one.
+                got = None if serve is None or not reader.empty else serve(
+                    sock.fileno(), reader.buffer, reader.max_frame, self, server,
+                    server._watchdog, host.run_call)
+                if got is None or got[0] >= 0:
+                    if got is None:
+                        kind, ident, body, fds = reader.read()
+                    else:
+                        kind, ident, body, fds = got if got[0] else reader.read_on(got)
+                    if kind != _CALL:
+                        if kind != _TIMED_CALL:
+                            self._control(kind, ident, fds)
+                            continue
+                        if monotonic() >= take_deadline(body):  # type: ignore[arg-type]
+                            # its caller gave up before we read it: never run it
+                            with self.send_lock:
+                                send_frame(sock, _ERROR, ident, host.expired_call(fds))
+                            continue
+                    if server.stopping and (self.handling is None or server.closing):
+                        close_fds(fds)  # winding down: refused, nothing runs
                         with self.send_lock:
-                            send_frame(sock, _ERROR, ident, host.expired_call(fds))
+                            send_frame(sock, _ERROR, ident, server.refusal)
                         continue
-                if server.stopping and (self.handling is None or server.closing):
-                    close_fds(fds)  # winding down: refused, nothing runs
-                    with self.send_lock:
-                        send_frame(sock, _ERROR, ident, server.refusal)
-                    continue
-                # No lock: only the watchdog hands over, and only once
-                # busy_since is set, which happens after this read.
-                generation = self.generation
-                self.busy_since = monotonic()
-                watch(self)
-                reply_kind, payload = host.run_call(body, fds)
+                    # No lock: only the watchdog hands over, and only once
+                    # busy_since is set, which happens after this read.
+                    generation = self.generation
+                    self.busy_since = monotonic()
+                    watch(self)
+                    reply_kind, payload = host.run_call(body, fds)
+                elif got[0] == _SHARED:  # ran there; its result is in shared memory
+                    _, ident, (reply_kind, payload), generation = got
+                else:  # ran and answered there; the role moved on or the connection closed
+                    generation, payload = got[1], None
                 if type(payload) is bytes:
                     with self.send_lock:
                         send_frame(sock, reply_kind, ident, payload)
-                else:
+                elif payload is not None:
                     assert isinstance(payload, Payload)
                     with lock:
                         self.results[ident] = payload

@@ -551,6 +551,30 @@ class FrameReader:
             self._start = start
         return frames
 
+    @property
+    def empty(self) -> bool:
+        """Nothing buffered: the next frame starts with the next receive."""
+        return self._start == self._end and self._large is None
+
+    @property
+    def buffer(self) -> bytearray:
+        """Where the receives land (``_fastcall`` receives into it while :attr:`empty`)."""
+        return self._buf
+
+    def read_on(self, got: tuple[int, int, list[int], None]) -> Frame:
+        """Take the raw receive ``_fastcall`` handed back, ``(0, nbytes, fds, None)``
+        for ``buffer[:nbytes]``, and read the next frame on from it (see :meth:`read`)."""
+        end = got[1]
+        if end < 0:
+            raise ProtocolError("too many descriptors in one message")
+        if got[2]:
+            self._fds.extend(got[2])
+        if not end:
+            raise EOFError("connection closed")
+        self._start = 0
+        self._end = end
+        return self.read()
+
     def has_frame(self) -> bool:
         """True when a whole frame is already buffered (the next read will not block)."""
         avail = self._end - self._start
@@ -578,14 +602,8 @@ class FrameReader:
             # The common case: nothing buffered; one system call, no helpers.
             if _recv_frame is not None and self._with_fds:
                 got = _recv_frame(self._sock.fileno(), self._buf, self.max_frame)
-                if got[0]:
-                    return got
-                end = got[1]
-                if end < 0:
-                    raise ProtocolError("too many descriptors in one message")
-                if got[2]:
-                    self._fds.extend(got[2])
-            elif self._with_fds:
+                return got if got[0] else self.read_on(got)
+            if self._with_fds:
                 end, ancdata, flags, _ = self._sock.recvmsg_into([self._view], _CMSG_SPACE)
                 if ancdata or flags & _MSG_CTRUNC:
                     self._take_ancillary(ancdata, flags)

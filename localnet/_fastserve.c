@@ -1,0 +1,334 @@
+/* localnet._fastcall.serve_calls: the callee's side of small calls, in C.
+ *
+ *   serve_calls(fd, buffer, max_frame, conn, server, watchdog, run_call) -> tuple
+ *
+ * The thread that holds a call connection's reading role
+ * (_server._CallConnection.run) hands the connection to this loop while
+ * nothing is buffered.  As long as each receive brings exactly one whole CALL,
+ * or a TIMED_CALL whose deadline has not passed, without descriptors, it does
+ * for each what the Python loop does, in the same order and under the same
+ * locks:
+ *
+ *   conn.busy_since = time.monotonic(); watchdog.watch(conn) (its dict, and
+ *   the method itself only while the watchdog sleeps); run_call(body, [])
+ *   -> (reply kind, bytes); the reply sent under conn.send_lock; then under
+ *   conn.lock: the role still here and the connection open, busy_since = 0.0
+ *   (and server.call_finished() while the server closes).
+ *
+ * It returns, for the Python loop to go on, with
+ *
+ *   (kind, ident, body, fds)       a whole frame it leaves to Python: a control
+ *                                  frame, an expired TIMED_CALL (its deadline
+ *                                  still in front), any call while the server
+ *                                  is stopping;
+ *   (0, nbytes, fds, None)         anything else that arrived, as recv_frame
+ *                                  returns it (nbytes 0: the end of the stream);
+ *   (HANDED, generation, None, None)
+ *                                  a call ran and its reply left, but the role
+ *                                  moved on meanwhile or the connection closed;
+ *   (SHARED, ident, (kind, payload), generation)
+ *                                  a call ran whose result is not inline bytes
+ *                                  (shared memory): Python sends it.
+ *
+ * Exceptions (OSError from the socket, an error inside run_call, which
+ * itself answers every handler's failure with an ERROR reply) propagate with
+ * both locks released.
+ */
+#include "_frames.h"
+
+#include <string.h>
+
+#define HANDED (-1)
+#define SHARED (-2)
+
+static PyObject *s_generation, *s_busy_since, *s_closed, *s_lock, *s_send_lock, *s_stopping,
+    *s_closing, *s_call_finished, *s_busy, *s_awake, *s_watch, *s_acquire, *s_release, *zero;
+
+int
+serve_init(PyObject *module)
+{
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
+    INTERN(s_generation, "generation");
+    INTERN(s_busy_since, "busy_since");
+    INTERN(s_closed, "closed");
+    INTERN(s_lock, "lock");
+    INTERN(s_send_lock, "send_lock");
+    INTERN(s_stopping, "stopping");
+    INTERN(s_closing, "closing");
+    INTERN(s_call_finished, "call_finished");
+    INTERN(s_busy, "_busy");
+    INTERN(s_awake, "_awake");
+    INTERN(s_watch, "watch");
+    INTERN(s_acquire, "acquire");
+    INTERN(s_release, "release");
+#undef INTERN
+    if ((zero = PyFloat_FromDouble(0.0)) == NULL)
+        return -1;
+    return PyModule_AddIntConstant(module, "HANDED", HANDED) < 0
+        || PyModule_AddIntConstant(module, "SHARED", SHARED) < 0 ? -1 : 0;
+}
+
+/* obj.name's truth: 1, 0, or -1 with an exception. */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return truth;
+}
+
+/* Call a bound method without arguments; 0, or -1 with an exception. */
+static int
+call0(PyObject *method)
+{
+    PyObject *r = PyObject_CallNoArgs(method);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Release a lock whatever happened: an exception already set stays the one
+ * raised.  Returns ``rc``, or -1 when only the release failed. */
+static int
+release(PyObject *method, int rc)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int failed = call0(method);
+    if (type != NULL) {
+        if (failed)
+            PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+        return rc;
+    }
+    return failed ? -1 : rc;
+}
+
+/* Locks and dicts fetched once per serve_calls. */
+typedef struct {
+    PyObject *conn, *server, *watchdog, *run_call, *busy;
+    PyObject *acquire, *release, *send_acquire, *send_release;
+} Serving;
+
+static void
+serving_clear(Serving *s)
+{
+    Py_CLEAR(s->busy);
+    Py_CLEAR(s->acquire);
+    Py_CLEAR(s->release);
+    Py_CLEAR(s->send_acquire);
+    Py_CLEAR(s->send_release);
+}
+
+static int
+lock_methods(PyObject *conn, PyObject *name, PyObject **acquire, PyObject **rel)
+{
+    PyObject *lock = PyObject_GetAttr(conn, name);
+    if (lock == NULL)
+        return -1;
+    *acquire = PyObject_GetAttr(lock, s_acquire);
+    *rel = *acquire == NULL ? NULL : PyObject_GetAttr(lock, s_release);
+    Py_DECREF(lock);
+    return *rel == NULL ? -1 : 0;
+}
+
+static int
+serving_init(Serving *s, PyObject *const *args)
+{
+    s->conn = args[3];
+    s->server = args[4];
+    s->watchdog = args[5];
+    s->run_call = args[6];
+    s->busy = PyObject_GetAttr(s->watchdog, s_busy);
+    if (s->busy == NULL)
+        return -1;
+    if (!PyDict_Check(s->busy)) {
+        PyErr_SetString(PyExc_TypeError, "serve_calls: the watchdog's _busy is not a dict");
+        return -1;
+    }
+    if (lock_methods(s->conn, s_lock, &s->acquire, &s->release) < 0
+            || lock_methods(s->conn, s_send_lock, &s->send_acquire, &s->send_release) < 0)
+        return -1;
+    return 0;
+}
+
+/* Before the handler: busy_since, and the watchdog told.  0 or -1. */
+static int
+begin_call(Serving *s)
+{
+    PyObject *since = PyFloat_FromDouble(monotonic());
+    if (since == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(s->conn, s_busy_since, since);
+    Py_DECREF(since);
+    if (rc < 0 || PyDict_SetItem(s->busy, s->conn, Py_None) < 0)
+        return -1;
+    int awake = attr_true(s->watchdog, s_awake);
+    if (awake < 0)
+        return -1;
+    if (!awake) {
+        PyObject *r = PyObject_CallMethodOneArg(s->watchdog, s_watch, s->conn);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+/* Send an inline reply under the send lock.  0 or -1. */
+static int
+send_reply(Serving *s, int fd, PyObject *answer, unsigned long long ident)
+{
+    int kind;
+    if (as_int(PyTuple_GET_ITEM(answer, 0), &kind) < 0 || call0(s->send_acquire) < 0)
+        return -1;
+    Py_ssize_t sent;
+    int err = 0;
+    int rc = send_body(fd, kind, ident, PyTuple_GET_ITEM(answer, 1), -1.0, &sent, &err);
+    if (rc == SEND_FAILED) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return release(s->send_release, rc == 0 ? 0 : -1);
+}
+
+/* After the reply, under the connection's lock: 1 to read on, 0 when the
+ * role moved on or the connection closed, -1 with an exception. */
+static int
+end_call(Serving *s, PyObject *generation)
+{
+    if (call0(s->acquire) < 0)
+        return -1;
+    int go_on = 0;
+    int closed = attr_true(s->conn, s_closed);
+    if (closed == 0) {
+        PyObject *now = PyObject_GetAttr(s->conn, s_generation);
+        go_on = now == NULL ? -1 : PyObject_RichCompareBool(now, generation, Py_EQ);
+        Py_XDECREF(now);
+    }
+    else if (closed < 0)
+        go_on = -1;
+    if (go_on == 1) {
+        int closing;
+        if (PyObject_SetAttr(s->conn, s_busy_since, zero) < 0
+                || (closing = attr_true(s->server, s_closing)) < 0)
+            go_on = -1;
+        else if (closing) {
+            PyObject *r = PyObject_CallMethodNoArgs(s->server, s_call_finished);
+            if (r == NULL)
+                go_on = -1;
+            Py_XDECREF(r);
+        }
+    }
+    return release(s->release, go_on);
+}
+
+/* The loop's step for one receive of ``n`` bytes in ``h``.  Returns NULL
+ * with *stop set to 0 after a call that ran here (read on), or the tuple to
+ * return (NULL with *stop set to 1: an exception). */
+static PyObject *
+step(Serving *s, int fd, const unsigned char *h, Py_ssize_t n, Fds *got, Py_ssize_t max_frame,
+     int *stop)
+{
+    *stop = 1;
+    if (!whole_frame(h, n, got, max_frame))
+        return raw_receive(n, got);  /* as recv_frame: for the Python reader */
+    int kind = h[1];
+    uint32_t length = (uint32_t)(n - HEADER_SIZE);
+    unsigned long long ident = get_u64(h + 8);
+    int here = kind == KIND_CALL;
+    if (kind == KIND_TIMED_CALL && length >= 8) {
+        double deadline;
+        memcpy(&deadline, h + HEADER_SIZE, 8);  /* f64, little-endian on Linux */
+        here = monotonic() < deadline;
+    }
+    if (here) {
+        int stopping = attr_true(s->server, s_stopping);
+        if (stopping < 0)
+            return NULL;
+        here = !stopping;
+    }
+    /* a TIMED_CALL run here loses its deadline, as _wire.take_deadline does */
+    Py_ssize_t skip = here && kind == KIND_TIMED_CALL ? 8 : 0;
+    PyObject *body = PyByteArray_FromStringAndSize((const char *)h + HEADER_SIZE + skip,
+                                                   length - skip);
+    if (body == NULL)
+        return NULL;
+    if (!here)
+        return Py_BuildValue("(iKN[])", kind, ident, body);
+    PyObject *generation = PyObject_GetAttr(s->conn, s_generation);
+    PyObject *fds = generation == NULL ? NULL : PyList_New(0);
+    PyObject *answer = NULL;
+    if (fds != NULL && begin_call(s) == 0) {
+        PyObject *call_args[2] = {body, fds};
+        answer = PyObject_Vectorcall(s->run_call, call_args, 2, NULL);
+    }
+    Py_DECREF(body);
+    Py_XDECREF(fds);
+    if (answer == NULL) {
+        Py_XDECREF(generation);
+        return NULL;
+    }
+    if (!PyTuple_Check(answer) || PyTuple_GET_SIZE(answer) != 2) {
+        PyErr_SetString(PyExc_TypeError, "serve_calls: run_call must return (kind, payload)");
+        Py_DECREF(answer);
+        Py_DECREF(generation);
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(PyTuple_GET_ITEM(answer, 1)))
+        return Py_BuildValue("(iKNN)", SHARED, ident, answer, generation);
+    int rc = send_reply(s, fd, answer, ident);
+    Py_DECREF(answer);
+    int go_on = rc < 0 ? -1 : end_call(s, generation);
+    if (go_on < 0) {
+        Py_DECREF(generation);
+        return NULL;
+    }
+    if (!go_on)
+        return Py_BuildValue("(iNOO)", HANDED, generation, Py_None, Py_None);
+    Py_DECREF(generation);
+    *stop = 0;
+    return NULL;
+}
+
+PyObject *
+serve_calls(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd;
+    if (arity("serve_calls", nargs, 7) < 0 || as_int(args[0], &fd) < 0)
+        return NULL;
+    Py_ssize_t max_frame = PyLong_AsSsize_t(args[2]);
+    if (max_frame == -1 && PyErr_Occurred())
+        return NULL;
+    Serving s = {0};
+    PyObject *result = NULL;
+    Py_buffer buf = {0};
+    if (serving_init(&s, args) < 0 || PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
+        goto done;
+    for (;;) {
+        Fds got = {.n = 0, .overflow = 0};
+        Py_ssize_t n = recv_some(fd, buf.buf, buf.len, -1.0, &got);
+        if (n == -100) {
+            close_fds(&got);
+            break;
+        }
+        int stop;
+        result = step(&s, fd, buf.buf, n, &got, max_frame, &stop);
+        if (stop)
+            break;
+    }
+done:
+    if (buf.obj != NULL)
+        PyBuffer_Release(&buf);
+    serving_clear(&s);
+    return result;
+}
+
+const char serve_calls_doc[] =
+"serve_calls(fd, buffer, max_frame, conn, server, watchdog, run_call) -> tuple\n\n"
+"Serve the plain calls that arrive on a call connection until something else\n"
+"does; see the top of localnet/_fastserve.c for what it returns.";
