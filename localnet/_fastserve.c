@@ -1,6 +1,6 @@
 /* localnet._fastcall.serve_calls: the callee's side of small calls, in C.
  *
- *   serve_calls(fd, buffer, max_frame, conn, server, watchdog, run_call) -> tuple
+ *   serve_calls(fd, buffer, max_frame, conn, server, watchdog, host) -> tuple
  *
  * The thread that holds a call connection's reading role
  * (_server._CallConnection.run) hands the connection to this loop while
@@ -10,10 +10,21 @@
  * locks:
  *
  *   conn.busy_since = time.monotonic(); watchdog.watch(conn) (its dict, and
- *   the method itself only while the watchdog sleeps); run_call(body, [])
- *   -> (reply kind, bytes); the reply sent under conn.send_lock; then under
- *   conn.lock: the role still here and the connection open, busy_since = 0.0
- *   (and server.call_finished() while the server closes).
+ *   the method itself only while the watchdog sleeps); the call run as
+ *   host.run_call(body, []) runs it -> (reply kind, bytes); the reply sent
+ *   under conn.send_lock; then under conn.lock: the role still here and the
+ *   connection open, busy_since = 0.0 (and server.call_finished() while the
+ *   server closes).
+ *
+ * The call itself is run here too when it is plain (host.plain_calls, see
+ * _receive.Receiver): a pickle that reads as (name, args, kwargs) of a
+ * connection in the table, no dispatcher in the way, a slot free under
+ * max_workers.  Then it counts and takes its slot, calls the function, and
+ * answers with its encoded result as run_call would; a result that is not
+ * plain or too large goes to host.finish(result, name, plain), an exception
+ * to host.failed(exc).  Anything else about the call goes to run_call
+ * whole, which answers it (an unreadable pickle, an unknown connection,
+ * TooManyCalls) or runs it the other way.
  *
  * It returns, for the Python loop to go on, with
  *
@@ -30,9 +41,9 @@
  *                                  a call ran whose result is not inline bytes
  *                                  (shared memory): Python sends it.
  *
- * Exceptions (OSError from the socket, an error inside run_call, which
- * itself answers every handler's failure with an ERROR reply) propagate with
- * both locks released.
+ * Exceptions (OSError from the socket, an error inside the host's methods,
+ * which themselves answer every handler's failure with an ERROR reply)
+ * propagate with both locks released.
  */
 #include "_frames.h"
 
@@ -42,7 +53,8 @@
 #define SHARED (-2)
 
 static PyObject *s_generation, *s_busy_since, *s_closed, *s_lock, *s_send_lock, *s_stopping,
-    *s_closing, *s_call_finished, *s_busy, *s_awake, *s_watch, *s_acquire, *s_release, *zero;
+    *s_closing, *s_call_finished, *s_busy, *s_awake, *s_watch, *s_acquire, *s_release,
+    *s_run_call, *s_finish, *s_failed, *s_plain_calls, *s_dispatcher, *s_max_frame, *zero, *one;
 
 int
 serve_init(PyObject *module)
@@ -61,8 +73,14 @@ serve_init(PyObject *module)
     INTERN(s_watch, "watch");
     INTERN(s_acquire, "acquire");
     INTERN(s_release, "release");
+    INTERN(s_run_call, "run_call");
+    INTERN(s_finish, "finish");
+    INTERN(s_failed, "failed");
+    INTERN(s_plain_calls, "plain_calls");
+    INTERN(s_dispatcher, "dispatcher");
+    INTERN(s_max_frame, "max_frame");
 #undef INTERN
-    if ((zero = PyFloat_FromDouble(0.0)) == NULL)
+    if ((zero = PyFloat_FromDouble(0.0)) == NULL || (one = PyLong_FromLong(1)) == NULL)
         return -1;
     return PyModule_AddIntConstant(module, "HANDED", HANDED) < 0
         || PyModule_AddIntConstant(module, "SHARED", SHARED) < 0 ? -1 : 0;
@@ -108,10 +126,16 @@ release(PyObject *method, int rc)
     return failed ? -1 : rc;
 }
 
-/* Locks and dicts fetched once per serve_calls. */
+/* What serve_calls fetches once, from its arguments and the host. */
 typedef struct {
-    PyObject *conn, *server, *watchdog, *run_call, *busy;
+    PyObject *conn, *server, *watchdog, *host, *busy;
     PyObject *acquire, *release, *send_acquire, *send_release;
+    PyObject *run_call, *finish, *failed;
+    /* host.plain_calls: (connections, Dispatched, load, encode, encode_max, counts,
+     * slots), borrowed from ``plain``; catalog NULL when it is None */
+    PyObject *catalog, *dispatched, *load, *encode, *encode_max, *counts, *slots;
+    PyObject *plain;
+    Py_ssize_t max_frame;  /* host.max_frame: a reply's bound */
 } Serving;
 
 static void
@@ -122,6 +146,10 @@ serving_clear(Serving *s)
     Py_CLEAR(s->release);
     Py_CLEAR(s->send_acquire);
     Py_CLEAR(s->send_release);
+    Py_CLEAR(s->run_call);
+    Py_CLEAR(s->finish);
+    Py_CLEAR(s->failed);
+    Py_CLEAR(s->plain);  /* (holds catalog ... slots) */
 }
 
 static int
@@ -142,7 +170,7 @@ serving_init(Serving *s, PyObject *const *args)
     s->conn = args[3];
     s->server = args[4];
     s->watchdog = args[5];
-    s->run_call = args[6];
+    s->host = args[6];
     s->busy = PyObject_GetAttr(s->watchdog, s_busy);
     if (s->busy == NULL)
         return -1;
@@ -151,9 +179,129 @@ serving_init(Serving *s, PyObject *const *args)
         return -1;
     }
     if (lock_methods(s->conn, s_lock, &s->acquire, &s->release) < 0
-            || lock_methods(s->conn, s_send_lock, &s->send_acquire, &s->send_release) < 0)
+            || lock_methods(s->conn, s_send_lock, &s->send_acquire, &s->send_release) < 0
+            || (s->run_call = PyObject_GetAttr(s->host, s_run_call)) == NULL
+            || (s->plain = PyObject_GetAttr(s->host, s_plain_calls)) == NULL)
+        return -1;
+    if (s->plain == Py_None)
+        return 0;
+    if (!PyTuple_Check(s->plain) || PyTuple_GET_SIZE(s->plain) != 7
+            || !PyDict_Check(PyTuple_GET_ITEM(s->plain, 0))
+            || !PyList_CheckExact(PyTuple_GET_ITEM(s->plain, 5))
+            || PyList_GET_SIZE(PyTuple_GET_ITEM(s->plain, 5)) < 1
+            || !PyList_CheckExact(PyTuple_GET_ITEM(s->plain, 6))) {
+        PyErr_SetString(PyExc_TypeError, "serve_calls: host.plain_calls is not (connections, "
+                        "Dispatched, load, encode, encode_max, counts, slots)");
+        return -1;
+    }
+    s->catalog = PyTuple_GET_ITEM(s->plain, 0);
+    s->dispatched = PyTuple_GET_ITEM(s->plain, 1);
+    s->load = PyTuple_GET_ITEM(s->plain, 2);
+    s->encode = PyTuple_GET_ITEM(s->plain, 3);
+    s->encode_max = PyTuple_GET_ITEM(s->plain, 4);
+    s->counts = PyTuple_GET_ITEM(s->plain, 5);
+    s->slots = PyTuple_GET_ITEM(s->plain, 6);
+    PyObject *limit = PyObject_GetAttr(s->host, s_max_frame);
+    if (limit == NULL)
+        return -1;
+    s->max_frame = PyLong_AsSsize_t(limit);
+    Py_DECREF(limit);
+    if (s->max_frame == -1 && PyErr_Occurred())
+        return -1;
+    if ((s->finish = PyObject_GetAttr(s->host, s_finish)) == NULL
+            || (s->failed = PyObject_GetAttr(s->host, s_failed)) == NULL)
         return -1;
     return 0;
+}
+
+/* The answer to a plain call, as run_call gives it: called with the call's
+ * slot taken.  NULL with an exception only when the host's own methods fail. */
+static PyObject *
+run_plain(Serving *s, PyObject *func, PyObject *name, PyObject *args, PyObject *kwargs)
+{
+    PyObject *result = PyObject_Call(func, args, PyDict_GET_SIZE(kwargs) ? kwargs : NULL);
+    if (result == NULL) {  /* the handler raised: as run_call's except clause */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL)
+            PyException_SetTraceback(value, tb);
+        PyObject *answer = PyObject_CallOneArg(s->failed, value);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return answer;
+    }
+    PyObject *call_args[2] = {result, s->encode_max};
+    PyObject *plain = PyObject_Vectorcall(s->encode, call_args, 2, NULL);
+    if (plain == NULL)
+        PyErr_Clear();  /* (it answers None for what it cannot encode; pickled then) */
+    PyObject *answer = NULL;
+    if (plain != NULL && PyBytes_CheckExact(plain) && PyBytes_GET_SIZE(plain) <= s->max_frame) {
+        answer = Py_BuildValue("(iO)", KIND_REPLY, plain);
+        if (answer == NULL) {
+            Py_DECREF(plain);
+            Py_DECREF(result);
+            return NULL;
+        }
+    }
+    if (answer == NULL) {
+        PyObject *finish_args[3] = {result, name, plain != NULL ? plain : Py_None};
+        answer = PyObject_Vectorcall(s->finish, finish_args, 3, NULL);
+    }
+    Py_XDECREF(plain);
+    Py_DECREF(result);
+    return answer;
+}
+
+/* Run the call in ``body`` here if it is plain.  1 with *answer set (NULL
+ * with an exception), 0 when run_call must take it whole. */
+static int
+try_plain(Serving *s, PyObject *body, PyObject **answer)
+{
+    *answer = NULL;
+    if (s->catalog == NULL || PyByteArray_GET_SIZE(body) == 0
+            || (unsigned char)PyByteArray_AS_STRING(body)[0] != 0x80)
+        return 0;
+    PyObject *triple = PyObject_CallOneArg(s->load, body);
+    if (triple == NULL) {
+        PyErr_Clear();  /* run_call reads it again and says what is wrong */
+        return 0;
+    }
+    int taken = 0;
+    if (PyTuple_CheckExact(triple) && PyTuple_GET_SIZE(triple) == 3
+            && PyUnicode_CheckExact(PyTuple_GET_ITEM(triple, 0))
+            && PyTuple_CheckExact(PyTuple_GET_ITEM(triple, 1))
+            && PyDict_CheckExact(PyTuple_GET_ITEM(triple, 2))
+            && PyList_GET_SIZE(s->slots) > 0) {
+        PyObject *name = PyTuple_GET_ITEM(triple, 0);
+        PyObject *func = PyDict_GetItemWithError(s->catalog, name);  /* borrowed */
+        PyObject *dispatcher = func == NULL ? NULL : PyObject_GetAttr(s->host, s_dispatcher);
+        if (dispatcher != NULL && (dispatcher == Py_None
+                                   || (PyObject *)Py_TYPE(func) == s->dispatched)) {
+            /* as run_call: counted, a slot taken, and given back whatever happens */
+            Py_ssize_t n = PyList_GET_SIZE(s->slots);
+            PyObject *served = PyNumber_Add(PyList_GET_ITEM(s->counts, 0), one);
+            if (served == NULL || PyList_SetItem(s->counts, 0, served) < 0
+                    || PyList_SetSlice(s->slots, n - 1, n, NULL) < 0) {
+                taken = 1;  /* *answer NULL: the exception */
+            }
+            else {
+                Py_INCREF(func);
+                *answer = run_plain(s, func, name, PyTuple_GET_ITEM(triple, 1),
+                                    PyTuple_GET_ITEM(triple, 2));
+                Py_DECREF(func);
+                taken = 1;
+                if (PyList_Append(s->slots, Py_None) < 0)
+                    Py_CLEAR(*answer);
+            }
+        }
+        Py_XDECREF(dispatcher);
+        if (PyErr_Occurred() && !taken)
+            PyErr_Clear();
+    }
+    Py_DECREF(triple);
+    return taken;
 }
 
 /* Before the handler: busy_since, and the watchdog told.  0 or -1. */
@@ -261,20 +409,20 @@ step(Serving *s, int fd, const unsigned char *h, Py_ssize_t n, Fds *got, Py_ssiz
     if (!here)
         return Py_BuildValue("(iKN[])", kind, ident, body);
     PyObject *generation = PyObject_GetAttr(s->conn, s_generation);
-    PyObject *fds = generation == NULL ? NULL : PyList_New(0);
     PyObject *answer = NULL;
-    if (fds != NULL && begin_call(s) == 0) {
+    if (generation != NULL && begin_call(s) == 0 && !try_plain(s, body, &answer)) {
+        PyObject *fds = PyList_New(0);
         PyObject *call_args[2] = {body, fds};
-        answer = PyObject_Vectorcall(s->run_call, call_args, 2, NULL);
+        answer = fds == NULL ? NULL : PyObject_Vectorcall(s->run_call, call_args, 2, NULL);
+        Py_XDECREF(fds);
     }
     Py_DECREF(body);
-    Py_XDECREF(fds);
     if (answer == NULL) {
         Py_XDECREF(generation);
         return NULL;
     }
     if (!PyTuple_Check(answer) || PyTuple_GET_SIZE(answer) != 2) {
-        PyErr_SetString(PyExc_TypeError, "serve_calls: run_call must return (kind, payload)");
+        PyErr_SetString(PyExc_TypeError, "serve_calls: a call's answer must be (kind, payload)");
         Py_DECREF(answer);
         Py_DECREF(generation);
         return NULL;
@@ -329,6 +477,6 @@ done:
 }
 
 const char serve_calls_doc[] =
-"serve_calls(fd, buffer, max_frame, conn, server, watchdog, run_call) -> tuple\n\n"
+"serve_calls(fd, buffer, max_frame, conn, server, watchdog, host) -> tuple\n\n"
 "Serve the plain calls that arrive on a call connection until something else\n"
 "does; see the top of localnet/_fastserve.c for what it returns.";

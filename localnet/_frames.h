@@ -17,6 +17,7 @@
 #define MAX_FDS 64
 #define MAX_KIND 12
 #define KIND_CALL 2
+#define KIND_REPLY 3
 #define KIND_TIMED_CALL 12
 /* A reply body up to this size is read whole here; a larger one is handed
  * to the Python reader, which grows its buffer as the bytes arrive. */

@@ -101,6 +101,14 @@ class Receiver:
         #: (None: the one localnet owns, see _loop).
         self.dispatcher: Dispatcher | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: What the C loop (_fastserve.c) needs to run a plain call itself, as
+        #: run_call does: the connections, the dispatched type, the pickle reader,
+        #: the result encoder and its bound, the counts and the slots; None
+        #: without the extensions.
+        self.plain_calls: tuple[Any, ...] | None = None if _serial.encode_value is None or \
+            _serial.load_plain is _serial.unpickle else (
+                CATALOG.connections, Dispatched, _serial.load_plain, _serial.encode_value,
+                ENCODE_MAX, self.counts, self._slots)
 
     def run_call(self, body: bytes | bytearray, fds: list[int],
                  inline: bool = False) -> tuple[int, bytes | _serial.Payload]:
@@ -139,6 +147,20 @@ class Receiver:
             # A plain result is written here, as dumps() would first do; only a
             # result that is not plain needs the awaitable check (0.2 µs a call).
             plain = None if encode_value is None else encode_value(result, ENCODE_MAX)
+            if plain is not None and len(plain) <= self.max_frame:
+                return _REPLY, plain
+            return self.finish(result, connection, plain, inline)
+        except BaseException as exc:
+            return self.failed(exc)
+        finally:
+            slots.append(None)
+
+    def finish(self, result: Any, connection: str, plain: bytes | None = None,
+               inline: bool = False) -> tuple[int, bytes | _serial.Payload]:
+        """The reply to a call of ``connection`` that returned ``result`` (``plain``:
+        its encoding, if it had one, too large): awaited first when it is awaitable,
+        pickled, refused when over ``max_frame``; an ERROR reply when any of that fails."""
+        try:
             if plain is None and isawaitable(result):  # async def: run it to the end
                 result = await_result(result, self.loop)
                 plain = None if encode_value is None else encode_value(result, ENCODE_MAX)
@@ -148,10 +170,12 @@ class Receiver:
                 _serial.refuse_oversize(reply, self.max_frame, f"the result of {connection!r}")
             return _REPLY, reply
         except BaseException as exc:
-            self.counts[1] += 1
-            return Kind.ERROR, _error_reply(exc)
-        finally:
-            slots.append(None)
+            return self.failed(exc)
+
+    def failed(self, exc: BaseException) -> tuple[int, bytes]:
+        """The ERROR reply to a call that raised ``exc``, counted."""
+        self.counts[1] += 1
+        return Kind.ERROR, _error_reply(exc)
 
     def expired_call(self, fds: list[int]) -> bytes:
         """The ERROR reply to a call read after its deadline, which is not run."""

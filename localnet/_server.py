@@ -20,7 +20,9 @@ process is dropped before a byte is read), then announces its role in a
   plain, one whole frame per receive: it does what the Python loop does, in
   the same order and under the same locks, and hands back anything else
   (control frames, descriptors, pipelined frames, expired calls, calls while
-  stopping, results in shared memory, a hand-over) to the Python loop.
+  stopping, results in shared memory, a hand-over) to the Python loop.  It
+  runs a plain call itself too, as ``Receiver.run_call`` would (see
+  ``Receiver.plain_calls``).
 * ``events``: a publisher's channel.  One thread reads events, runs the
   handlers in order and acknowledges the last one handled whenever it has
   nothing more buffered, so acknowledgements are batched under load and
@@ -100,6 +102,16 @@ class Host(Protocol):
     max_workers: int
 
     def run_call(self, body: bytes | bytearray, fds: list[int]) -> tuple[int, bytes | Payload]:
+        ...
+
+    # The C loop (_fastserve.c) runs plain calls itself with these.
+    plain_calls: tuple[Any, ...] | None
+
+    def finish(self, result: Any, connection: str, plain: bytes | None = None,
+               inline: bool = False) -> tuple[int, bytes | Payload]:
+        ...
+
+    def failed(self, exc: BaseException) -> tuple[int, bytes]:
         ...
 
     def expired_call(self, fds: list[int]) -> bytes:
@@ -383,7 +395,7 @@ class _CallConnection:
                 # (_fastserve.c) and hands back what it leaves to this one.
                 got = None if serve is None or not reader.empty else serve(
                     sock.fileno(), reader.buffer, reader.max_frame, self, server,
-                    server._watchdog, host.run_call)
+                    server._watchdog, host)
                 if got is None or got[0] >= 0:
                     if got is None:
                         kind, ident, body, fds = reader.read()

@@ -71,18 +71,37 @@ class Conn:
         self.closed = False
 
 
-class Loop:
-    """serve_calls on ``ours``, with a run_call the test chooses."""
+class Host:
+    """A host whose calls all go through the run_call the test chooses
+    (``plain_calls`` None: the C loop runs none itself)."""
 
-    def __init__(self, ours: socket.socket, run_call: Any) -> None:
+    plain_calls = None
+
+    def __init__(self, run_call: Any) -> None:
+        self.run_call = run_call
+
+
+class Loop:
+    """serve_calls on ``ours``, for ``host``: a real Receiver, or a Host whose
+    run_call the test chooses."""
+
+    def __init__(self, ours: socket.socket, run_call: Any = None, host: Any = None) -> None:
         self.sock = ours
         self.buffer = bytearray(4096)
         self.conn, self.server, self.watchdog = Conn(), Server(), Watchdog()
-        self.run_call = run_call
+        self.host = host if host is not None else Host(run_call)
+
+    @property
+    def run_call(self) -> Any:
+        return self.host.run_call
+
+    @run_call.setter
+    def run_call(self, run_call: Any) -> None:
+        self.host = Host(run_call)
 
     def serve(self) -> tuple[Any, Any, Any, Any]:
         return _fastcall.serve_calls(self.sock.fileno(), self.buffer, MAX, self.conn,
-                                     self.server, self.watchdog, self.run_call)
+                                     self.server, self.watchdog, self.host)
 
 
 @pytest.fixture
@@ -319,3 +338,123 @@ localnet.serve_forever(peer, ready=lambda: say("READY"))
                 _wire.send_frame(sock, Kind.CALL, ident, payload)  # type: ignore[arg-type]
                 kind, got, body, _ = reader.read(30)
                 assert (kind, got, _serial.loads(body)) == (REPLY, ident, ident)
+
+
+# -- plain calls run in C, against a real Receiver ----------------------------------------
+
+@localnet.connect("fastserve_add")
+def fastserve_add(a, b=0):
+    return a + b
+
+
+@localnet.connect("fastserve_fail")
+def fastserve_fail(message):
+    raise ValueError(message)
+
+
+@localnet.connect("fastserve_obj")
+def fastserve_obj(n):
+    return Path("/tmp") / str(n)  # not a plain value: pickled by finish()
+
+
+@localnet.connect("fastserve_big")
+def fastserve_big(n):
+    return b"x" * n
+
+
+@localnet.connect("fastserve_async")
+async def fastserve_async(x):
+    return ("awaited", x)
+
+
+def receiver(max_frame: int = MAX, max_workers: int = 4) -> Any:
+    """A real Receiver whose run_call notes the calls that reach it (``host.whole``)."""
+    from localnet._receive import Receiver
+
+    host = Receiver("fastserve", max_frame, max_workers, None)
+    assert host.plain_calls is not None  # the extensions are built (the module's mark)
+    host.whole = []
+    run_call = host.run_call
+
+    def noting(body: bytearray, fds: list[int]) -> Any:
+        host.whole.append(_serial.loads(bytes(body))[0])
+        return run_call(body, fds)
+    host.run_call = noting
+    return host
+
+
+def serve_one(pair: tuple[socket.socket, socket.socket], loop: Loop, ident: int,
+              name: str, *args: Any, **kwargs: Any) -> tuple[int, Any]:
+    """One call through serve_calls; (reply kind, decoded body)."""
+    ours, theirs = pair
+    payload = _serial.dumps_call(name, args, kwargs, "an argument of", None)
+    assert isinstance(payload, bytes)
+    theirs.sendall(frame(CALL, ident, payload))
+    got: list[Any] = []
+
+    def caller() -> None:
+        got.append(FrameReader(theirs).read(30))
+        theirs.sendall(frame(TAKEN, 0))  # ends this serve_calls
+    thread = threading.Thread(target=caller)
+    thread.start()
+    assert loop.serve() == (TAKEN, 0, bytearray(), [])
+    thread.join(30)
+    kind, got_ident, body, fds = got[0]
+    assert (got_ident, fds) == (ident, [])
+    if kind == REPLY:
+        return kind, _serial.loads(body)
+    return kind, _serial.loads_exception(body)
+
+
+def test_a_plain_call_runs_in_c_as_run_call_would(pair) -> None:
+    host = receiver()
+    loop = Loop(pair[0], host=host)
+    assert serve_one(pair, loop, 1, "fastserve_add", 2, b=5) == (REPLY, 7)
+    assert serve_one(pair, loop, 2, "fastserve_add", [1], [2]) == (REPLY, [1, 2])
+    assert host.counts == [2, 0] and len(host._slots) == 4
+    assert host.whole == []  # neither went through run_call
+
+
+def test_a_handler_that_raises_answers_its_error_with_the_users_traceback(pair) -> None:
+    host = receiver()
+    loop = Loop(pair[0], host=host)
+    kind, exc = serve_one(pair, loop, 1, "fastserve_fail", "bad frame")
+    assert kind == ERROR and isinstance(exc, ValueError) and str(exc) == "bad frame"
+    text = exc.remote_traceback  # type: ignore[attr-defined]
+    assert "fastserve_fail" in text and "raise ValueError(message)" in text
+    assert "_server.py" not in text and "_receive.py" not in text
+    assert host.counts == [1, 1] and len(host._slots) == 4 and host.whole == []
+
+
+def test_results_that_are_not_plain_or_too_large_go_through_finish(pair) -> None:
+    host = receiver(max_frame=4096)
+    loop = Loop(pair[0], host=host)
+    assert serve_one(pair, loop, 1, "fastserve_obj", 3) == (REPLY, Path("/tmp/3"))
+    assert serve_one(pair, loop, 2, "fastserve_async", 9) == (REPLY, ("awaited", 9))
+    kind, exc = serve_one(pair, loop, 3, "fastserve_big", 10_000)  # over max_frame
+    assert kind == ERROR and isinstance(exc, localnet.SerializationError)
+    assert "fastserve_big" in str(exc)
+    assert serve_one(pair, loop, 4, "fastserve_big", 100) == (REPLY, b"x" * 100)
+    assert host.counts == [4, 1] and len(host._slots) == 4 and host.whole == []
+
+
+def test_calls_that_are_not_plain_go_to_run_call(pair) -> None:
+    host = receiver(max_workers=1)
+    loop = Loop(pair[0], host=host)
+    kind, exc = serve_one(pair, loop, 1, "fastserve_missing")
+    assert kind == ERROR and isinstance(exc, localnet.UnknownConnection)
+    host._slots.pop()  # the one slot taken (by a call running elsewhere)
+    kind, exc = serve_one(pair, loop, 2, "fastserve_add", 1)
+    assert kind == ERROR and isinstance(exc, localnet.TooManyCalls)
+    host._slots.append(None)
+    ran: list[Any] = []
+
+    class Dispatcher:  # what run_call asks of a peer's dispatcher
+        def run(self, func: Any, args: Any, kwargs: Any) -> Any:
+            ran.append(args)
+            return func(*args, **kwargs)
+    host.dispatcher = Dispatcher()
+    assert serve_one(pair, loop, 3, "fastserve_add", 4, 4) == (REPLY, 8)
+    assert ran == [(4, 4)]  # on the dispatcher, not in C
+    assert host.counts == [3, 2] and len(host._slots) == 1
+    assert host.whole == ["fastserve_missing", "fastserve_add", "fastserve_add"]
