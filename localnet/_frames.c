@@ -113,16 +113,11 @@ wait_for(int fd, short events, double deadline)
 /* Send every byte of ``iov``; with a deadline (>= 0) each send is
  * non-blocking and a full buffer is waited on until then.  Returns 0 when
  * sent, SEND_TIMEOUT (with *sent set), SEND_FAILED (with *err set: the
- * socket is broken), or -100 with a Python exception.
- *
- * A non-blocking send returns at once, so it keeps the GIL: letting go of it
- * and taking it back costs more than a small frame's send.  Without a
- * deadline the first send is one of those too, and only what it left (a
- * full socket buffer) is sent blocking, without the GIL. */
+ * socket is broken), or -100 with a Python exception. */
 int
 send_all(int fd, struct iovec *iov, int iovcnt, double deadline, Py_ssize_t *sent, int *error)
 {
-    int dontwait = 1;  /* this send does not block: the GIL is kept */
+    int flags = MSG_NOSIGNAL | (deadline >= 0 ? MSG_DONTWAIT : 0);
     *sent = 0;
     while (iovcnt > 0) {
         struct msghdr msg;
@@ -131,16 +126,10 @@ send_all(int fd, struct iovec *iov, int iovcnt, double deadline, Py_ssize_t *sen
         msg.msg_iovlen = iovcnt;
         ssize_t n;
         int err;
-        if (dontwait) {
-            n = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-            err = errno;
-        }
-        else {
-            Py_BEGIN_ALLOW_THREADS
-            n = sendmsg(fd, &msg, MSG_NOSIGNAL);
-            err = errno;
-            Py_END_ALLOW_THREADS
-        }
+        Py_BEGIN_ALLOW_THREADS
+        n = sendmsg(fd, &msg, flags);
+        err = errno;
+        Py_END_ALLOW_THREADS
         if (n < 0) {
             if (err == EINTR) {
                 if (PyErr_CheckSignals() < 0)
@@ -148,10 +137,6 @@ send_all(int fd, struct iovec *iov, int iovcnt, double deadline, Py_ssize_t *sen
                 continue;
             }
             if (err == EAGAIN || err == EWOULDBLOCK) {
-                if (deadline < 0 && dontwait) {
-                    dontwait = 0;  /* a full buffer: wait in the send, without the GIL */
-                    continue;
-                }
                 /* a full buffer (with a deadline), or a non-blocking socket */
                 int ready = wait_for(fd, POLLOUT, deadline);
                 if (ready < 0)
@@ -163,8 +148,6 @@ send_all(int fd, struct iovec *iov, int iovcnt, double deadline, Py_ssize_t *sen
             *error = err;
             return SEND_FAILED;
         }
-        if (deadline < 0)
-            dontwait = 0;  /* the rest, if any, blocking */
         *sent += n;
         while (iovcnt > 0 && (size_t)n >= iov->iov_len) {
             n -= iov->iov_len;
