@@ -27,6 +27,6 @@ HANDED: int
 SHARED: int
 
 def serve_calls(
-    fd: int, buffer: bytearray, max_frame: int, conn: Any, server: Any, watchdog: Any,
+    sock: Any, buffer: bytearray, max_frame: int, conn: Any, server: Any, watchdog: Any,
     run_call: Any, /
 ) -> tuple[Any, Any, Any, Any]: ...

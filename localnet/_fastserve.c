@@ -1,6 +1,6 @@
 /* localnet._fastcall.serve_calls: the callee's side of small calls, in C.
  *
- *   serve_calls(fd, buffer, max_frame, conn, server, watchdog, host) -> tuple
+ *   serve_calls(sock, buffer, max_frame, conn, server, watchdog, host) -> tuple
  *
  * The thread that holds a call connection's reading role
  * (_server._CallConnection.run) hands the connection to this loop while
@@ -47,6 +47,7 @@
  */
 #include "_frames.h"
 
+#include <errno.h>
 #include <string.h>
 
 #define HANDED (-1)
@@ -54,7 +55,8 @@
 
 static PyObject *s_generation, *s_busy_since, *s_closed, *s_lock, *s_send_lock, *s_stopping,
     *s_closing, *s_call_finished, *s_busy, *s_awake, *s_watch, *s_acquire, *s_release,
-    *s_run_call, *s_finish, *s_failed, *s_plain_calls, *s_dispatcher, *s_max_frame, *zero, *one;
+    *s_run_call, *s_finish, *s_failed, *s_plain_calls, *s_dispatcher, *s_max_frame, *s_fileno,
+    *zero, *one;
 
 int
 serve_init(PyObject *module)
@@ -79,6 +81,7 @@ serve_init(PyObject *module)
     INTERN(s_plain_calls, "plain_calls");
     INTERN(s_dispatcher, "dispatcher");
     INTERN(s_max_frame, "max_frame");
+    INTERN(s_fileno, "fileno");
 #undef INTERN
     if ((zero = PyFloat_FromDouble(0.0)) == NULL || (one = PyLong_FromLong(1)) == NULL)
         return -1;
@@ -96,6 +99,27 @@ attr_true(PyObject *obj, PyObject *name)
     int truth = PyObject_IsTrue(value);
     Py_DECREF(value);
     return truth;
+}
+
+/* The socket's descriptor, asked each time as the Python reader does: once
+ * another thread of the connection closed it, -1 and an OSError, instead of
+ * a number the process may have given to a new socket since. */
+static int
+socket_fd(PyObject *sock)
+{
+    PyObject *number = PyObject_CallMethodNoArgs(sock, s_fileno);
+    if (number == NULL)
+        return -1;
+    int fd;
+    int rc = as_int(number, &fd);
+    Py_DECREF(number);
+    if (rc < 0)
+        return -1;
+    if (fd < 0) {  /* closed: what the system call on it would say */
+        errno = EBADF;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return fd;
 }
 
 /* Call a bound method without arguments; 0, or -1 with an exception. */
@@ -128,7 +152,7 @@ release(PyObject *method, int rc)
 
 /* What serve_calls fetches once, from its arguments and the host. */
 typedef struct {
-    PyObject *conn, *server, *watchdog, *host, *busy;
+    PyObject *sock, *conn, *server, *watchdog, *host, *busy;
     PyObject *acquire, *release, *send_acquire, *send_release;
     PyObject *run_call, *finish, *failed;
     /* host.plain_calls: (connections, Dispatched, load, encode, encode_max, counts,
@@ -167,6 +191,7 @@ lock_methods(PyObject *conn, PyObject *name, PyObject **acquire, PyObject **rel)
 static int
 serving_init(Serving *s, PyObject *const *args)
 {
+    s->sock = args[0];
     s->conn = args[3];
     s->server = args[4];
     s->watchdog = args[5];
@@ -329,10 +354,11 @@ begin_call(Serving *s)
 
 /* Send an inline reply under the send lock.  0 or -1. */
 static int
-send_reply(Serving *s, int fd, PyObject *answer, unsigned long long ident)
+send_reply(Serving *s, PyObject *answer, unsigned long long ident)
 {
-    int kind;
-    if (as_int(PyTuple_GET_ITEM(answer, 0), &kind) < 0 || call0(s->send_acquire) < 0)
+    int kind, fd;
+    if (as_int(PyTuple_GET_ITEM(answer, 0), &kind) < 0 || (fd = socket_fd(s->sock)) < 0
+            || call0(s->send_acquire) < 0)
         return -1;
     Py_ssize_t sent;
     int err = 0;
@@ -379,8 +405,7 @@ end_call(Serving *s, PyObject *generation)
  * with *stop set to 0 after a call that ran here (read on), or the tuple to
  * return (NULL with *stop set to 1: an exception). */
 static PyObject *
-step(Serving *s, int fd, const unsigned char *h, Py_ssize_t n, Fds *got, Py_ssize_t max_frame,
-     int *stop)
+step(Serving *s, const unsigned char *h, Py_ssize_t n, Fds *got, Py_ssize_t max_frame, int *stop)
 {
     *stop = 1;
     if (!whole_frame(h, n, got, max_frame))
@@ -429,7 +454,7 @@ step(Serving *s, int fd, const unsigned char *h, Py_ssize_t n, Fds *got, Py_ssiz
     }
     if (!PyBytes_CheckExact(PyTuple_GET_ITEM(answer, 1)))
         return Py_BuildValue("(iKNN)", SHARED, ident, answer, generation);
-    int rc = send_reply(s, fd, answer, ident);
+    int rc = send_reply(s, answer, ident);
     Py_DECREF(answer);
     int go_on = rc < 0 ? -1 : end_call(s, generation);
     if (go_on < 0) {
@@ -446,8 +471,7 @@ step(Serving *s, int fd, const unsigned char *h, Py_ssize_t n, Fds *got, Py_ssiz
 PyObject *
 serve_calls(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    int fd;
-    if (arity("serve_calls", nargs, 7) < 0 || as_int(args[0], &fd) < 0)
+    if (arity("serve_calls", nargs, 7) < 0)
         return NULL;
     Py_ssize_t max_frame = PyLong_AsSsize_t(args[2]);
     if (max_frame == -1 && PyErr_Occurred())
@@ -458,6 +482,9 @@ serve_calls(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (serving_init(&s, args) < 0 || PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
         goto done;
     for (;;) {
+        int fd = socket_fd(s.sock);
+        if (fd < 0)
+            break;
         Fds got = {.n = 0, .overflow = 0};
         Py_ssize_t n = recv_some(fd, buf.buf, buf.len, -1.0, &got);
         if (n == -100) {
@@ -465,7 +492,7 @@ serve_calls(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
         int stop;
-        result = step(&s, fd, buf.buf, n, &got, max_frame, &stop);
+        result = step(&s, buf.buf, n, &got, max_frame, &stop);
         if (stop)
             break;
     }
@@ -477,6 +504,6 @@ done:
 }
 
 const char serve_calls_doc[] =
-"serve_calls(fd, buffer, max_frame, conn, server, watchdog, host) -> tuple\n\n"
+"serve_calls(sock, buffer, max_frame, conn, server, watchdog, host) -> tuple\n\n"
 "Serve the plain calls that arrive on a call connection until something else\n"
 "does; see the top of localnet/_fastserve.c for what it returns.";

@@ -394,8 +394,7 @@ class _CallConnection:
                 # While nothing is buffered, the C loop serves the plain calls
                 # (_fastserve.c) and hands back what it leaves to this one.
                 got = None if serve is None or not reader.empty else serve(
-                    sock.fileno(), reader.buffer, reader.max_frame, self, server,
-                    server._watchdog, host)
+                    sock, reader.buffer, reader.max_frame, self, server, server._watchdog, host)
                 if got is None or got[0] >= 0:
                     if got is None:
                         kind, ident, body, fds = reader.read()

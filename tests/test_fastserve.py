@@ -5,6 +5,7 @@ to end, against a real peer."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -100,7 +101,7 @@ class Loop:
         self.host = Host(run_call)
 
     def serve(self) -> tuple[Any, Any, Any, Any]:
-        return _fastcall.serve_calls(self.sock.fileno(), self.buffer, MAX, self.conn,
+        return _fastcall.serve_calls(self.sock, self.buffer, MAX, self.conn,
                                      self.server, self.watchdog, self.host)
 
 
@@ -279,7 +280,26 @@ def test_errors_propagate_with_both_locks_released(pair) -> None:
         loop.serve()
     assert not loop.conn.lock.locked() and not loop.conn.send_lock.locked()
     with pytest.raises(TypeError, match="takes 7 arguments"):
-        _fastcall.serve_calls(ours.fileno(), loop.buffer, MAX)  # type: ignore[call-arg]
+        _fastcall.serve_calls(ours, loop.buffer, MAX)  # type: ignore[call-arg]
+
+
+def test_a_socket_closed_by_another_thread_of_the_connection_ends_the_loop(pair) -> None:
+    # (as the Python reader: it asks the socket for its descriptor at each receive
+    # and send, so a number given to a new socket meanwhile is never used)
+    ours, theirs = pair
+
+    def run_call(body: bytearray, fds: list[int]) -> tuple[int, bytes]:
+        ours.close()  # another thread of the connection closed it while this call ran
+        return REPLY, b"too late"
+    loop = Loop(ours, run_call)
+    theirs.sendall(frame(CALL, 1, b"x"))
+    with pytest.raises(OSError) as raised:
+        loop.serve()
+    assert raised.value.errno == errno.EBADF
+    assert not loop.conn.lock.locked() and not loop.conn.send_lock.locked()
+    with pytest.raises(OSError) as raised:
+        loop.serve()  # and at the receive
+    assert raised.value.errno == errno.EBADF
 
 
 # -- end to end: a hand-over from inside the C loop ----------------------------------------
