@@ -22,7 +22,7 @@
  *   recv_now(fd, size) -> bytes | None
  *       Up to ``size`` bytes the socket holds now; b"" at its end, None when
  *       it holds nothing; without letting go of the GIL.
- *   serve_calls(fd, buffer, max_frame, conn, server, watchdog, run_call)
+ *   serve_calls(sock, buffer, max_frame, conn, server, watchdog, host)
  *       The callee's side: a call connection's reading loop while the calls
  *       that arrive are plain (_fastserve.c).
  *

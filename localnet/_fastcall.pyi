@@ -28,5 +28,5 @@ SHARED: int
 
 def serve_calls(
     sock: Any, buffer: bytearray, max_frame: int, conn: Any, server: Any, watchdog: Any,
-    run_call: Any, /
+    host: Any, /
 ) -> tuple[Any, Any, Any, Any]: ...
