@@ -424,6 +424,12 @@ def dumps_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], what: s
         data = encode_call(name, args, kwargs, ENCODE_MAX)
         if data is not None:
             return data
+    return pickle_call(name, args, kwargs, what, threshold)
+
+
+def pickle_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], what: str,
+                threshold: int | None = None) -> bytes | Payload:
+    """:func:`dumps_call` for a call the C encoder did not take (or without it)."""
     if _builtins_only(args, kwargs):
         try:
             return pickle.dumps((name, args, kwargs), PROTOCOL)
