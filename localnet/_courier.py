@@ -125,6 +125,11 @@ class Courier:
         if self._sleeping and not self.closed:  # (closed: also a forked child's copy)
             self._signal()
 
+    def relane(self) -> None:
+        """The outboxes' groups changed: have the courier look at their lanes (a new
+        group's lane is not marked idle until the courier has seen it)."""
+        self._signal()
+
     def _signal(self) -> None:
         with self._lock:
             self._sleeping = False
@@ -193,7 +198,11 @@ class Courier:
 
     def _relane(self) -> None:
         # a new list, never one changed in place: _signal reads it from other threads
-        self._lanes = [channel.outbox.lane for channel in self._channels.values()]
+        lanes = [channel.outbox.lane for channel in self._channels.values()]
+        groups = {id(group): group.lane for group in
+                  (channel.outbox.group for channel in self._channels.values())
+                  if group is not None and not group.closed}
+        self._lanes = lanes + list(groups.values())
 
     def _has_work(self) -> bool:
         return any(channel.outbox.unwritten() and not channel.pending
@@ -201,6 +210,7 @@ class Courier:
 
     def _idle(self) -> bool:
         """Mark the lanes idle, then look once more: True when there is nothing to do."""
+        self._relane()  # (the groups' lanes change with the routes)
         for lane in self._lanes:
             lane[2] = True
         self._sleeping = True
@@ -350,13 +360,14 @@ def take_acks(buffer: bytearray) -> list[tuple[int, bytes]]:
     return acks
 
 
-def chunks_of(outbox: Outbox, entries: list[Any], first: int, mixed: bool) -> list[Chunk]:
+def chunks_of(outbox: Outbox, entries: list[Any], first: int, mixed: bool,
+              run: bool = False) -> list[Chunk]:
     """The chunks that carry events ``first``, ``first + 1``, ... (``entries``):
     a run of the ring's entries as RING frames; else items as list frames,
     whole pickles as batch frames and shared-memory payloads alone, each run
     in its turn."""
     ring = outbox.ring
-    if not mixed and ring is not None and is_ring_run(entries):
+    if not mixed and ring is not None and (run or is_ring_run(entries)):
         fd = None if outbox.ring_sent else ring.dup()
         outbox.ring_sent = True
         return ring.chunks(entries, first, fd)
@@ -365,8 +376,8 @@ def chunks_of(outbox: Outbox, entries: list[Any], first: int, mixed: bool) -> li
         return [(b"".join(pack_items(frames, first)), None, None)]
     chunks: list[Chunk] = []
     start = 0
-    for kind, run in groupby(frames, key=kind_of):
-        end = start + len(list(run))
+    for kind, group in groupby(frames, key=kind_of):
+        end = start + len(list(group))
         if kind == PAYLOAD:
             for seq, payload in enumerate(frames[start:end], first + start):
                 body, fds = payload.body, payload.fds

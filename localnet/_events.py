@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import _liveness
 from ._budget import Budget, size_of
-from ._lanes import take
 from ._ring import EventRing
 from ._serial import ITEM_MAX, Payload
 from ._signals import spawn_thread
@@ -45,6 +44,7 @@ from ._wire import Kind, ProtocolError, encode_control, send_frame, unpack_ack
 
 if TYPE_CHECKING:
     from ._courier import Courier
+    from ._routes import EventGroup
 
 logger = logging.getLogger("localnet.events")
 
@@ -131,12 +131,20 @@ class Outbox:
         self.ring_sent = False  # the ring's descriptor went to the subscriber
         self._courier_of = courier  # the publisher's courier (started on first use)
         self._courier: Courier | None = None  # ... once it serves this outbox
+        # The group this outbox shares a lane with (localnet._routes), if any: its
+        # log holds events of this outbox that are not in the queue yet.
+        self.group: EventGroup | None = None
         spawn_thread(self._connect_loop, name="localnet-connect")
 
     def __repr__(self) -> str:
         state = "CLOSED" if self.closed else "CONGESTED" if self._congested else "OPEN"
         return (f"<Outbox to {self.name!r} queued={self._base + len(self._queue)} "
                 f"acked={self._base} pending={len(self._queue)} [{state}]>")
+
+    @property
+    def courier(self) -> Courier | None:
+        """The publisher's courier, once it serves this outbox."""
+        return self._courier
 
     @property
     def acked(self) -> int:
@@ -158,6 +166,9 @@ class Outbox:
         """
         size = size_of(frame)
         with self._lock:
+            group = self.group
+            if group is not None:  # (what its log holds for us came first)
+                group.move(self)
             budget = self._budget
             # A retiring outbox still takes the events of triggers that found
             # it in the routes before it left them: its subscriber handles them
@@ -178,6 +189,8 @@ class Outbox:
                     self._payloads += 1
             if self.accepting:
                 self.lane[1] = budget.room()
+            if group is not None:
+                group.refresh()
             self._notify_courier()
             return True
 
@@ -212,6 +225,7 @@ class Outbox:
     def mark(self) -> int:
         """The sequence of the last event queued here."""
         with self._lock:
+            self._take_group()
             return self._base + len(self._queue)
 
     def _wait_for_room(self, size: int) -> bool:
@@ -238,6 +252,7 @@ class Outbox:
         """True when a trigger would not wait for room here now (a small event fits,
         or the outbox drops without waiting)."""
         with self._lock:
+            self._take_group()
             return self.closed or self._congested or self.block <= 0 \
                 or self._budget.fits(self._queue, 0)
 
@@ -287,21 +302,36 @@ class Outbox:
 
     def unwritten(self) -> bool:
         """True when events were queued since the courier last took them."""
-        return len(self._queue) > self._written
+        group = self.group
+        return len(self._queue) > self._written or (group is not None and group.behind(self))
 
-    def take(self) -> tuple[list[Any], int, bool] | None:
-        """The entries queued since the last time, the number of the first, and
-        whether they hold more than items; None when there are none."""
+    def _take_group(self) -> None:
+        """Move what the group's log holds for this outbox into its queue."""
+        group = self.group
+        if group is not None:
+            group.move(self)
+
+    def take(self) -> tuple[list[Any], int, bool, bool] | None:
+        """The entries queued since the last time, the number of the first, whether
+        they hold more than items, and whether they are known to be a run of the
+        event ring (see ``_ring.is_ring_run``); None when there are none."""
         queue = self._queue
         with self._lock:
+            written = self._written
+            fresh = len(queue) == written
+            group = self.group
+            moved = group.move(self) if group is not None else None
             end = len(queue)
-            if self.closed or end <= self._written:
+            if self.closed or end <= written:
                 return None
-            entries = queue[self._written:end]
-            first = self._base + self._written + 1
+            if fresh and moved is not None and len(moved) == end - written:
+                entries, run = moved, is_log_run(moved)  # (what the group's log held: no copy)
+            else:
+                entries, run = queue[written:end], False
+            first = self._base + written + 1
             self._written = end
             mixed, self._mixed = self._mixed, False
-        return entries, first, mixed
+        return entries, first, mixed, run
 
     def acknowledge(self, seq: int, body: bytes) -> bool:
         """The subscriber handled every event up to ``seq`` (``body``: the ranges
@@ -374,12 +404,20 @@ class Outbox:
         with self._lock:
             if self.closed:
                 return
+            self._leave_group()
             self.retiring = True
             self.accepting = False
             self.lane[1] = 0
             settled = not self._queue
         if settled:
             self.close()
+
+    def _leave_group(self) -> None:
+        """Close the group (its other members go their own ways until the routes
+        are made again); this outbox's queue gets what the log held for it."""
+        group = self.group
+        if group is not None:
+            group.close()
 
     def fail(self, reason: str) -> None:
         """Close, and tell the publisher why (its channel broke)."""
@@ -394,6 +432,7 @@ class Outbox:
         with self._lock:
             if self.closed:
                 return False
+            self._leave_group()
             self.closed = True
             self.accepting = False
             self.lane[1] = 0
@@ -418,6 +457,7 @@ class Outbox:
     def totals(self) -> dict[str, tuple[int, int, int, int]]:
         """Per event: (sent, delivered, dropped, failed)."""
         with self._lock:
+            self._take_group()
             pending = Counter(map(_event_of, self._queue))
             failed = self._failed
             if self.closed:  # appended by a trigger that raced with close()
@@ -444,6 +484,12 @@ ITEM, WHOLE, PAYLOAD = range(3)
 _event_of = itemgetter(0)
 
 
+def is_log_run(entries: list[Any]) -> bool:
+    """True when ``entries``, taken from a group's log in order (ring entries with
+    growing numbers), are numbered one after the other: its ends tell."""
+    return bool(entries[-1][3] - entries[0][3] == len(entries) - 1)
+
+
 def kind_of(frame: bytes | Payload) -> int:
     """What a queued frame is: an item, a whole pickle, or a shared-memory payload."""
     if type(frame) is not bytes:
@@ -454,67 +500,3 @@ def kind_of(frame: bytes | Payload) -> int:
 def _payloads_in(entries: list[tuple[str, bytes | Payload]]) -> list[Payload]:
     """The shared-memory payloads among queued entries."""
     return [entry[1] for entry in entries if type(entry[1]) is not bytes]  # type: ignore[misc]
-
-
-class Route(tuple):  # type: ignore[type-arg]
-    """The outboxes an event goes to, and their ``lane`` lists (for :func:`fan_out`);
-    ``ring``: the event ring its items are written into (see :mod:`localnet._ring`),
-    for a route of two outboxes or more (for one, the ring would only add a step)."""
-
-    lanes: tuple[list[Any], ...]
-    ring: EventRing | None
-    joined: bool
-
-    def __new__(cls, outboxes: list[Outbox]) -> Route:
-        route = super().__new__(cls, outboxes)
-        route.lanes = tuple(outbox.lane for outbox in outboxes)
-        ring = outboxes[0].ring if len(outboxes) > 1 else None
-        route.ring = ring if all(outbox.ring is ring for outbox in outboxes) else None
-        route.joined = False  # (its outboxes are not yet known to the ring)
-        return route
-
-
-def fan_out(route: Route, event: str, item: bytes) -> bool:
-    """Queue one event's item for every outbox of ``route``, without taking their
-    locks (see :class:`Outbox`); a full or closing outbox takes the locked path.
-    With a ring, the item is written once into it; when it has no room, every
-    outbox takes the locked path.
-
-    Returns True when a retiring outbox refused it (see ``Publisher._reroute``).
-    """
-    ring = route.ring
-    if ring is None:
-        rest = take((event, item), route.lanes)
-    else:
-        if not route.joined:  # its outboxes may hold the ring's entries from now on
-            ring.join(route)
-            route.joined = True
-        rest = ring.fan_out(route.lanes, event, item)
-        if rest is False:  # no room in the ring: each subscriber's own way
-            return put_all(route, event, item)
-    return rest is not None and finish_fan_out(route, event, item, rest)
-
-
-def finish_fan_out(route: Route, event: str, item: bytes,
-                   rest: tuple[list[int], list[int]]) -> bool:
-    """After the lanes took ``item``: wake the courier of the idle lanes (``rest[0]``, indices into
-    ``route``) and put it, locked, into the outboxes that had no room (``rest[1]``);
-    True when a retiring one refused it."""
-    idle, full = rest
-    for i in idle:
-        route[i].wake()
-    moved = False
-    for i in full:
-        outbox = route[i]
-        if not outbox.put(event, item) and outbox.retiring:  # drop, or wait for room
-            moved = True
-    return moved
-
-
-def put_all(outboxes: tuple[Outbox, ...], event: str, frame: bytes | Payload) -> bool:
-    """Queue one event for every outbox through :meth:`Outbox.put`; as :func:`fan_out`."""
-    moved = False
-    for outbox in outboxes:
-        if not outbox.put(event, frame) and outbox.retiring:
-            moved = True
-    return moved

@@ -30,9 +30,10 @@ from . import _deadlock, _liveness, _ring, _serial
 from ._courier import Courier
 from ._current import RUNNING
 from ._dispatch import is_home, pump_while
-from ._events import Outbox, Route, fan_out, finish_fan_out, put_all
+from ._events import Outbox
 from ._lanes import c_fan_out as _c_fan_out
 from ._lanes import c_ring_fan_out
+from ._routes import EventGroup, Route, fan_out, finish_fan_out, put_all, regroup
 from ._stats import add_into
 from .errors import SerializationError, Timeout, WouldDeadlock, translate_os_error
 
@@ -69,6 +70,8 @@ class Publisher:
         self._ring: _ring.EventRing | None = None
         self._ring_wanted = _ring.available() and peer.shm_threshold is not None
         self._courier: Courier | None = None  # sends to every outbox (localnet._courier)
+        # Outboxes that take the same events share one lane (localnet._routes).
+        self._groups: dict[frozenset[Outbox], EventGroup] = {}
         self._closed = False
 
     # -- the registry's pushes: who subscribes to us --------------------------
@@ -149,8 +152,19 @@ class Publisher:
         if self._ring is None and self._ring_wanted and any(
                 len(boxes) > 1 for boxes in routes.values()):
             self._make_ring()
-        self._routes = {event: Route(boxes) for event, boxes in routes.items()}
+        groups = self._regroup(routes)
+        self._routes = {event: Route(boxes, groups.get(frozenset(boxes)))
+                        for event, boxes in routes.items()}
         self._published = published
+
+    def _regroup(self, routes: dict[str, list[Outbox]]) -> dict[frozenset[Outbox], EventGroup]:
+        """The groups of ``routes`` (see localnet._routes.regroup)."""
+        ring = self._ring if c_ring_fan_out is not None else None
+        groups = regroup(routes, self._outboxes.values(), self._groups, ring)
+        if set(groups.values()) - set(self._groups.values()) and self._courier is not None:
+            self._courier.relane()  # (it marks the new groups' lanes idle before it sleeps)
+        self._groups = groups
+        return groups
 
     def _start_courier(self) -> Courier:
         """The thread that sends to every outbox (see localnet._courier); started
@@ -350,6 +364,9 @@ class Publisher:
             self._routes = {}
             ring, self._ring, self._ring_wanted = self._ring, None, False
             courier, self._courier, self._closed = self._courier, None, True
+            for group in self._groups.values():
+                group.close()
+            self._groups = {}
         for outbox in outboxes:
             outbox.close()
         if courier is not None:
@@ -362,7 +379,7 @@ class Publisher:
         """Drop the parent's outboxes: their connections and queues are the parent's."""
         outboxes = list(self._outboxes.values()) + self._retired
         self._lock = threading.RLock()
-        self._outboxes, self._routes, self._retired = {}, {}, []
+        self._outboxes, self._routes, self._retired, self._groups = {}, {}, [], {}
         for outbox in outboxes:
             outbox._after_fork_in_child()
         if self._ring is not None:

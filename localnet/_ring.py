@@ -116,11 +116,13 @@ class EventRing:
     def fan_out(self, lanes: tuple[list[Any], ...], event: str, item: bytes) -> Any:
         """Write ``item`` and queue its entry on ``lanes`` (see ``_events.take``);
         False when the ring had no room even after :meth:`reclaim`."""
-        if c_ring_fan_out is not None:
+        if c_ring_fan_out is not None:  # (which writes nothing when no lane has room)
             rest = c_ring_fan_out(self.state, self.map, lanes, event, item)
             if rest is False and self._make_room(len(item)):
                 rest = c_ring_fan_out(self.state, self.map, lanes, event, item)
             return rest
+        if not any(len(lane[0]) < lane[1] for lane in lanes):  # nobody takes it: no write
+            return take((event, item), lanes)
         with self.lock:
             entry = self._write(event, item)
             if entry is not None:

@@ -655,6 +655,27 @@ failed:
     return NULL;
 }
 
+/* True when a lane of ``lanes`` (as fan_out() checks them) has room for one more entry. */
+static int
+any_room(PyObject *lanes)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(lanes);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *lane = PyTuple_GET_ITEM(lanes, i);
+        if (!PyList_CheckExact(lane) || PyList_GET_SIZE(lane) != 3
+                || !PyList_CheckExact(PyList_GET_ITEM(lane, 0)))
+            return 1;  /* (fan_out() says what is wrong with it) */
+        Py_ssize_t room = PyLong_AsSsize_t(PyList_GET_ITEM(lane, 1));
+        if (room == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 1;
+        }
+        if (PyList_GET_SIZE(PyList_GET_ITEM(lane, 0)) < room)
+            return 1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(ring_fan_out_doc,
 "ring_fan_out(state, ring, lanes, event, item, /)\n--\n\n"
 "Copy the bytes ``item`` into an event ring and queue its entry ``(event,\n"
@@ -663,6 +684,7 @@ PyDoc_STRVAR(ring_fan_out_doc,
 "list ``[head, tail, number, pause, size, start]`` of\n"
 "localnet._ring.EventRing, updated here.  False, writing nothing, when the\n"
 "ring has no room for it or pauses (pause > 0 counts down; < 0: closed).\n"
+"When no lane has room, nothing is written and every lane is full.\n"
 "Runs without letting go of the GIL: a ring write and its fan-out are one step.");
 
 static PyObject *
@@ -689,6 +711,10 @@ ring_fan_out(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
                 return NULL;
         }
         Py_RETURN_FALSE;
+    }
+    if (!any_room(argv[2])) {  /* nobody takes it: write nothing, all to the locked path */
+        PyObject *args[2] = {argv[2], Py_None};
+        return fan_out(module, args, 2);
     }
     long long n = (long long)PyBytes_GET_SIZE(item);
     if (size <= 0 || n > size || head < 0 || start < 0)

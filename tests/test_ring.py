@@ -293,9 +293,14 @@ def test_the_c_ring_write_refuses_what_is_not_a_ring_state() -> None:
             _lanes.c_ring_fan_out([0] * 5, ring.map, (), "e", b"x")
         with pytest.raises(TypeError, match="bytes"):
             _lanes.c_ring_fan_out(ring.state, ring.map, (), "e", "not bytes")
+        lanes = ([[], 10, False],)
         with pytest.raises(ValueError, match="smaller"):
-            _lanes.c_ring_fan_out([0, 0, 0, 0, 4096, 10**6], ring.map, (), "e", b"x")
-        assert _lanes.c_ring_fan_out(ring.state, ring.map, (), "e", b"x" * 5000) is False
+            _lanes.c_ring_fan_out([0, 0, 0, 0, 4096, 10**6], ring.map, lanes, "e", b"x")
+        assert _lanes.c_ring_fan_out(ring.state, ring.map, lanes, "e", b"x" * 5000) is False
+        # no lane with room: nothing is written, and every lane goes the locked way
+        full = ([[1, 2], 2, False], [[], 0, True])
+        assert _lanes.c_ring_fan_out(ring.state, ring.map, full, "e", b"x") == ([], [0, 1])
+        assert ring.state[:3] == [0, 0, 0] and full[0][0] == [1, 2] and full[1][0] == []
     finally:
         ring.close()
 

@@ -352,14 +352,14 @@ class _Lane:
 
 def _fan_out_both_ways(monkeypatch: pytest.MonkeyPatch, use_c: bool
                        ) -> tuple[list[_Lane], bool]:
-    from localnet import _events, _lanes
+    from localnet import _lanes, _routes
     if not use_c:
         monkeypatch.setattr(_lanes, "c_fan_out", None)
     outboxes = [_Lane([], 2, False), _Lane([1, 2], 2, True), _Lane([], 5, True),
                 _Lane([], 0, False)]
     outboxes[3].retiring = True  # refused and retiring: the trigger reroutes
-    route = _events.Route(outboxes)  # type: ignore[arg-type]
-    moved = _events.fan_out(route, "ev", b"x")
+    route = _routes.Route(outboxes)  # type: ignore[arg-type]
+    moved = _routes.fan_out(route, "ev", b"x")
     return outboxes, moved
 
 

@@ -1,0 +1,272 @@
+"""Where a trigger puts an event: its route, and the group's shared lane.
+
+A :class:`Route` is the tuple of outboxes (:mod:`localnet._events`) one
+event goes to.  A trigger queues the event's entry on the *lanes* of the
+route (see :mod:`localnet._lanes`): one per outbox, each with its own
+queue, so the trigger's work grows with the number of subscribers.
+
+Where subscribers take the same events from this publisher (every route
+that leads to one of them leads to all of them, as when they subscribe to
+the same events) and the event ring holds the items (:mod:`localnet._ring`),
+they form an :class:`EventGroup`: the route has one lane, the group's, and
+the trigger appends the entry once to the group's *log* whatever the number
+of subscribers.  The courier moves the log's entries into each member's
+queue when it takes that member's events (:meth:`EventGroup.move`, a copy
+of references per batch) and cuts them from the log once every member has
+them.  From there on an entry is the member's as before: its order, bounds,
+counts and acknowledgements do not change.
+
+Bounds: the group's lane takes an entry while the log is shorter than its
+*room*, the least room any member's queue has left (:meth:`EventGroup.refresh`).
+Entries moved but not yet cut count twice, so the room errs low; when the log
+is full (a member is slow or stopped), the trigger moves the log into the
+members' queues (:meth:`EventGroup.spill`) and takes each member's own lane,
+which waits, drops and counts per subscriber as without a group.
+
+A group's members are fixed: when the routes change, a group whose members
+no longer take the same events closes (its log goes to the members' queues,
+and its lane takes nothing more: a trigger still holding the old route goes
+each member's own way), and the new routes make new groups.  A member that
+retires or closes closes its group the same way.  Groups need the C fan-out
+(``localnet._speedups.ring_fan_out``), whose check and append are one step
+for the other threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from ._lanes import take
+
+if TYPE_CHECKING:
+    from ._events import Outbox
+    from ._ring import EventRing
+
+
+class EventGroup:
+    """One log of ring entries for outboxes that take the same events."""
+
+    def __init__(self, outboxes: Iterable[Outbox]) -> None:
+        self.members = tuple(outboxes)
+        self.lock = threading.Lock()
+        self.log: list[Any] = []
+        # [log, room, courier idle]: a lane as the fan-out reads it (localnet._lanes);
+        # idle stays False until the courier marks it (it is woken once the group is routed)
+        self.lane: list[Any] = [self.log, 0, False]
+        self._base = 0  # entries cut from the log's front
+        self._moved = {outbox: 0 for outbox in self.members}  # ... up to which each has them
+        self._lagging = len(self.members)  # members that have nothing past _base
+        self.closed = False
+        self._refresh()
+
+    def __repr__(self) -> str:
+        return (f"<EventGroup of {len(self.members)} log={len(self.log)} "
+                f"room={self.lane[1]}{' CLOSED' if self.closed else ''}>")
+
+    def behind(self, outbox: Outbox) -> bool:
+        """True when the log holds entries ``outbox`` has not taken (no lock)."""
+        moved = self._moved.get(outbox)
+        return moved is not None and moved < self._base + len(self.log)
+
+    def ring_hold(self) -> int | None:
+        """The ring position of the oldest entry in the log (see ``EventRing.reclaim``)."""
+        log = self.log
+        try:
+            return int(log[0][2])
+        except IndexError:
+            return None
+
+    def move(self, outbox: Outbox) -> list[Any] | None:
+        """Append to ``outbox``'s queue the entries of the log it has not taken yet;
+        those entries (None when there were none)."""
+        with self.lock:
+            return self._move(outbox)
+
+    def _move(self, outbox: Outbox) -> list[Any] | None:
+        moved = self._moved.get(outbox)
+        if moved is None:
+            return None
+        base = self._base
+        entries = self.log[moved - base:]  # (one step: a trigger appends before or after it)
+        if not entries:
+            return None
+        outbox.lane[0].extend(entries)  # (list.extend is one step too, as fan_out's append)
+        self._moved[outbox] = moved + len(entries)
+        if moved == base:
+            self._lagging -= 1
+            if not self._lagging:
+                self._cut()
+        return entries
+
+    def _cut(self) -> None:
+        """Cut the entries every member has taken from the log (with the lock)."""
+        low = min(self._moved.values())
+        self._refresh()  # first: the members' queues hold what the log is about to lose
+        del self.log[:low - self._base]
+        self._base = low
+        self._lagging = sum(1 for moved in self._moved.values() if moved == low)
+
+    def refresh(self) -> None:
+        """Let the log grow while each member's queue has room for all of it."""
+        with self.lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        if not self.closed:
+            self.lane[1] = min(lane[1] - len(lane[0])
+                               for lane in (outbox.lane for outbox in self.members))
+
+    def spill(self) -> None:
+        """Move the whole log into every member's queue."""
+        with self.lock:
+            for outbox in self.members:
+                self._move(outbox)
+
+    def wake(self) -> None:
+        """Wake the publisher's courier if it waits for work (a trigger saw it idle)."""
+        for outbox in self.members:
+            courier = outbox.courier
+            if courier is not None:
+                courier.wake()
+                return
+
+    def close(self) -> None:
+        """Take nothing more; the members' queues get what the log holds."""
+        with self.lock:
+            if self.closed:
+                return
+            self.lane[1] = 0  # first: no trigger appends once the log is moved
+            self.closed = True
+            for outbox in self.members:
+                self._move(outbox)
+            del self.log[:]
+
+
+def regroup(routes: dict[str, list[Outbox]], outboxes: Iterable[Outbox],
+            old: dict[frozenset[Outbox], EventGroup], ring: EventRing | None
+            ) -> dict[frozenset[Outbox], EventGroup]:
+    """The groups of ``routes`` (event -> outboxes): the ``old`` ones that still fit,
+    new ones for the rest; the other old ones close before their members join new
+    ones.  A group needs ``ring`` (None: no groups), two outboxes or more writing to
+    it, and none of them in a route with other outboxes."""
+    keys: dict[Outbox, frozenset[Outbox]] = {}
+    mixed: set[Outbox] = set()  # outboxes of routes with other outboxes each
+    for boxes in routes.values():
+        key = frozenset(boxes)
+        for outbox in boxes:
+            if keys.setdefault(outbox, key) != key:
+                mixed.add(outbox)
+    groups: dict[frozenset[Outbox], EventGroup] = {}
+    if ring is not None:
+        for key in set(keys.values()):
+            if len(key) > 1 and not (key & mixed) and all(
+                    box.accepting and box.ring is ring for box in key):
+                group = old.get(key)
+                groups[key] = group if group is not None and not group.closed \
+                    else EventGroup(key)
+    for key, group in old.items():
+        if groups.get(key) is not group:
+            group.close()
+    for outbox in outboxes:
+        found = keys.get(outbox)
+        outbox.group = None if found is None else groups.get(found)
+    return groups
+
+
+class Route(tuple):  # type: ignore[type-arg]
+    """The outboxes an event goes to.
+
+    ``lanes`` are what a trigger queues on: the outboxes' own (``members``),
+    or the one lane of their ``group``.  ``ring``: the event ring its items
+    are written into (see :mod:`localnet._ring`), for a route of two outboxes
+    or more (for one, the ring would only add a step).
+    """
+
+    lanes: tuple[list[Any], ...]
+    members: tuple[list[Any], ...]
+    group: EventGroup | None
+    ring: EventRing | None
+    joined: bool
+
+    def __new__(cls, outboxes: list[Outbox], group: EventGroup | None = None) -> Route:
+        route = super().__new__(cls, outboxes)
+        route.members = tuple(outbox.lane for outbox in outboxes)
+        route.group = group
+        route.lanes = (group.lane,) if group is not None else route.members
+        ring = outboxes[0].ring if len(outboxes) > 1 else None
+        route.ring = ring if all(outbox.ring is ring for outbox in outboxes) else None
+        route.joined = False  # (its outboxes are not yet known to the ring)
+        return route
+
+
+def fan_out(route: Route, event: str, item: bytes) -> bool:
+    """Queue one event's item for every outbox of ``route``, without taking their
+    locks (see :class:`~localnet._events.Outbox`); a full or closing outbox takes
+    the locked path.  With a ring, the item is written once into it; when it has
+    no room, every outbox takes the locked path.
+
+    Returns True when a retiring outbox refused it (see ``Publisher._reroute``).
+    """
+    ring = route.ring
+    if ring is None:
+        rest = take((event, item), route.lanes)
+    else:
+        if not route.joined:  # its outboxes may hold the ring's entries from now on
+            ring.join(route)
+            if route.group is not None:
+                ring.join((route.group,))
+            route.joined = True
+        rest = ring.fan_out(route.lanes, event, item)
+        if rest is False:  # no room in the ring: each subscriber's own way
+            return put_all(route, event, item)
+    return rest is not None and finish_fan_out(route, event, item, rest)
+
+
+def finish_fan_out(route: Route, event: str, item: bytes,
+                   rest: tuple[list[int], list[int]]) -> bool:
+    """After the lanes took ``item``: wake the courier of the idle lanes (``rest[0]``,
+    indices into ``route.lanes``) and put it, locked, into the outboxes that had no
+    room (``rest[1]``); True when a retiring one refused it.  A group whose log had
+    no room spills, and the item goes each member's own way."""
+    idle, full = rest
+    group = route.group
+    if group is not None:
+        if idle:
+            group.wake()
+        if not full:
+            return False
+        group.spill()
+        own = take_own(route, event, item)
+        group.refresh()  # (for the next triggers: the room the members have now)
+        if own is False:  # no room in the ring
+            return put_all(route, event, item)
+        if own is None:
+            return False
+        idle, full = own
+    for i in idle:
+        route[i].wake()
+    moved = False
+    for i in full:
+        outbox = route[i]
+        if not outbox.put(event, item) and outbox.retiring:  # drop, or wait for room
+            moved = True
+    return moved
+
+
+def take_own(route: Route, event: str, item: bytes) -> Any:
+    """Queue ``item`` on each outbox's own lane (through the ring, if the route has
+    one): what ``take`` or ``EventRing.fan_out`` return."""
+    if route.ring is None:
+        return take((event, item), route.members)
+    return route.ring.fan_out(route.members, event, item)
+
+
+def put_all(outboxes: tuple[Outbox, ...], event: str, frame: Any) -> bool:
+    """Queue one event for every outbox through :meth:`Outbox.put`; as :func:`fan_out`."""
+    moved = False
+    for outbox in outboxes:
+        if not outbox.put(event, frame) and outbox.retiring:
+            moved = True
+    return moved

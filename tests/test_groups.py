@@ -1,0 +1,252 @@
+"""Subscribers that take the same events share one lane: the event group.
+
+A trigger appends an event once to its group's log whatever the number of
+subscribers (localnet._routes); the courier moves the log into each
+member's queue.  These tests check the group itself (the C fan-out on its
+lane, moving, cutting, room, spilling, closing), then real subscriber
+processes: every event reaches every member in order through the log, a
+stopped member spills the log and drops only its own events, a member that
+leaves closes its group and the remaining ones get a new one, and
+subscribers of different events get groups of their own.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from helpers import wait_until
+
+import localnet
+from localnet import _lanes, _ring, _routes
+
+pytestmark = [
+    pytest.mark.skipif(not _ring.available(), reason="no memfd shared memory here"),
+    pytest.mark.skipif(_lanes.c_ring_fan_out is None, reason="localnet._speedups is not built"),
+]
+
+SUBSCRIBER = """
+got = []
+
+def on(event):
+    @localnet.subscribe(event)
+    def handler(i):
+        got.append((event, i))
+
+for event in sys.argv[2].split(","):
+    on(event)
+
+@localnet.connect()
+def received():
+    return got
+
+peer = localnet.Peer(name=sys.argv[1]).start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+@localnet.event("group_a")
+def group_a(*args, **kwargs):
+    return args, kwargs
+
+
+@localnet.event("group_b")
+def group_b(*args, **kwargs):
+    return args, kwargs
+
+
+class _Member:
+    """What a group reads of an outbox: its lane [queue, room, idle], its courier."""
+
+    def __init__(self, room: int) -> None:
+        self.lane = [[], room, False]
+        self.courier = None
+
+
+def _queue(member: _Member) -> list[int]:
+    return [entry[3] for entry in member.lane[0]]
+
+
+def test_the_group_takes_an_entry_once_and_moves_it_to_each_member() -> None:
+    ring = _ring.EventRing(4096)
+    members = [_Member(10), _Member(6), _Member(10)]
+    group = _routes.EventGroup(members)  # type: ignore[arg-type]
+    try:
+        assert group.lane[1] == 6  # the least room of its members
+        for i in range(4):
+            rest = _lanes.c_ring_fan_out(ring.state, ring.map, (group.lane,), "e", b"item%d" % i)
+            assert rest is None  # (no courier idle)
+        assert [entry[3] for entry in group.log] == [1, 2, 3, 4]
+        assert all(member.lane[0] == [] for member in members)  # nothing per member yet
+        assert group.ring_hold() == 0
+
+        moved = group.move(members[0])
+        assert [entry[3] for entry in moved] == [1, 2, 3, 4] and _queue(members[0]) == [1, 2, 3, 4]
+        assert group.move(members[0]) is None and not group.behind(members[0])
+        assert group.behind(members[1])
+        group.move(members[1])
+        assert len(group.log) == 4  # members[2] has not taken them: they stay
+        group.move(members[2])
+        assert group.log == [] and group.ring_hold() is None  # every member has them: cut
+        # the room now counts what the members' queues hold: 6 - 4 for members[1]
+        assert group.lane[1] == 2
+        for _ in range(2):
+            _lanes.c_ring_fan_out(ring.state, ring.map, (group.lane,), "e", b"more")
+        # no room: nothing is written, and the trigger goes the locked way
+        head = ring.state[0]
+        assert _lanes.c_ring_fan_out(ring.state, ring.map, (group.lane,), "e", b"x") == ([], [0])
+        assert ring.state[0] == head and len(group.log) == 2
+
+        group.spill()
+        assert [_queue(member) for member in members] == [[1, 2, 3, 4, 5, 6]] * 3
+        members[1].lane[0].clear()  # (acknowledged)
+        group.refresh()
+        assert group.lane[1] == 4  # members[0] and [2]: 10 - 6
+
+        _lanes.c_ring_fan_out(ring.state, ring.map, (group.lane,), "e", b"last")
+        group.close()
+        assert group.closed and group.lane[1] == 0 and group.log == []
+        assert [_queue(member)[-1] for member in members] == [7, 7, 7]  # it got to everyone
+        assert _lanes.c_ring_fan_out(ring.state, ring.map, (group.lane,), "e", b"x") == ([], [0])
+        group.refresh()
+        assert group.lane[1] == 0  # closed for good
+    finally:
+        ring.close()
+
+
+def _group_of(peer: localnet.Peer, event: str) -> _routes.EventGroup | None:
+    route = peer._publisher._routes.get(event)
+    return None if route is None else route.group
+
+
+def _received(peer: localnet.Peer, name: str, event: str) -> list[int]:
+    return [i for got_event, i in peer.peer(name).received() if got_event == event]
+
+
+def test_subscribers_of_the_same_events_get_every_event_in_order_through_one_log(
+        spawn) -> None:
+    names = [f"group-sub-{i}" for i in range(3)]
+    for name in names:
+        spawn(SUBSCRIBER, args=[name, "group_a,group_b"])
+    n = 6_000
+    with localnet.Peer(name="group-pub") as peer:
+        for i in range(n):
+            (group_a if i % 3 else group_b)(i)
+        peer.flush(60)
+        group = _group_of(peer, "group_a")
+        assert group is not None and _group_of(peer, "group_b") is group
+        assert peer._publisher._routes["group_a"].lanes == (group.lane,)
+        outboxes = list(peer._publisher._outboxes.values())
+        assert sorted(outbox.name for outbox in group.members) == names
+        assert all(outbox.group is group for outbox in outboxes)
+        # every event went through the log (moved to each member from it), once each
+        assert sorted(group._moved.values()) == [n, n, n]
+        assert group.log == [] and all(not outbox._queue for outbox in outboxes)
+        for name in names:
+            assert _received(peer, name, "group_a") == [i for i in range(n) if i % 3]
+            assert _received(peer, name, "group_b") == list(range(0, n, 3))
+        stats = peer.stats()
+        rows = {name: (row.sent, row.delivered, row.dropped, row.failed)
+                for name, row in {**stats.published, **stats.subscribers}.items()}
+        a, b = n - n // 3, n // 3
+        assert rows == {"group_a": (3 * a, 3 * a, 0, 0), "group_b": (3 * b, 3 * b, 0, 0),
+                        **{name: (n, n, 0, 0) for name in names}}
+
+
+def test_a_stopped_member_spills_the_log_and_only_its_own_events_are_dropped(spawn) -> None:
+    running = [spawn(SUBSCRIBER, args=[f"group-run-{i}", "group_a"]) for i in range(2)]
+    stopped = spawn(SUBSCRIBER, args=["group-stopped", "group_a"])
+    n = 3_000
+    # (the running ones wait for room; the stopped one makes the trigger wait once)
+    with localnet.Peer(name="group-pub", event_queue=500, event_block=1.0) as peer:
+        group_a(-1)
+        peer.flush(20)  # every channel open
+        group = _group_of(peer, "group_a")
+        assert group is not None
+        stopped.signal(signal.SIGSTOP)
+        try:
+            for i in range(n):
+                group_a(i)
+            for name in ("group-run-0", "group-run-1"):
+                wait_until(lambda name=name: len(_received(peer, name, "group_a")) == n + 1,
+                           timeout=30)
+                assert _received(peer, name, "group_a") == list(range(-1, n))
+            row = peer.stats().subscribers["group-stopped"]
+            assert row.dropped > 0 and row.sent + row.dropped == n + 1
+        finally:
+            stopped.signal(signal.SIGCONT)
+        peer.flush(30)
+        got = _received(peer, "group-stopped", "group_a")
+        assert got == sorted(got) and len(got) == row.sent and got[:1] == [-1]
+        # caught up: the group takes the events again, and they reach everyone
+        before = dict(group._moved)
+        for i in range(n, n + 100):
+            group_a(i)
+        peer.flush(30)
+        assert _group_of(peer, "group_a") is group and not group.closed
+        assert all(group._moved[outbox] > before[outbox] for outbox in group.members)
+        for name in ("group-run-0", "group-run-1", "group-stopped"):
+            assert _received(peer, name, "group_a")[-100:] == list(range(n, n + 100))
+        rows = peer.stats().subscribers
+        assert rows["group-run-0"].delivered == rows["group-run-1"].delivered == n + 101
+        assert rows["group-stopped"].delivered == rows["group-stopped"].sent
+        assert rows["group-stopped"].sent + rows["group-stopped"].dropped == n + 101
+    assert [child.stop() for child in (*running, stopped)] == [0, 0, 0]
+
+
+def test_a_member_that_leaves_closes_its_group_and_the_others_get_a_new_one(spawn) -> None:
+    staying = [spawn(SUBSCRIBER, args=[f"group-stay-{i}", "group_a"]) for i in range(2)]
+    leaving = spawn(SUBSCRIBER, args=["group-leave", "group_a"])
+    n = 2_000
+    with localnet.Peer(name="group-pub") as peer:
+        for i in range(n):
+            group_a(i)
+        first = _group_of(peer, "group_a")
+        assert first is not None and len(first.members) == 3
+        assert leaving.stop() == 0  # it leaves while its events may still be in flight
+        wait_until(lambda: "group-leave" not in peer.subscribers("group_a"), timeout=30)
+        for i in range(n, 2 * n):
+            group_a(i)
+        peer.flush(60)
+        second = _group_of(peer, "group_a")
+        assert first.closed and second is not None and second is not first
+        assert sorted(outbox.name for outbox in second.members) == ["group-stay-0", "group-stay-1"]
+        for name in ("group-stay-0", "group-stay-1"):
+            assert _received(peer, name, "group_a") == list(range(2 * n))
+        row = peer.stats().subscribers["group-leave"]
+        assert row.sent == row.delivered + row.failed and row.sent <= 2 * n and row.dropped == 0
+    assert [child.stop() for child in staying] == [0, 0]
+
+
+def test_subscribers_of_other_events_get_groups_of_their_own_or_none(spawn) -> None:
+    for name, events in (("group-a-0", "group_a"), ("group-a-1", "group_a"),
+                         ("group-b-0", "group_b"), ("group-b-1", "group_b")):
+        spawn(SUBSCRIBER, args=[name, events])
+    both = spawn(SUBSCRIBER, args=["group-both", "group_a,group_b"])
+    n = 2_000
+    with localnet.Peer(name="group-pub") as peer:
+        for i in range(n):
+            group_a(i)
+            group_b(i)
+        peer.flush(60)
+        # group-both takes both events, the others one each: no route's outboxes
+        # take the same events, so neither route has a group
+        assert _group_of(peer, "group_a") is None and _group_of(peer, "group_b") is None
+        assert [tuple(pair) for pair in peer.peer("group-both").received()] == \
+            [(event, i) for i in range(n) for event in ("group_a", "group_b")]
+        assert both.stop() == 0
+        wait_until(lambda: "group-both" not in peer.subscribers(), timeout=30)
+        for i in range(n, 2 * n):
+            group_a(i)
+            group_b(i)
+        peer.flush(60)
+        a, b = _group_of(peer, "group_a"), _group_of(peer, "group_b")
+        assert a is not None and b is not None and a is not b
+        assert sorted(outbox.name for outbox in a.members) == ["group-a-0", "group-a-1"]
+        assert sorted(outbox.name for outbox in b.members) == ["group-b-0", "group-b-1"]
+        for name in ("group-a-0", "group-a-1"):
+            assert [tuple(pair) for pair in peer.peer(name).received()] == \
+                [("group_a", i) for i in range(2 * n)]
+        for name in ("group-b-0", "group-b-1"):
+            assert [tuple(pair) for pair in peer.peer(name).received()] == \
+                [("group_b", i) for i in range(2 * n)]
