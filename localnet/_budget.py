@@ -103,9 +103,10 @@ class Budget:
         spare = max(self.limit - self.held, 0) // self._item_max
         return min(self._events, self.counted + spare)
 
-    def fits(self, queue: list[Entry], size: int) -> bool:
-        """Whether an event of ``size`` bytes may join ``queue`` now."""
-        n = len(queue)
+    def fits(self, queue: list[Entry], size: int, extra: int = 0) -> bool:
+        """Whether an event of ``size`` bytes may join ``queue`` now (``extra``: items
+        held besides the queue, uncounted: see ``Outbox._virtual``)."""
+        n = len(queue) + extra
         if n >= self._events:
             return False
         if not n:
@@ -113,7 +114,7 @@ class Budget:
         if self.held + (n - self.counted) * self._item_max + size <= self.limit:
             return True  # whatever the uncounted items weigh
         self.count(queue)
-        return self.held + size <= self.limit
+        return self.held + extra * self._item_max + size <= self.limit
 
     def over(self, queue: list[Entry], fraction: float) -> bool:
         """Whether ``queue`` holds more than ``fraction`` of the limit (counting it)."""

@@ -34,7 +34,7 @@ from collections import deque
 from itertools import groupby
 from typing import TYPE_CHECKING, Any
 
-from ._events import ITEM, PAYLOAD, kind_of
+from ._events import CHUNKS, ITEM, PAYLOAD, kind_of
 from ._ring import is_ring_run
 from ._signals import spawn_thread
 from ._wire import (
@@ -201,7 +201,7 @@ class Courier:
         lanes = [channel.outbox.lane for channel in self._channels.values()]
         groups = {id(group): group.lane for group in
                   (channel.outbox.group for channel in self._channels.values())
-                  if group is not None and not group.closed}
+                  if group is not None and not group.sealed}
         self._lanes = lanes + list(groups.values())
 
     def _has_work(self) -> bool:
@@ -361,11 +361,14 @@ def take_acks(buffer: bytearray) -> list[tuple[int, bytes]]:
 
 
 def chunks_of(outbox: Outbox, entries: list[Any], first: int, mixed: bool,
-              run: bool = False) -> list[Chunk]:
-    """The chunks that carry events ``first``, ``first + 1``, ... (``entries``):
+              run: Any = None) -> list[Chunk]:
+    """The chunks that carry events ``first``, ``first + 1``, ... (``entries``,
+    which ``run`` may know to be a run of the ring, or the chunks themselves):
     a run of the ring's entries as RING frames; else items as list frames,
     whole pickles as batch frames and shared-memory payloads alone, each run
     in its turn."""
+    if run is CHUNKS:  # (made already, see Outbox.take)
+        return entries
     ring = outbox.ring
     if not mixed and ring is not None and (run or is_ring_run(entries)):
         fd = None if outbox.ring_sent else ring.dup()

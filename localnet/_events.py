@@ -27,6 +27,7 @@ failed: the subscriber could not rebuild it, or a handler raised).
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -84,6 +85,13 @@ class Outbox:
     What the trigger side reads is kept in one list, ``lane``: ``[_queue,
     room, courier idle]``, so that the C fan-out (``localnet._speedups``)
     reads it without an attribute lookup.
+
+    An outbox of an event group (:mod:`localnet._routes`) has more events
+    than its queue shows: before them, ``_virtual`` events sent straight from
+    the log of ``_vgroup`` and not acknowledged yet (so the entry at index i
+    is event ``_base + _virtual + i + 1``, and an acknowledgement counts the
+    virtual ones down first); after them, what its group's log holds that it
+    has not taken yet.  ``room`` counts the virtual events too.
     """
 
     def __init__(self, entry: dict[str, Any], hello: dict[str, Any],
@@ -134,12 +142,17 @@ class Outbox:
         # The group this outbox shares a lane with (localnet._routes), if any: its
         # log holds events of this outbox that are not in the queue yet.
         self.group: EventGroup | None = None
+        # Events sent straight from a group's log (EventGroup.take): the oldest
+        # ``_virtual`` events not yet acknowledged are there, not in the queue.
+        self._virtual = 0
+        self._vgroup: EventGroup | None = None
         spawn_thread(self._connect_loop, name="localnet-connect")
 
     def __repr__(self) -> str:
         state = "CLOSED" if self.closed else "CONGESTED" if self._congested else "OPEN"
-        return (f"<Outbox to {self.name!r} queued={self._base + len(self._queue)} "
-                f"acked={self._base} pending={len(self._queue)} [{state}]>")
+        pending = self._virtual + len(self._queue)
+        return (f"<Outbox to {self.name!r} queued={self._base + pending} "
+                f"acked={self._base} pending={pending} [{state}]>")
 
     @property
     def courier(self) -> Courier | None:
@@ -173,7 +186,7 @@ class Outbox:
             # A retiring outbox still takes the events of triggers that found
             # it in the routes before it left them: its subscriber handles them
             # before it closes, and no other outbox got them.
-            if self.closed or (not budget.fits(self._queue, size)
+            if self.closed or (not budget.fits(self._queue, size, self._virtual)
                                and not self._wait_for_room(size)):
                 if not (self.closed and self.retiring):  # (else: no longer its event)
                     self._dropped[event] = self._dropped.get(event, 0) + 1
@@ -188,7 +201,7 @@ class Outbox:
                 if kind == PAYLOAD:
                     self._payloads += 1
             if self.accepting:
-                self.lane[1] = budget.room()
+                self.lane[1] = budget.room() - self._virtual
             if group is not None:
                 group.refresh()
             self._notify_courier()
@@ -225,15 +238,14 @@ class Outbox:
     def mark(self) -> int:
         """The sequence of the last event queued here."""
         with self._lock:
-            self._take_group()
-            return self._base + len(self._queue)
+            return self._base + self._virtual + len(self._queue) + self._untaken()
 
     def _wait_for_room(self, size: int) -> bool:
         # called with the lock held and no room for ``size`` bytes
         budget, queue = self._budget, self._queue
         if not self._congested and self.block > 0 and waiting.allowed:
             deadline = time.monotonic() + self.block
-            while not self.closed and not budget.fits(queue, size):
+            while not self.closed and not budget.fits(queue, size, self._virtual):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -245,16 +257,15 @@ class Outbox:
             budget.count(queue)
             logger.warning("subscriber %r is not keeping up (%d events, %d bytes "
                            "unacknowledged); dropping its events until it catches up",
-                           self.name, len(queue), budget.held)
+                           self.name, len(queue) + self._virtual, budget.held)
         return False
 
     def has_room(self) -> bool:
         """True when a trigger would not wait for room here now (a small event fits,
         or the outbox drops without waiting)."""
         with self._lock:
-            self._take_group()
             return self.closed or self._congested or self.block <= 0 \
-                or self._budget.fits(self._queue, 0)
+                or self._budget.fits(self._queue, 0, self._virtual + self._untaken())
 
     def wait_delivered(self, seq: int, deadline: float) -> bool:
         """Wait until event ``seq`` (see :meth:`mark`) was acknowledged (or can never be)."""
@@ -305,32 +316,73 @@ class Outbox:
         group = self.group
         return len(self._queue) > self._written or (group is not None and group.behind(self))
 
-    def _take_group(self) -> None:
-        """Move what the group's log holds for this outbox into its queue."""
-        group = self.group
-        if group is not None:
-            group.move(self)
+    def virtual_in(self, group: EventGroup) -> int:
+        """How many of this outbox's virtual events ``group``'s log holds (no lock)."""
+        return self._virtual if self._vgroup is group else 0
 
-    def take(self) -> tuple[list[Any], int, bool, bool] | None:
+    def _untaken(self) -> int:
+        """How many events the group's log holds for this outbox past its queue."""
+        group = self.group
+        return 0 if group is None else group.untaken_count(self)
+
+    def take(self) -> tuple[list[Any], int, bool, Any] | None:
         """The entries queued since the last time, the number of the first, whether
-        they hold more than items, and whether they are known to be a run of the
-        event ring (see ``_ring.is_ring_run``); None when there are none."""
+        they hold more than items, and what is known of them: True, a run of the
+        event ring (see ``_ring.is_ring_run``); ``CHUNKS``, they were sent straight
+        from the group's log (virtual events, see ``EventGroup.take``) and the
+        entries are the chunks that carry them; else None.  None when there are none."""
+        ring = self.ring
+        # (the ring's descriptor for the first frame: dup() takes the ring's lock,
+        # which a trigger holds while it asks the outboxes what they hold)
+        spare: list[int] = []
+        sendable = ring is not None
+        if sendable and self.group is not None and not self.ring_sent:
+            try:
+                spare.append(ring.dup())  # type: ignore[union-attr]
+            except OSError:  # (the ring closed: the queue's way, as chunks_of says)
+                sendable = False
+        try:
+            with self._lock:
+                if self.closed:
+                    return None
+                group, written = self.group, self._written
+                if group is not None and sendable and ring is not None \
+                        and (not self._virtual or self._vgroup is group):
+                    first = self._base + self._virtual + 1
+
+                    def frames(log: list[Any], low: int, high: int) -> list[Any]:
+                        fd = spare.pop() if spare else None
+                        self.ring_sent = True
+                        return ring.chunks(log, first, fd, low, high)
+
+                    sent = group.take(self, frames)  # (only while the queue is empty)
+                    if sent is not None:
+                        self._virtual += sent[0]
+                        self._vgroup = group
+                        if self.accepting:
+                            self.lane[1] = self._budget.room() - self._virtual
+                        return sent[1], first, False, CHUNKS
+                return self._take_queue(group, written)
+        finally:
+            for fd in spare:  # (not needed after all)
+                os.close(fd)
+
+    def _take_queue(self, group: EventGroup | None, written: int
+                    ) -> tuple[list[Any], int, bool, Any] | None:
+        """The rest of :meth:`take`: the queue's entries (with the lock)."""
         queue = self._queue
-        with self._lock:
-            written = self._written
-            fresh = len(queue) == written
-            group = self.group
-            moved = group.move(self) if group is not None else None
-            end = len(queue)
-            if self.closed or end <= written:
-                return None
-            if fresh and moved is not None and len(moved) == end - written:
-                entries, run = moved, is_log_run(moved)  # (what the group's log held: no copy)
-            else:
-                entries, run = queue[written:end], False
-            first = self._base + written + 1
-            self._written = end
-            mixed, self._mixed = self._mixed, False
+        fresh = len(queue) == written
+        moved = group.move(self) if group is not None else None
+        end = len(queue)
+        if end <= written:
+            return None
+        if fresh and moved is not None and len(moved) == end - written:
+            entries, run = moved, is_log_run(moved) or None  # (from the log: no copy)
+        else:
+            entries, run = queue[written:end], None
+        first = self._base + self._virtual + written + 1
+        self._written = end
+        mixed, self._mixed = self._mixed, False
         return entries, first, mixed, run
 
     def acknowledge(self, seq: int, body: bytes) -> bool:
@@ -344,19 +396,37 @@ class Outbox:
         settle: list[Payload] = []
         with self._lock:
             n = seq - self._base
-            if n > self._written:
+            virtual = self._virtual
+            if n > virtual + self._written:
                 raise ProtocolError(f"the subscriber acknowledged event {seq}, "
                                     f"which was never sent")
             failed = unpack_ack(body, self._base, seq) if body else None
-            if n > 0 and not failed and self._only is not None and not self._budget.held \
-                    and not self._payloads:  # the common case: nothing to look at in them
-                del queue[:n]
-                self._delivered[self._only] += n
+            simple = not failed and self._only is not None and not self._budget.held \
+                and not self._payloads  # the common case: nothing to look at in them
+            v = min(max(n, 0), virtual)  # (the oldest events: the virtual ones first)
+            q = n - v
+            done: list[Any] = []
+            if v:
+                group = self._vgroup
+                assert group is not None
+                if not simple:
+                    done = group.entries(self, v)
+                self._virtual = virtual - v
+                if self.accepting:  # (first: the group's room is worked out from it)
+                    self.lane[1] = self._budget.room() - self._virtual
+                group.release(self, v, self._virtual)
+                if not self._virtual:
+                    self._vgroup = None
+            if n > 0 and simple:
+                if q:
+                    del queue[:q]
+                self._delivered[self._only] += n  # type: ignore[index]
                 self._base = seq
-                self._written -= n
+                self._written -= q
             elif n > 0:
-                done = queue[:n]
-                del queue[:n]
+                part = queue[:q]
+                del queue[:q]
+                done += part
                 if failed:  # some of them could not be handled
                     self._count_failed(done, failed)
                 elif self._only is not None:
@@ -364,20 +434,20 @@ class Outbox:
                 else:
                     self._delivered.update(map(_event_of, done))  # counted in C
                 self._base = seq
-                self._written -= n
+                self._written -= q
                 if self._budget.held:  # (0 while only uncounted items are queued)
-                    self._budget.cut(done)
+                    self._budget.cut(part)
                     if self.accepting:
-                        self.lane[1] = self._budget.room()
+                        self.lane[1] = self._budget.room() - self._virtual
                 if self._payloads:
-                    settle = _payloads_in(done)
+                    settle = _payloads_in(part)
                     self._payloads -= len(settle)
-            if self._congested and len(queue) <= self.limit // 2 \
+            if self._congested and len(queue) + self._virtual <= self.limit // 2 \
                     and not self._budget.over(queue, 0.5):
                 self._congested = False
                 logger.info("subscriber %r caught up", self.name)
             self._has_room.notify_all()
-            settled = self.retiring and not queue
+            settled = self.retiring and not queue and not self._virtual
         for payload in settle:
             payload.settle()
         return settled
@@ -408,9 +478,17 @@ class Outbox:
             self.retiring = True
             self.accepting = False
             self.lane[1] = 0
-            settled = not self._queue
+            settled = not self._queue and not self._virtual
         if settled:
             self.close()
+
+    def _give_up_virtual(self) -> None:
+        """Count the virtual events failed, and let the log go of them (closing)."""
+        group, n = self._vgroup, self._virtual
+        if group is not None and n:
+            self._failed.update(map(_event_of, group.entries(self, n)))
+            group.release(self, n, 0)
+        self._virtual, self._vgroup = 0, None
 
     def _leave_group(self) -> None:
         """Close the group (its other members go their own ways until the routes
@@ -439,6 +517,7 @@ class Outbox:
             entries = self._queue[:]
             del self._queue[:]  # (never replaced: fan_out may hold it)
             self._failed.update(map(_event_of, entries))
+            self._give_up_virtual()
             payloads = _payloads_in(entries)
             self._payloads = 0
             self._budget.clear()
@@ -457,8 +536,11 @@ class Outbox:
     def totals(self) -> dict[str, tuple[int, int, int, int]]:
         """Per event: (sent, delivered, dropped, failed)."""
         with self._lock:
-            self._take_group()
             pending = Counter(map(_event_of, self._queue))
+            if self._virtual and self._vgroup is not None:
+                pending.update(map(_event_of, self._vgroup.entries(self, self._virtual)))
+            if self.group is not None:
+                pending.update(map(_event_of, self.group.untaken(self)))
             failed = self._failed
             if self.closed:  # appended by a trigger that raced with close()
                 failed, pending = failed + pending, Counter()
@@ -481,6 +563,8 @@ class Outbox:
 
 
 ITEM, WHOLE, PAYLOAD = range(3)
+#: What ``Outbox.take`` says of events sent straight from a group's log: chunks.
+CHUNKS = "chunks"
 _event_of = itemgetter(0)
 
 

@@ -42,12 +42,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _shm
-from ._lanes import c_ring_fan_out, c_ring_run, take
+from ._lanes import c_ring_fan_out, c_ring_frames, c_ring_run, take
 from ._wire import (
     EVENT_BATCH,
+    HEADER_SIZE,
     ITEMS_HEAD,
     ITEMS_PER_FRAME,
     ITEMS_TAIL,
+    VERSION,
     Kind,
     ProtocolError,
     pack_header,
@@ -62,6 +64,7 @@ RING_MARK = 0x52  # b"R": the body of a RING frame (an EVENT frame): mark, start
 _SPAN = struct.Struct("<BQQ")
 _TAIL = struct.Struct("<Q")
 _HEAD = 64  # the segment's header: tail (u64), then padding
+_HEAD_OF_EVENT = (VERSION, int(Kind.EVENT))
 #: Triggers that go the plain way after a reclaim found no room, before the next try.
 _PAUSE = 256
 
@@ -183,15 +186,24 @@ class EventRing:
                 self.state[1] = low
             return self.state[1]
 
-    def chunks(self, entries: list[Any], first: int,
-               fd: int | None) -> list[tuple[bytes, list[int] | None, int | None]]:
+    def chunks(self, entries: list[Any], first: int, fd: int | None, low: int = 0,
+               high: int | None = None) -> list[tuple[bytes, list[int] | None, int | None]]:
         """The RING frames for events ``first``, ... (consecutive entries of this
-        ring, see :func:`is_ring_run`), a header and 17 bytes for up to
-        ``ITEMS_PER_FRAME`` events, as chunks for the courier
+        ring, ``entries[low:high]``, see :func:`is_ring_run`), a header and 17
+        bytes for up to ``ITEMS_PER_FRAME`` events, as chunks for the courier
         (:mod:`localnet._courier`); ``fd``, a descriptor of the ring
         (:meth:`dup`), goes with the first frame and is closed once sent."""
-        spans = [(first + high - 1, pack_span(start, end))
-                 for _, high, start, end in ring_runs(entries, self.size)]
+        if c_ring_frames is not None:  # the same frames, made in C
+            data = c_ring_frames(entries, low, len(entries) if high is None else high,
+                                 self.size, first, 0 if fd is None else 1, ITEMS_PER_FRAME,
+                                 EVENT_BATCH, _HEAD_OF_EVENT, RING_MARK)
+            if fd is None:
+                return [(data, None, None)]
+            one = HEADER_SIZE + _SPAN.size
+            return [(data[:one], [fd], fd)] + ([(data[one:], None, None)] if len(data) > one
+                                                else [])
+        spans = [(first + end_index - low - 1, pack_span(start, end))
+                 for _, end_index, start, end in ring_runs(entries, self.size, low, high)]
         chunks: list[tuple[bytes, list[int] | None, int | None]] = []
         if fd is not None:
             ident, span = spans.pop(0)
@@ -236,14 +248,16 @@ def descriptors() -> int:
     return count
 
 
-def ring_runs(entries: list[Any], size: int) -> Iterator[tuple[int, int, int, int]]:
-    """Split entries of one ring, consecutive in it, into RING frames:
-    ``(first index, end index, start, end)`` each.
+def ring_runs(entries: list[Any], size: int, low: int = 0,
+              n: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+    """Split entries of one ring, consecutive in it (``entries[low:n]``), into
+    RING frames: ``(first index, end index, start, end)`` each.
 
     A frame holds at most ``ITEMS_PER_FRAME`` events and ``EVENT_BATCH`` bytes
     of one lap; the split costs a few steps a frame, not one per event.
     """
-    low, n = 0, len(entries)
+    if n is None:
+        n = len(entries)
     while low < n:
         high = min(n, low + ITEMS_PER_FRAME)
         start = entries[low][2]

@@ -10,23 +10,30 @@ that leads to one of them leads to all of them, as when they subscribe to
 the same events) and the event ring holds the items (:mod:`localnet._ring`),
 they form an :class:`EventGroup`: the route has one lane, the group's, and
 the trigger appends the entry once to the group's *log* whatever the number
-of subscribers.  The courier moves the log's entries into each member's
-queue when it takes that member's events (:meth:`EventGroup.move`, a copy
-of references per batch) and cuts them from the log once every member has
-them.  From there on an entry is the member's as before: its order, bounds,
-counts and acknowledgements do not change.
+of subscribers.  The courier sends a member whose queue is empty its new
+entries straight from the log (:meth:`EventGroup.take`): RING frames made
+from the log itself, the member keeping only a count of these *virtual*
+events (``Outbox._virtual``), which its acknowledgements count down.  So
+neither the trigger nor the courier does anything per event and member.
+Once a member has entries of its own in its queue (a shared-memory payload,
+a whole pickle, a spill, see below), the courier moves the log's entries
+behind them (:meth:`EventGroup.move`, a copy of references per batch), so
+the order stays the order of the triggers.  Entries are cut from the log
+once no member needs them.
 
 Bounds: the group's lane takes an entry while the log is shorter than its
-*room*, the least room any member's queue has left (:meth:`EventGroup.refresh`).
-Entries moved but not yet cut count twice, so the room errs low; when the log
-is full (a member is slow or stopped), the trigger moves the log into the
-members' queues (:meth:`EventGroup.spill`) and takes each member's own lane,
-which waits, drops and counts per subscriber as without a group.
+*room*, the least room any member has left besides what the log holds for
+it (:meth:`EventGroup.refresh`).  Entries moved but not yet cut count twice,
+so the room errs low; when the log is full (a member is slow or stopped),
+the trigger moves the log into the members' queues (:meth:`EventGroup.spill`)
+and takes each member's own lane, which waits, drops and counts per
+subscriber as without a group.
 
 A group's members are fixed: when the routes change, a group whose members
-no longer take the same events closes (its log goes to the members' queues,
-and its lane takes nothing more: a trigger still holding the old route goes
-each member's own way), and the new routes make new groups.  A member that
+no longer take the same events closes (what its log holds for each member
+and was not sent goes to the member's queue, the virtual events stay until
+acknowledged, and its lane takes nothing more: a trigger still holding the
+old route goes each member's own way), and the new routes make new groups.  A member that
 retires or closes closes its group the same way.  Groups need the C fan-out
 (``localnet._speedups.ring_fan_out``), whose check and append are one step
 for the other threads.
@@ -35,8 +42,8 @@ for the other threads.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._lanes import take
 
@@ -44,9 +51,20 @@ if TYPE_CHECKING:
     from ._events import Outbox
     from ._ring import EventRing
 
+T = TypeVar("T")
+
 
 class EventGroup:
-    """One log of ring entries for outboxes that take the same events."""
+    """One log of ring entries for outboxes that take the same events.
+
+    Per member, the group keeps two cursors into the log (counted from the
+    start of the group, ``_base`` being the first entry still in it):
+    ``_moved``, where the entries it has not taken yet begin, and
+    ``_held``, where its *virtual* events begin (None: it has none): events
+    it was sent straight from the log and has not acknowledged yet
+    (:meth:`take`, see ``Outbox._virtual``).  Entries before every member's
+    cursor (``_held``, or else ``_moved``) are cut from the log.
+    """
 
     def __init__(self, outboxes: Iterable[Outbox]) -> None:
         self.members = tuple(outboxes)
@@ -56,14 +74,20 @@ class EventGroup:
         # idle stays False until the courier marks it (it is woken once the group is routed)
         self.lane: list[Any] = [self.log, 0, False]
         self._base = 0  # entries cut from the log's front
-        self._moved = {outbox: 0 for outbox in self.members}  # ... up to which each has them
-        self._lagging = len(self.members)  # members that have nothing past _base
-        self.closed = False
+        self._moved = {outbox: 0 for outbox in self.members}
+        self._held: dict[Outbox, int | None] = {outbox: None for outbox in self.members}
+        self._lagging = len(self.members)  # members whose cursor is _base
+        self.sealed = False  # takes no more entries (closed): a trigger goes the own ways
         self._refresh()
 
     def __repr__(self) -> str:
         return (f"<EventGroup of {len(self.members)} log={len(self.log)} "
-                f"room={self.lane[1]}{' CLOSED' if self.closed else ''}>")
+                f"room={self.lane[1]}{' SEALED' if self.sealed else ''}>")
+
+    @property
+    def closed(self) -> bool:
+        """Sealed and holding nothing (what ``EventRing.reclaim`` asks of its members)."""
+        return self.sealed and not self.log
 
     def behind(self, outbox: Outbox) -> bool:
         """True when the log holds entries ``outbox`` has not taken (no lock)."""
@@ -78,6 +102,28 @@ class EventGroup:
         except IndexError:
             return None
 
+    # -- cursors ------------------------------------------------------------------
+    def _cursor(self, outbox: Outbox) -> int:
+        held = self._held[outbox]
+        return self._moved[outbox] if held is None else held
+
+    def _advanced(self, old: int) -> None:
+        """A member's cursor moved on from ``old`` (with the lock)."""
+        if old == self._base:
+            self._lagging -= 1
+            if not self._lagging:
+                self._cut()
+
+    def _cut(self) -> None:
+        """Cut the entries no member needs from the log (with the lock)."""
+        low = min(self._cursor(outbox) for outbox in self.members)
+        if low > self._base:
+            self._refresh()  # first: the members' queues hold what the log is about to lose
+            del self.log[:low - self._base]
+            self._base = low
+        self._lagging = sum(1 for outbox in self.members if self._cursor(outbox) == low)
+
+    # -- the members' steps -----------------------------------------------------------
     def move(self, outbox: Outbox) -> list[Any] | None:
         """Append to ``outbox``'s queue the entries of the log it has not taken yet;
         those entries (None when there were none)."""
@@ -88,25 +134,65 @@ class EventGroup:
         moved = self._moved.get(outbox)
         if moved is None:
             return None
-        base = self._base
-        entries = self.log[moved - base:]  # (one step: a trigger appends before or after it)
+        entries = self.log[moved - self._base:]  # (one step: a trigger appends before or after)
         if not entries:
             return None
+        old = self._cursor(outbox)
         outbox.lane[0].extend(entries)  # (list.extend is one step too, as fan_out's append)
         self._moved[outbox] = moved + len(entries)
-        if moved == base:
-            self._lagging -= 1
-            if not self._lagging:
-                self._cut()
+        if old == moved:  # (no virtual events: its cursor moved on)
+            self._advanced(old)
         return entries
 
-    def _cut(self) -> None:
-        """Cut the entries every member has taken from the log (with the lock)."""
-        low = min(self._moved.values())
-        self._refresh()  # first: the members' queues hold what the log is about to lose
-        del self.log[:low - self._base]
-        self._base = low
-        self._lagging = sum(1 for moved in self._moved.values() if moved == low)
+    def take(self, outbox: Outbox, frames: Callable[[list[Any], int, int], T]
+             ) -> tuple[int, T] | None:
+        """Send ``outbox`` the entries it has not taken straight from the log: they
+        become its virtual events.  Returns how many, and what ``frames(log, low,
+        high)`` made of them (``log[low:high]``: under the lock, where the log is
+        not cut meanwhile); None when there are none or they are not a run of the
+        ring (then they are for :meth:`move`)."""
+        with self.lock:
+            moved = self._moved.get(outbox)
+            # (its queue is looked at here, where spill() cannot move entries into it
+            # meanwhile: its virtual events must be older than anything queued)
+            if moved is None or outbox.lane[0]:
+                return None
+            log = self.log
+            low, high = moved - self._base, len(log)
+            if low >= high or log[high - 1][3] - log[low][3] != high - low - 1:
+                return None
+            made = frames(log, low, high)
+            self._moved[outbox] = moved + high - low
+            if self._held[outbox] is None:
+                self._held[outbox] = moved  # (its cursor stays where it was)
+            return high - low, made
+
+    def entries(self, outbox: Outbox, n: int) -> list[Any]:
+        """The first ``n`` of ``outbox``'s virtual events' entries."""
+        with self.lock:
+            held = self._held[outbox]
+            assert held is not None
+            return self.log[held - self._base:held - self._base + n]
+
+    def untaken_count(self, outbox: Outbox) -> int:
+        """How many entries of the log ``outbox`` has not taken yet (no lock)."""
+        moved = self._moved.get(outbox)
+        return 0 if moved is None else max(self._base + len(self.log) - moved, 0)
+
+    def untaken(self, outbox: Outbox) -> list[Any]:
+        """The entries of the log ``outbox`` has not taken yet."""
+        with self.lock:
+            moved = self._moved.get(outbox)
+            return [] if moved is None else self.log[moved - self._base:]
+
+    def release(self, outbox: Outbox, n: int, left: int) -> None:
+        """``outbox``'s first ``n`` virtual events were acknowledged (or given up);
+        ``left`` of them remain."""
+        with self.lock:
+            held = self._held[outbox]
+            assert held is not None
+            self._held[outbox] = held + n if left else None
+            self._advanced(held)
 
     def refresh(self) -> None:
         """Let the log grow while each member's queue has room for all of it."""
@@ -114,9 +200,11 @@ class EventGroup:
             self._refresh()
 
     def _refresh(self) -> None:
-        if not self.closed:
-            self.lane[1] = min(lane[1] - len(lane[0])
-                               for lane in (outbox.lane for outbox in self.members))
+        # A member's lane counts its virtual events against its room, and those of
+        # this group are in the log too: counted once, with the log.
+        if not self.sealed:
+            self.lane[1] = min(outbox.lane[1] - len(outbox.lane[0]) + outbox.virtual_in(self)
+                               for outbox in self.members)
 
     def spill(self) -> None:
         """Move the whole log into every member's queue."""
@@ -133,15 +221,15 @@ class EventGroup:
                 return
 
     def close(self) -> None:
-        """Take nothing more; the members' queues get what the log holds."""
+        """Take nothing more; the members' queues get what the log holds for them
+        (their virtual events stay in it until acknowledged)."""
         with self.lock:
-            if self.closed:
+            if self.sealed:
                 return
             self.lane[1] = 0  # first: no trigger appends once the log is moved
-            self.closed = True
+            self.sealed = True
             for outbox in self.members:
                 self._move(outbox)
-            del self.log[:]
 
 
 def regroup(routes: dict[str, list[Outbox]], outboxes: Iterable[Outbox],
@@ -164,7 +252,7 @@ def regroup(routes: dict[str, list[Outbox]], outboxes: Iterable[Outbox],
             if len(key) > 1 and not (key & mixed) and all(
                     box.accepting and box.ring is ring for box in key):
                 group = old.get(key)
-                groups[key] = group if group is not None and not group.closed \
+                groups[key] = group if group is not None and not group.sealed \
                     else EventGroup(key)
     for key, group in old.items():
         if groups.get(key) is not group:

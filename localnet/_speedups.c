@@ -861,6 +861,106 @@ ring_run(PyObject *Py_UNUSED(module), PyObject *entries)
     Py_RETURN_TRUE;
 }
 
+PyDoc_STRVAR(ring_frames_doc,
+"ring_frames(entries, low, high, size, first, nfds, per_frame, batch, head, mark, /)\n--\n\n"
+"The RING frames for ``entries[low:high]``, consecutive entries of an event\n"
+"ring of ``size`` bytes ``(event, item, position, number)``, as one bytes\n"
+"object: frames of 33 bytes, each naming the bytes ``[start, end)`` of the\n"
+"ring that hold up to ``per_frame`` events, at most ``batch`` bytes and never\n"
+"across the end of a lap (localnet._ring.ring_runs), the first numbered\n"
+"``first`` + its events - 1 and so on.  ``head`` is (version, kind) of the\n"
+"header, ``nfds`` the descriptor count of the first frame, ``mark`` the\n"
+"first byte of each body.");
+
+/* The ring position and the end of entry ``i`` of ``entries``; -1 on a malformed entry. */
+static int
+ring_span(PyObject *entries, Py_ssize_t i, long long *start, long long *end)
+{
+    PyObject *entry = PyList_GET_ITEM(entries, i);
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 4
+            || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 1))) {
+        PyErr_SetString(PyExc_TypeError, "a ring entry is (event, item, position, number)");
+        return -1;
+    }
+    *start = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 2));
+    if (*start == -1 && PyErr_Occurred())
+        return -1;
+    *end = *start + (long long)PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1));
+    return 0;
+}
+
+static void
+put_le(unsigned char *at, unsigned long long value, int n)
+{
+    for (int i = 0; i < n; i++)
+        at[i] = (unsigned char)(value >> (8 * i));
+}
+
+static PyObject *
+ring_frames(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t argc)
+{
+    long long v[8];
+    if (argc != 10 || !PyList_CheckExact(argv[0]) || !PyTuple_Check(argv[8])
+            || PyTuple_GET_SIZE(argv[8]) != 2) {
+        PyErr_SetString(PyExc_TypeError, "ring_frames() takes a list, 7 integers, a "
+                        "(version, kind) pair and a mark");
+        return NULL;
+    }
+    for (int i = 1; i < 8; i++) {
+        v[i] = PyLong_AsLongLong(argv[i]);
+        if (v[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    long version = PyLong_AsLong(PyTuple_GET_ITEM(argv[8], 0));
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(argv[8], 1));
+    long mark = PyLong_AsLong(argv[9]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *entries = argv[0];
+    long long low = v[1], n = v[2], size = v[3], first = v[4], nfds = v[5];
+    long long per_frame = v[6], batch = v[7];
+    if (low < 0 || n > PyList_GET_SIZE(entries) || low >= n || size <= 0 || per_frame <= 0) {
+        PyErr_SetString(PyExc_ValueError, "ring_frames(): an empty or impossible range");
+        return NULL;
+    }
+    enum { FRAME = 33 };  /* a 16-byte header and a 17-byte body: mark, start, end */
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((n - low) * FRAME));
+    if (out == NULL)
+        return NULL;
+    unsigned char *at = (unsigned char *)PyBytes_AS_STRING(out);
+    long long origin = low;
+    while (low < n) {
+        long long high = low + per_frame < n ? low + per_frame : n;
+        long long start, end, ignored;
+        if (ring_span(entries, (Py_ssize_t)low, &start, &ignored) < 0)
+            goto failed;
+        for (;;) {
+            long long last_start;
+            if (ring_span(entries, (Py_ssize_t)(high - 1), &last_start, &end) < 0)
+                goto failed;
+            if (high - low == 1 || (end - start <= batch && (end - 1) / size == start / size))
+                break;
+            high = low + (high - low) / 2;
+        }
+        at[0] = (unsigned char)version;
+        at[1] = (unsigned char)kind;
+        put_le(at + 2, (unsigned long long)(low == origin ? nfds : 0), 2);
+        put_le(at + 4, 17, 4);
+        put_le(at + 8, (unsigned long long)(first + (high - origin) - 1), 8);
+        at[16] = (unsigned char)mark;
+        put_le(at + 17, (unsigned long long)start, 8);
+        put_le(at + 25, (unsigned long long)end, 8);
+        at += FRAME;
+        low = high;
+    }
+    if (_PyBytes_Resize(&out, (Py_ssize_t)(at - (unsigned char *)PyBytes_AS_STRING(out))) < 0)
+        return NULL;
+    return out;
+failed:
+    Py_DECREF(out);
+    return NULL;
+}
+
 PyDoc_STRVAR(sizes_doc,
 "sizes(entries, start, end, mode, /)\n--\n\n"
 "The bytes held by ``entries[start:end]`` (a list of queued ``(event, frame,\n"
@@ -928,6 +1028,7 @@ static PyMethodDef methods[] = {
      ring_fan_out_doc},
     {"dispatch", (PyCFunction)(void (*)(void))dispatch, METH_FASTCALL, dispatch_doc},
     {"ring_run", ring_run, METH_O, ring_run_doc},
+    {"ring_frames", (PyCFunction)(void (*)(void))ring_frames, METH_FASTCALL, ring_frames_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from helpers import wait_until
+from helpers import wait_stopped, wait_until
 
 import localnet
 from localnet import _lanes, _ring, _routes
@@ -62,6 +62,13 @@ class _Member:
         self.lane = [[], room, False]
         self.courier = None
 
+    def virtual_in(self, group: object) -> int:
+        return 0  # (its lane's room does not count them here)
+
+
+def _span(log: list, low: int, high: int) -> tuple[int, int]:
+    return low, high
+
 
 def _queue(member: _Member) -> list[int]:
     return [entry[3] for entry in member.lane[0]]
@@ -102,14 +109,45 @@ def test_the_group_takes_an_entry_once_and_moves_it_to_each_member() -> None:
         members[1].lane[0].clear()  # (acknowledged)
         group.refresh()
         assert group.lane[1] == 4  # members[0] and [2]: 10 - 6
+        assert group.log == []  # (cut: every member has them)
+    finally:
+        ring.close()
 
-        _lanes.c_ring_fan_out(ring.state, ring.map, (group.lane,), "e", b"last")
-        group.close()
-        assert group.closed and group.lane[1] == 0 and group.log == []
-        assert [_queue(member)[-1] for member in members] == [7, 7, 7]  # it got to everyone
+
+def test_a_member_with_an_empty_queue_is_sent_the_log_itself_until_it_acknowledges() -> None:
+    ring = _ring.EventRing(4096)
+    members = [_Member(10), _Member(10)]
+    group = _routes.EventGroup(members)  # type: ignore[arg-type]
+    try:
+        for i in range(3):
+            _lanes.c_ring_fan_out(ring.state, ring.map, (group.lane,), "e", b"item%d" % i)
+        assert group.take(members[0], _span) == (3, (0, 3))  # its virtual events: log[0:3]
+        assert members[0].lane[0] == [] and not group.behind(members[0])
+        assert group.take(members[0], _span) is None  # nothing new
+        assert group.take(members[1], _span) == (3, (0, 3))
+        _lanes.c_ring_fan_out(ring.state, ring.map, (group.lane,), "e", b"item3")
+        assert group.take(members[0], _span) == (1, (3, 4))  # more of them
+        assert [entry[3] for entry in group.entries(members[0], 4)] == [1, 2, 3, 4]
+
+        group.release(members[0], 2, 2)  # two acknowledged, two left
+        assert len(group.log) == 4  # members[1] still holds them all
+        group.release(members[1], 3, 0)
+        assert [entry[3] for entry in group.log] == [3, 4]  # members[0] holds 3 and 4
+        assert [entry[3] for entry in group.entries(members[0], 2)] == [3, 4]
+        assert group.ring_hold() == group.log[0][2]
+
+        # an entry in the queue first: the log is moved behind it, never sent around it
+        members[1].lane[0].append(("e", b"own", 0, 99))
+        assert group.take(members[1], _span) is None
+        assert [entry[3] for entry in group.move(members[1])] == [4]
+
+        group.close()  # sealed: takes nothing more, but keeps what members[0] holds
+        assert group.sealed and not group.closed and group.lane[1] == 0
         assert _lanes.c_ring_fan_out(ring.state, ring.map, (group.lane,), "e", b"x") == ([], [0])
         group.refresh()
-        assert group.lane[1] == 0  # closed for good
+        assert group.lane[1] == 0  # sealed for good
+        group.release(members[0], 2, 0)
+        assert group.log == [] and group.closed
     finally:
         ring.close()
 
@@ -250,3 +288,86 @@ def test_subscribers_of_other_events_get_groups_of_their_own_or_none(spawn) -> N
         for name in ("group-b-0", "group-b-1"):
             assert [tuple(pair) for pair in peer.peer(name).received()] == \
                 [("group_b", i) for i in range(2 * n)]
+
+
+def test_a_member_killed_while_it_holds_events_sent_from_the_log_fails_them_alone(
+        spawn) -> None:
+    running = [spawn(SUBSCRIBER, args=[f"group-live-{i}", "group_a"]) for i in range(2)]
+    doomed = spawn(SUBSCRIBER, args=["group-doomed", "group_a"])
+    n = 2_000
+    with localnet.Peer(name="group-pub") as peer:
+        group_a(-1)
+        peer.flush(20)
+        group = _group_of(peer, "group_a")
+        assert group is not None
+        doomed.signal(signal.SIGSTOP)
+        wait_stopped(doomed.pid)
+        for i in range(n):
+            group_a(i)
+        outbox = next(box for box in group.members if box.name == "group-doomed")
+        # the courier sends it its events straight from the log: they wait there for it
+        wait_until(lambda: outbox._virtual > 0, timeout=30)
+        assert group.log and group.ring_hold() is not None
+        doomed.kill9()
+        wait_until(lambda: "group-doomed" not in peer.subscribers("group_a"), timeout=30)
+        peer.flush(30)
+        for name in ("group-live-0", "group-live-1"):
+            assert _received(peer, name, "group_a") == list(range(-1, n))
+        row = peer.stats().subscribers["group-doomed"]
+        assert row.sent == n + 1 and row.delivered == 1 and row.failed == n and row.dropped == 0
+        # the group it was in let go of its log; the others have a group of their own
+        assert group.sealed and group.log == [] and group.closed
+        second = _group_of(peer, "group_a")
+        assert second is not None and second is not group
+        for i in range(n, n + 100):
+            group_a(i)
+        peer.flush(30)
+        for name in ("group-live-0", "group-live-1"):
+            assert _received(peer, name, "group_a")[-100:] == list(range(n, n + 100))
+    assert [child.stop() for child in running] == [0, 0]
+
+
+FAILING = """
+got = []
+
+@localnet.subscribe("group_a")
+def handler(i):
+    if i % 10 == 3:
+        raise ValueError(i)
+    got.append(i)
+
+@localnet.subscribe("group_b")
+def other(i):
+    got.append(-i)
+
+@localnet.connect()
+def received():
+    return got
+
+peer = localnet.Peer(name=sys.argv[1]).start()
+localnet.serve_forever(peer, ready=lambda: say("READY"))
+"""
+
+
+def test_failed_handlers_are_counted_per_event_for_events_sent_from_the_log(spawn) -> None:
+    names = ["group-fail-0", "group-fail-1"]
+    for name in names:
+        spawn(FAILING, args=[name])
+    n = 1_000
+    with localnet.Peer(name="group-pub") as peer:
+        for i in range(n):
+            group_a(i)
+            if i % 4 == 0:
+                group_b(i)
+        peer.flush(30)
+        assert _group_of(peer, "group_a") is not None
+        failing = len([i for i in range(n) if i % 10 == 3])
+        stats = peer.stats()
+        assert (stats.published["group_a"].delivered, stats.published["group_a"].failed) == \
+            (2 * (n - failing), 2 * failing)
+        assert (stats.published["group_b"].delivered, stats.published["group_b"].failed) == \
+            (2 * (n // 4), 0)
+        for name in names:
+            row = stats.subscribers[name]
+            assert (row.sent, row.delivered, row.failed) == \
+                (n + n // 4, n + n // 4 - failing, failing)
