@@ -335,23 +335,24 @@ class Outbox:
         # (the ring's descriptor for the first frame: dup() takes the ring's lock,
         # which a trigger holds while it asks the outboxes what they hold)
         spare: list[int] = []
-        sendable = ring is not None
-        if sendable and self.group is not None and not self.ring_sent:
+        group = self.group
+        if ring is not None and group is not None and not self.ring_sent and not self._queue \
+                and group.behind(self):
             try:
-                spare.append(ring.dup())  # type: ignore[union-attr]
+                spare.append(ring.dup())
             except OSError:  # (the ring closed: the queue's way, as chunks_of says)
-                sendable = False
+                pass
         try:
             with self._lock:
                 if self.closed:
                     return None
                 group, written = self.group, self._written
-                if group is not None and sendable and ring is not None \
+                if group is not None and ring is not None and (self.ring_sent or spare) \
                         and (not self._virtual or self._vgroup is group):
                     first = self._base + self._virtual + 1
 
                     def frames(log: list[Any], low: int, high: int) -> list[Any]:
-                        fd = spare.pop() if spare else None
+                        fd = None if self.ring_sent else spare.pop()
                         self.ring_sent = True
                         return ring.chunks(log, first, fd, low, high)
 

@@ -18,7 +18,7 @@ except ImportError:  # built without a C compiler
 c_fan_out = None if _speedups is None else _speedups.fan_out
 c_ring_fan_out = None if _speedups is None else _speedups.ring_fan_out
 c_ring_run = None if _speedups is None else _speedups.ring_run
-c_ring_frames = None if _speedups is None else _speedups.ring_frames
+c_ring_frames = getattr(_speedups, "ring_frames", None)  # (None: an older build)
 
 Rest = tuple[list[int], list[int]]
 

@@ -405,3 +405,34 @@ def test_a_publisher_that_forks_keeps_its_ring_and_the_child_makes_its_own(spawn
             child = [i for i in got if 1_000 <= i < 2_000]
             assert parent == list(range(1_000)) + list(range(2_000, 3_000))
             assert child == list(range(1_000, 2_000))
+
+
+def test_the_c_ring_frames_are_the_python_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from localnet import _lanes
+    if _lanes.c_ring_frames is None:
+        pytest.skip("localnet._speedups is not built")
+    ring = _ring.EventRing(4096)
+    try:
+        # items of 10..49 bytes: frames split at 256 events and at each lap's end
+        entries, pos = [], 0
+        for i in range(1_500):
+            item = b"x" * (10 + i % 40)
+            if pos % 4096 + len(item) > 4096:
+                pos += 4096 - pos % 4096
+            entries.append(("e", item, pos, i + 1))
+            pos += len(item)
+        fd = ring.dup()
+        cases = [(entries, 7, None, 0, None), (entries, 7, fd, 100, 1_200),
+                 (entries, 1, None, 1_499, 1_500)]
+        made = [ring.chunks(*case) for case in cases]
+        monkeypatch.setattr(_ring, "c_ring_frames", None)
+        assert made == [ring.chunks(*case) for case in cases]
+        assert made[1][0][1] == [fd] and len(made[1][0][0]) == 33  # the descriptor: first frame
+        os.close(fd)
+        with pytest.raises(TypeError, match="ring entry"):
+            _lanes.c_ring_frames([("e", "not bytes", 0, 1)], 0, 1, 4096, 1, 0, 256, 65536,
+                                 (1, 5), 0x52)
+        with pytest.raises(ValueError, match="range"):
+            _lanes.c_ring_frames(entries, 5, 5, 4096, 1, 0, 256, 65536, (1, 5), 0x52)
+    finally:
+        ring.close()
