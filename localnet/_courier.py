@@ -104,6 +104,7 @@ class Courier:
         self._selector.register(self._wake_r, _READ)
         self._channels: dict[int, _Channel] = {}
         self._lanes: list[list[Any]] = []  # the channels' outboxes' lanes (replaced, not changed)
+        self._regrouped = False  # the outboxes' groups changed since _lanes was made
         self._arrivals: list[tuple[Outbox, socket.socket]] = []
         self._lock = threading.Lock()
         self._sleeping = False
@@ -128,6 +129,7 @@ class Courier:
     def relane(self) -> None:
         """The outboxes' groups changed: have the courier look at their lanes (a new
         group's lane is not marked idle until the courier has seen it)."""
+        self._regrouped = True  # (before the wake-up: the courier reads it after)
         self._signal()
 
     def _signal(self) -> None:
@@ -198,11 +200,11 @@ class Courier:
 
     def _relane(self) -> None:
         # a new list, never one changed in place: _signal reads it from other threads
-        lanes = [channel.outbox.lane for channel in self._channels.values()]
-        groups = {id(group): group.lane for group in
-                  (channel.outbox.group for channel in self._channels.values())
-                  if group is not None and not group.sealed}
-        self._lanes = lanes + list(groups.values())
+        self._regrouped = False
+        outboxes = [channel.outbox for channel in self._channels.values()]
+        groups = dict.fromkeys(outbox.group for outbox in outboxes
+                               if outbox.group is not None and not outbox.group.sealed)
+        self._lanes = [outbox.lane for outbox in outboxes] + [group.lane for group in groups]
 
     def _has_work(self) -> bool:
         return any(channel.outbox.unwritten() and not channel.pending
@@ -210,7 +212,8 @@ class Courier:
 
     def _idle(self) -> bool:
         """Mark the lanes idle, then look once more: True when there is nothing to do."""
-        self._relane()  # (the groups' lanes change with the routes)
+        if self._regrouped:  # (the groups' lanes change with the routes)
+            self._relane()
         for lane in self._lanes:
             lane[2] = True
         self._sleeping = True
