@@ -195,7 +195,7 @@ class Peer:
         self._others = _transports.configured(self, nats)
         self._transports: list[_transports.Transport] = [self._local, *self._others]
         self.call = self._caller.call  # type: ignore[method-assign]
-        self.publish = self._publisher.publish  # type: ignore[method-assign]
+        self.publish = self._publisher.trigger  # type: ignore[method-assign]
         self.flush = self._publisher.flush  # type: ignore[method-assign]
         self.subscribers = self._publisher.subscribers  # type: ignore[method-assign]
         _fork.track(self)  # a forked child detaches it

@@ -37,6 +37,11 @@ from ._routes import EventGroup, Route, fan_out, finish_fan_out, put_all, regrou
 from ._stats import add_into
 from .errors import SerializationError, Timeout, WouldDeadlock, translate_os_error
 
+try:  # a trigger's common case in C (optional, see localnet/_trigger.c)
+    from ._trigger import Trigger
+except ImportError:  # built without a C compiler
+    Trigger = None  # type: ignore[assignment,misc]
+
 if TYPE_CHECKING:
     from ._peer import Peer
 
@@ -63,8 +68,7 @@ class Publisher:
         self._retired: list[Outbox] = []  # closing outboxes, until their counts are final
         self._settled: dict[tuple[str, str], list[int]] = {}  # (event, subscriber) -> counts
         self._unreachable: dict[str, int] = {}  # subscriber name -> failures in a row
-        #: The other hosts' subscribers (localnet.nats._events.RemoteEvents), if joined.
-        self.remote: Any = None
+        self._remote: Any = None  # the other hosts' subscribers (see remote)
         # Small events are written once for all subscribers (localnet._ring): made
         # with the first route of two outboxes or more, where there is shared memory.
         self._ring: _ring.EventRing | None = None
@@ -73,6 +77,32 @@ class Publisher:
         # Outboxes that take the same events share one lane (localnet._routes).
         self._groups: dict[frozenset[Outbox], EventGroup] = {}
         self._closed = False
+        # What the peer's publish() is: with the C extensions, a trigger that takes
+        # the common case (an item of plain values for routes it knows) without a
+        # Python call and comes here for the rest; its table is filled by
+        # _table_add and replaced whenever the routes or the remote change.
+        self._trigger: Any = None
+        if Trigger is not None and _encode_item is not None and _c_fan_out is not None \
+                and c_ring_fan_out is not None:
+            self._trigger = Trigger(peer, RUNNING, self.publish, self._finish, _encode_item,
+                                    _c_fan_out, c_ring_fan_out, self._item_max)
+        self.trigger = self._trigger if self._trigger is not None else self.publish
+
+    @property
+    def remote(self) -> Any:
+        """The other hosts' subscribers (localnet.nats._events.RemoteEvents), if joined."""
+        return self._remote
+
+    @remote.setter
+    def remote(self, remote: Any) -> None:
+        self._remote = remote
+        self._set_routes(self._routes)  # (the trigger's table holds no route for them)
+
+    def _set_routes(self, routes: dict[str, Route]) -> None:
+        """Take ``routes``; the trigger's table starts over (see _table_add)."""
+        self._routes = routes
+        if self._trigger is not None:
+            self._trigger.routes = {}
 
     # -- the registry's pushes: who subscribes to us --------------------------
     def apply_push(self, changes: list[Any]) -> None:
@@ -153,8 +183,8 @@ class Publisher:
                 len(boxes) > 1 for boxes in routes.values()):
             self._make_ring()
         groups = self._regroup(routes)
-        self._routes = {event: Route(boxes, groups.get(frozenset(boxes)))
-                        for event, boxes in routes.items()}
+        self._set_routes({event: Route(boxes, groups.get(frozenset(boxes)))
+                          for event, boxes in routes.items()})
         self._published = published
 
     def _regroup(self, routes: dict[str, list[Outbox]]) -> dict[frozenset[Outbox], EventGroup]:
@@ -224,14 +254,18 @@ class Publisher:
         peer = self._peer
         if peer.state is not RUNNING:
             peer.require_running()
-        if self.remote is not None:  # subscribers on other hosts (localnet.nats)
-            self.remote.publish(event, args, kwargs)
+        table = self._trigger.routes if self._trigger is not None else None
+        remote = self._remote
+        if remote is not None:  # subscribers on other hosts (localnet.nats)
+            remote.publish(event, args, kwargs)
         targets = self._routes.get(event)
         if targets is None and event not in self._published:
             targets = self._first_trigger(event)
         if _encode_item is not None:
             item = _encode_item(event, args, kwargs, self._item_max)
             if item is not None:  # the common case: an item of plain values
+                if table is not None and remote is None:
+                    self._table_add(table, event, targets)
                 if not targets:
                     return
                 ring = targets.ring
@@ -240,14 +274,11 @@ class Publisher:
                     rest = _c_fan_out(targets.lanes, (event, item))
                 elif ring is not None and targets.joined and c_ring_fan_out is not None:
                     rest = c_ring_fan_out(ring.state, ring.map, targets.lanes, event, item)
-                    if rest is False:  # no room in the ring (see ring.fan_out)
-                        self._fan_out(targets, event, item)
-                        return
                 else:
                     self._fan_out(targets, event, item)
                     return
-                if rest is not None and finish_fan_out(targets, event, item, rest):
-                    self._reroute(targets, event, item)
+                if rest is not None:
+                    self._finish(targets, event, item, rest)
                 return
         try:
             payload = _serial.dumps_event(event, args, kwargs, peer.shm_threshold)
@@ -272,6 +303,29 @@ class Publisher:
             if put_all(targets, event, payload):
                 self._reroute(targets, event, payload)
         payload.settle()
+
+    def _finish(self, targets: Route, event: str, item: bytes, rest: Any) -> None:
+        """What an item's C fan-out left to do: ``rest`` is False when the ring had no
+        room (then the locked way), else the lanes to wake and those without room."""
+        if rest is False:  # (see ring.fan_out)
+            self._fan_out(targets, event, item)
+        elif finish_fan_out(targets, event, item, rest):
+            self._reroute(targets, event, item)
+
+    def _table_add(self, table: dict[str, tuple[Any, ...]], event: str,
+                   targets: Route | None) -> None:
+        """Let the C trigger take ``event`` from now on (see localnet/_trigger.c), if
+        ``targets`` are still its routes: ``table`` was read before them, so a table
+        that replaced it meanwhile never gets an older route."""
+        if event in table or self._routes.get(event) is not targets \
+                or self._peer.state is not RUNNING:
+            return
+        if not targets:
+            table[event] = ()
+        elif targets.ring is None:
+            table[event] = (targets, targets.lanes)
+        elif targets.joined:
+            table[event] = (targets, targets.lanes, targets.ring.state, targets.ring.map)
 
     def _fan_out(self, targets: Route, event: str, item: bytes) -> None:
         """Queue an item for every outbox of ``targets`` (see ``_events.fan_out``)."""
@@ -361,7 +415,7 @@ class Publisher:
             outboxes = list(self._outboxes.values())
             self._retired.extend(outboxes)
             self._outboxes.clear()
-            self._routes = {}
+            self._set_routes({})
             ring, self._ring, self._ring_wanted = self._ring, None, False
             courier, self._courier, self._closed = self._courier, None, True
             for group in self._groups.values():
@@ -379,7 +433,8 @@ class Publisher:
         """Drop the parent's outboxes: their connections and queues are the parent's."""
         outboxes = list(self._outboxes.values()) + self._retired
         self._lock = threading.RLock()
-        self._outboxes, self._routes, self._retired, self._groups = {}, {}, [], {}
+        self._outboxes, self._retired, self._groups = {}, [], {}
+        self._set_routes({})
         for outbox in outboxes:
             outbox._after_fork_in_child()
         if self._ring is not None:
