@@ -13,7 +13,7 @@ import functools
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from ._atwins import AsyncConnection, AsyncEvent
 from ._catalog import CATALOG
@@ -25,6 +25,11 @@ from ._remote import RemotePeer
 from ._signals import Stopper, wait_for_stop
 from ._timeouts import check_timeout
 from .errors import ConfigurationError
+
+try:  # the call of an event trigger in C (optional, see localnet/_trigger.c)
+    from ._trigger import EventCall
+except ImportError:  # built without a C compiler
+    EventCall = None  # type: ignore[assignment,misc]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -164,7 +169,31 @@ def _refuse_methods(func: Any, tag: str | None) -> None:
         f"@staticmethod, or {how}")
 
 
-class Event(Generic[P]):
+class _EventCall:
+    """What calling an :class:`Event` does (``localnet._trigger.EventCall`` in C)."""
+
+    func: Callable[..., Any]
+    name: str
+    _live: list[Peer]
+    _current_peer: Callable[[], Peer]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        out: tuple[tuple[Any, ...], dict[str, Any]] = self.func(*args, **kwargs)
+        if type(out) is not tuple or len(out) != 2 or type(out[0]) is not tuple \
+                or type(out[1]) is not dict:
+            out = self._check(out)
+        try:
+            peer = self._live[-1]  # current_peer(), inlined for the common case
+        except IndexError:
+            peer = self._current_peer()
+        peer.publish(self.name, out[0], out[1])
+        return out
+
+    def _check(self, out: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        raise NotImplementedError
+
+
+class Event(EventCall or _EventCall, Generic[P]):  # type: ignore[misc]
     """An event trigger made by :func:`event`.
 
     Calling it runs the decorated function, which returns ``(args, kwargs)``;
@@ -175,18 +204,15 @@ class Event(Generic[P]):
         functools.update_wrapper(self, func)
         self.func = func
         self.name = name
+        self._live = _live
+        self._current_peer = current_peer
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        out: tuple[tuple[Any, ...], dict[str, Any]] = self.func(*args, **kwargs)
-        if type(out) is not tuple or len(out) != 2 or type(out[0]) is not tuple \
-                or type(out[1]) is not dict:
-            out = self._check(out)
-        try:
-            peer = _live[-1]  # current_peer(), inlined for the common case
-        except IndexError:
-            peer = current_peer()
-        peer.publish(self.name, out[0], out[1])
-        return out
+    if TYPE_CHECKING:
+        def __call__(self, *args: P.args, **kwargs: P.kwargs
+                     ) -> tuple[tuple[Any, ...], dict[str, Any]]: ...
+
+    def __reduce__(self) -> tuple[Any, ...]:  # (the C base's members are not in __dict__)
+        return type(self), (self.func, self.name)
 
     def _check(self, out: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], (tuple, list)) \

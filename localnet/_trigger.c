@@ -22,6 +22,14 @@
  *                                      lanes, event, item)``.
  * The publisher replaces the table (a new dict) whenever its routes change,
  * so an entry is never older than the routes it was made from.
+ *
+ *   EventCall
+ *       The base of localnet.Event: calling one runs ``func(*args,
+ *       **kwargs)``, checks that it returned a tuple of a tuple and a dict
+ *       (else ``self._check(out)`` converts or raises), and passes them to
+ *       ``publish(name, args, kwargs)`` of the current peer: ``live[-1]``,
+ *       or ``current_peer()`` when no peer is live.  Returns what the
+ *       function returned.  The members are set by Event.__init__.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -239,6 +247,135 @@ static PyTypeObject TriggerType = {
     .tp_members = trigger_members,
 };
 
+/* -- EventCall ----------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *func;
+    PyObject *name;
+    PyObject *live;          /* list: the live peers, the current one last */
+    PyObject *current_peer;  /* the current peer, made when none is live */
+    vectorcallfunc vectorcall;
+} EventCall;
+
+static PyObject *str_check, *str_publish;  /* "_check", "publish", interned */
+
+static int
+is_args_kwargs(PyObject *out)
+{
+    return PyTuple_CheckExact(out) && PyTuple_GET_SIZE(out) == 2
+        && PyTuple_CheckExact(PyTuple_GET_ITEM(out, 0))
+        && PyDict_CheckExact(PyTuple_GET_ITEM(out, 1));
+}
+
+static PyObject *
+event_call(EventCall *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
+{
+    if (self->func == NULL || self->name == NULL || self->live == NULL
+            || self->current_peer == NULL || !PyList_Check(self->live)) {
+        PyErr_SetString(PyExc_TypeError, "an event trigger needs func, name, _live (a list) "
+                        "and _current_peer");
+        return NULL;
+    }
+    PyObject *out = PyObject_Vectorcall(self->func, argv, nargsf, kwnames);
+    if (out == NULL)
+        return NULL;
+    if (!is_args_kwargs(out)) {
+        Py_SETREF(out, PyObject_CallMethodOneArg((PyObject *)self, str_check, out));
+        if (out == NULL)
+            return NULL;
+        if (!is_args_kwargs(out)) {
+            Py_DECREF(out);
+            PyErr_SetString(PyExc_TypeError, "_check() must return (args, kwargs)");
+            return NULL;
+        }
+    }
+    PyObject *peer;
+    Py_ssize_t n = PyList_GET_SIZE(self->live);
+    if (n > 0)
+        peer = Py_NewRef(PyList_GET_ITEM(self->live, n - 1));
+    else if ((peer = PyObject_CallNoArgs(self->current_peer)) == NULL)
+        goto failed;
+    PyObject *publish = PyObject_GetAttr(peer, str_publish);
+    Py_DECREF(peer);
+    if (publish == NULL)
+        goto failed;
+    PyObject *args[3] = {self->name, PyTuple_GET_ITEM(out, 0), PyTuple_GET_ITEM(out, 1)};
+    PyObject *done = PyObject_Vectorcall(publish, args, 3, NULL);
+    Py_DECREF(publish);
+    if (done == NULL)
+        goto failed;
+    Py_DECREF(done);
+    return out;
+failed:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *
+event_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwargs))
+{
+    EventCall *self = (EventCall *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        self->vectorcall = (vectorcallfunc)event_call;
+    return (PyObject *)self;
+}
+
+static int
+event_traverse(EventCall *self, visitproc visit, void *arg)
+{
+    /* (the Python subclass's traverse visits its type, and its dealloc lets go of it) */
+    Py_VISIT(self->func);
+    Py_VISIT(self->name);
+    Py_VISIT(self->live);
+    Py_VISIT(self->current_peer);
+    return 0;
+}
+
+static int
+event_clear(EventCall *self)
+{
+    Py_CLEAR(self->func);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->live);
+    Py_CLEAR(self->current_peer);
+    return 0;
+}
+
+static void
+event_dealloc(EventCall *self)
+{
+    PyObject_GC_UnTrack(self);
+    event_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef event_members[] = {
+    {"func", T_OBJECT_EX, offsetof(EventCall, func), 0, "The decorated function."},
+    {"name", T_OBJECT_EX, offsetof(EventCall, name), 0, "The event's name."},
+    {"_live", T_OBJECT_EX, offsetof(EventCall, live), 0, "The live peers (localnet._current)."},
+    {"_current_peer", T_OBJECT_EX, offsetof(EventCall, current_peer), 0,
+     "The current peer when none is live (localnet._default.current_peer)."},
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(EventCall, vectorcall), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject EventCallType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "localnet._trigger.EventCall",
+    .tp_doc = PyDoc_STR("The base of localnet.Event: its call in C (see the module's comment)."),
+    .tp_basicsize = sizeof(EventCall),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC
+        | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = event_new,
+    .tp_traverse = (traverseproc)event_traverse,
+    .tp_clear = (inquiry)event_clear,
+    .tp_dealloc = (destructor)event_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(EventCall, vectorcall),
+    .tp_members = event_members,
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "localnet._trigger",
     "An event trigger's common case, in C (optional; see localnet._publisher).", -1, NULL,
@@ -247,14 +384,17 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__trigger(void)
 {
-    if ((str_state = PyUnicode_InternFromString("state")) == NULL)
+    if ((str_state = PyUnicode_InternFromString("state")) == NULL
+            || (str_check = PyUnicode_InternFromString("_check")) == NULL
+            || (str_publish = PyUnicode_InternFromString("publish")) == NULL)
         return NULL;
-    if (PyType_Ready(&TriggerType) < 0)
+    if (PyType_Ready(&TriggerType) < 0 || PyType_Ready(&EventCallType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Trigger", (PyObject *)&TriggerType) < 0) {
+    if (PyModule_AddObjectRef(m, "Trigger", (PyObject *)&TriggerType) < 0
+            || PyModule_AddObjectRef(m, "EventCall", (PyObject *)&EventCallType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

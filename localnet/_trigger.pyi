@@ -15,3 +15,13 @@ class Trigger:
                  fan_out: Callable[..., Any], ring_fan_out: Callable[..., Any],
                  item_max: int) -> None: ...
     def __call__(self, event: str, args: tuple[Any, ...], kwargs: dict[str, Any], /) -> None: ...
+
+class EventCall:
+    """The base of localnet.Event: its call in C, see _trigger.c."""
+
+    func: Callable[..., Any]
+    name: str
+    _live: list[Any]
+    _current_peer: Callable[[], Any]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]: ...

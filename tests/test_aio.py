@@ -334,7 +334,8 @@ say("AIO OK")
 def test_awaited_calls_without_the_c_extensions(spawn, tmp_path) -> None:
     (tmp_path / "sitecustomize.py").write_text(
         "import sys\nsys.modules['localnet._fastcall'] = None  # as if not built\n"
-        "sys.modules['localnet._speedups'] = None\n")
+        "sys.modules['localnet._speedups'] = None\n"
+        "sys.modules['localnet._trigger'] = None\n")
     spawn(CALLEE)
     caller = spawn(PURE_CALLER, ready=None,
                    PYTHONPATH=os.pathsep.join([str(tmp_path), spawn.env()["PYTHONPATH"]]))

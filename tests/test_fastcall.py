@@ -385,7 +385,8 @@ def test_calls_with_the_extensions_left_out(spawn, tmp_path: Path, caller_blocks
     (blocked / "sitecustomize.py").write_text(
         "import sys\n"
         "sys.modules['localnet._fastcall'] = None  # as if they had not been built\n"
-        "sys.modules['localnet._speedups'] = None\n")
+        "sys.modules['localnet._speedups'] = None\n"
+        "sys.modules['localnet._trigger'] = None\n")
     path = spawn.env()["PYTHONPATH"]
 
     def env(block: str) -> dict[str, str]:
@@ -401,7 +402,8 @@ def test_calls_with_the_extensions_left_out(spawn, tmp_path: Path, caller_blocks
 def test_the_test_process_calls_a_callee_without_the_extensions(spawn, tmp_path: Path) -> None:
     (tmp_path / "sitecustomize.py").write_text(
         "import sys\nsys.modules['localnet._fastcall'] = None\n"
-        "sys.modules['localnet._speedups'] = None\n")
+        "sys.modules['localnet._speedups'] = None\n"
+        "sys.modules['localnet._trigger'] = None\n")
     spawn(CALLEE.format(block="yes", name="pure"),
           PYTHONPATH=os.pathsep.join([str(tmp_path), spawn.env()["PYTHONPATH"]]))
     with localnet.Peer(name="me") as me:

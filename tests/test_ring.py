@@ -263,7 +263,8 @@ localnet.serve_forever(peer, ready=lambda: say("READY"))
 def test_a_publisher_without_the_extensions_writes_the_ring_in_python(spawn, tmp_path) -> None:
     (tmp_path / "sitecustomize.py").write_text(
         "import sys\nsys.modules['localnet._fastcall'] = None\n"
-        "sys.modules['localnet._speedups'] = None\n")
+        "sys.modules['localnet._speedups'] = None\n"
+        "sys.modules['localnet._trigger'] = None\n")
     spawn(SUBSCRIBER, args=["ring-pure-sub"])  # a second subscriber: the ring is made
     spawn(PURE_PUBLISHER,
           PYTHONPATH=os.pathsep.join([str(tmp_path), spawn.env()["PYTHONPATH"]]))

@@ -14,7 +14,7 @@ from helpers import wait_until
 from test_events import SUBSCRIBER, received
 
 import localnet
-from localnet import _publisher, _serial
+from localnet import _api, _publisher, _serial
 
 try:
     from localnet import _speedups, _trigger
@@ -164,3 +164,79 @@ def test_a_stopped_subscriber_costs_the_trigger_a_bounded_wait_then_drops(spawn)
         stats = peer.stats().published["tick"]
     assert got[0] == ("pub", 0) and got == sorted(got) and len(got) < 20
     assert stats.dropped == 20 - len(got) and stats.delivered == len(got)
+
+
+# -- calling an event: localnet._trigger.EventCall, and its Python twin ---------------------
+class FakePeer:
+    def __init__(self, fail: bool = False) -> None:
+        self.published: list[tuple[Any, ...]] = []
+        self.fail = fail
+
+    def publish(self, *args: Any) -> None:
+        if self.fail:
+            raise localnet.Timeout("no room")
+        self.published.append(args)
+
+
+class PythonEvent(_api._EventCall):
+    """localnet.Event as a build without the extension makes it."""
+
+    __init__ = localnet.Event.__init__
+    _check = localnet.Event._check
+
+
+def _events() -> list[type]:
+    return [localnet.Event, PythonEvent] if _trigger is not None else [PythonEvent]
+
+
+@pytest.mark.parametrize("kind", _events())
+def test_calling_an_event_publishes_what_its_function_returns_on_the_current_peer(kind) -> None:
+    def tick(*args: Any, **kwargs: Any) -> Any:
+        return args, kwargs
+
+    event = kind(tick, "tick")
+    peer = FakePeer()
+    event._live = [FakePeer(), peer]  # the current one last
+    assert event(1, "a", k=2) == ((1, "a"), {"k": 2})
+    assert peer.published == [("tick", (1, "a"), {"k": 2})]
+    assert event.__name__ == "tick" and event.__wrapped__ is tick
+
+
+@pytest.mark.parametrize("kind", _events())
+def test_an_event_converts_or_refuses_what_its_function_returns(kind) -> None:
+    returned: list[Any] = [([1, 2], {"k": 3})]
+    event = kind(lambda: returned[0], "tick")
+    peer = FakePeer()
+    event._live = [peer]
+    assert event() == ((1, 2), {"k": 3})  # a list of args: converted
+    returned[0] = "neither"
+    with pytest.raises(TypeError, match="must return \\(args, kwargs\\)"):
+        event()
+    assert peer.published == [("tick", (1, 2), {"k": 3})]
+
+
+@pytest.mark.parametrize("kind", _events())
+def test_an_event_without_a_live_peer_asks_for_the_current_one_and_raises_what_fails(kind) -> None:
+    def broken() -> Any:
+        raise ValueError("the function failed")
+
+    peer, failing = FakePeer(), FakePeer(fail=True)
+    event = kind(lambda *a: (a, {}), "tick")
+    event._live = []
+    event._current_peer = lambda: peer
+    assert event(5) == ((5,), {})
+    assert peer.published == [("tick", (5,), {})]
+    event._live = [failing]
+    with pytest.raises(localnet.Timeout, match="no room"):
+        event(6)
+    event = kind(broken, "tick")
+    event._live = [peer]
+    with pytest.raises(ValueError, match="the function failed"):
+        event()
+    assert len(peer.published) == 1
+
+
+@needs_trigger
+def test_an_event_call_without_its_members_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="func, name"):
+        _trigger.EventCall()()
