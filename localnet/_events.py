@@ -252,13 +252,28 @@ class Outbox:
                 self._has_room.wait(remaining)
             else:
                 return not self.closed
+        self._congest()
+        return False
+
+    def _congest(self) -> None:
+        # with the lock held: drop this subscriber's events without waiting until it catches up
         if not self._congested:
             self._congested = True
-            budget.count(queue)
+            self._budget.count(self._queue)
             logger.warning("subscriber %r is not keeping up (%d events, %d bytes "
                            "unacknowledged); dropping its events until it catches up",
-                           self.name, len(queue) + self._virtual, budget.held)
-        return False
+                           self.name, len(self._queue) + self._virtual, self._budget.held)
+
+    def congest(self) -> None:
+        """A trigger waited for room here in vain (on its group, see
+        ``EventGroup.wait_for_room``): drop without waiting until it catches up."""
+        with self._lock:
+            if not self.closed:
+                self._congest()
+
+    def would_wait(self) -> bool:
+        """True when a trigger that finds no room here would wait for it (no lock)."""
+        return not self._congested and self.block > 0 and waiting.allowed and not self.closed
 
     def has_room(self) -> bool:
         """True when a trigger would not wait for room here now (a small event fits,

@@ -24,10 +24,14 @@ once no member needs them.
 Bounds: the group's lane takes an entry while the log is shorter than its
 *room*, the least room any member has left besides what the log holds for
 it (:meth:`EventGroup.refresh`).  Entries moved but not yet cut count twice,
-so the room errs low; when the log is full (a member is slow or stopped),
-the trigger moves the log into the members' queues (:meth:`EventGroup.spill`)
-and takes each member's own lane, which waits, drops and counts per
-subscriber as without a group.
+so the room errs low.  When the log is full, the trigger first waits for
+room as it would for each member without a group (up to their
+``event_block``, :meth:`EventGroup.wait_for_room`): the members' queues
+stay empty, and the log takes the event.  When a member drops its events
+without waiting (it is not keeping up, or the thread may not wait) or the
+wait ends without room (a member is stopped), the trigger moves the log
+into the members' queues (:meth:`EventGroup.spill`) and takes each member's
+own lane, which waits, drops and counts per subscriber as without a group.
 
 A group's members are fixed: when the routes change, a group whose members
 no longer take the same events closes (what its log holds for each member
@@ -42,6 +46,7 @@ for the other threads.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -52,6 +57,11 @@ if TYPE_CHECKING:
     from ._ring import EventRing
 
 T = TypeVar("T")
+
+#: Seconds between two looks at the room of a group a trigger waits on: the
+#: acknowledgements that cut the log notify it, those of entries in the
+#: members' own queues (after a spill) do not.
+ROOM_POLL = 0.002
 
 
 class EventGroup:
@@ -78,6 +88,8 @@ class EventGroup:
         self._held: dict[Outbox, int | None] = {outbox: None for outbox in self.members}
         self._lagging = len(self.members)  # members whose cursor is _base
         self.sealed = False  # takes no more entries (closed): a trigger goes the own ways
+        self._room = threading.Condition(self.lock)  # (notified when the log has room)
+        self._waiting = 0  # triggers in wait_for_room
         self._refresh()
 
     def __repr__(self) -> str:
@@ -203,8 +215,44 @@ class EventGroup:
         # A member's lane counts its virtual events against its room, and those of
         # this group are in the log too: counted once, with the log.
         if not self.sealed:
-            self.lane[1] = min(outbox.lane[1] - len(outbox.lane[0]) + outbox.virtual_in(self)
-                               for outbox in self.members)
+            self.lane[1] = min(map(self._room_of, self.members))
+            if self._waiting and len(self.log) < self.lane[1]:
+                self._room.notify_all()
+
+    def wait_for_room(self) -> bool:
+        """Wait until the log has room for one more entry, as long as a trigger would
+        wait for each member's own room (``Outbox.would_wait``, up to the least
+        ``block``); False when it would not, or no room came meanwhile: then the
+        members without room drop their events until they catch up, as after a
+        trigger's wait for their own room."""
+        members = self.members
+        if not all(outbox.would_wait() for outbox in members):
+            return False
+        deadline = time.monotonic() + min(outbox.block for outbox in members)
+        with self.lock:
+            self._waiting += 1
+            try:
+                while True:
+                    if self.sealed:  # (the routes changed: the members' own ways, as they are)
+                        return False
+                    self._refresh()  # (the members' own queues are not watched: looked at here)
+                    if len(self.log) < self.lane[1]:
+                        return True
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._room.wait(min(remaining, ROOM_POLL))
+            finally:
+                self._waiting -= 1
+            full = [outbox for outbox in members  # (the log's untaken entries fill them)
+                    if outbox.lane[1] - len(outbox.lane[0]) <= self.untaken_count(outbox)]
+        for outbox in full:  # (not under the group's lock: an outbox's lock comes first)
+            outbox.congest()
+        return False
+
+    def _room_of(self, outbox: Outbox) -> int:
+        room: int = outbox.lane[1] - len(outbox.lane[0]) + outbox.virtual_in(self)
+        return room
 
     def spill(self) -> None:
         """Move the whole log into every member's queue."""
@@ -228,6 +276,7 @@ class EventGroup:
                 return
             self.lane[1] = 0  # first: no trigger appends once the log is moved
             self.sealed = True
+            self._room.notify_all()
             for outbox in self.members:
                 self._move(outbox)
 
@@ -325,6 +374,15 @@ def finish_fan_out(route: Route, event: str, item: bytes,
             group.wake()
         if not full:
             return False
+        if route.ring is not None and group.wait_for_room():  # (the courier runs meanwhile)
+            again = route.ring.fan_out(route.lanes, event, item)
+            if again is None:
+                return False
+            if again is not False and not again[1]:
+                if again[0]:
+                    group.wake()
+                return False
+            # (another trigger took the room first, or the ring is full: as below)
         group.spill()
         own = take_own(route, event, item)
         group.refresh()  # (for the next triggers: the room the members have now)

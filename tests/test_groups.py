@@ -13,6 +13,7 @@ subscribers of different events get groups of their own.
 from __future__ import annotations
 
 import signal
+import threading
 
 import pytest
 from helpers import wait_stopped, wait_until
@@ -26,11 +27,15 @@ pytestmark = [
 ]
 
 SUBSCRIBER = """
+import os, time
 got = []
+DELAY = float(os.environ.get("DELAY", "0"))  # seconds a handler takes
 
 def on(event):
     @localnet.subscribe(event)
     def handler(i):
+        if DELAY:
+            time.sleep(DELAY)
         got.append((event, i))
 
 for event in sys.argv[2].split(","):
@@ -64,6 +69,80 @@ class _Member:
 
     def virtual_in(self, group: object) -> int:
         return 0  # (its lane's room does not count them here)
+
+
+class _Waiter(_Member):
+    """A member a trigger would wait for (``Outbox.would_wait``), up to ``block`` seconds."""
+
+    def __init__(self, room: int, block: float) -> None:
+        super().__init__(room)
+        self.block = block
+        self.congested = False
+
+    def would_wait(self) -> bool:
+        return not self.congested
+
+    def congest(self) -> None:
+        self.congested = True
+
+
+def _full_group(block: float) -> tuple[_ring.EventRing, list[_Waiter], _routes.EventGroup]:
+    """A group of two members with room for 2, whose log holds 2 entries: the first member
+    took and acknowledged them, the second did not."""
+    ring = _ring.EventRing(4096)
+    members = [_Waiter(2, block), _Waiter(2, block)]
+    group = _routes.EventGroup(members)  # type: ignore[arg-type]
+    for i in range(2):
+        _lanes.c_ring_fan_out(ring.state, ring.map, (group.lane,), "e", b"item%d" % i)
+    group.move(members[0])
+    members[0].lane[0].clear()  # (acknowledged)
+    assert _lanes.c_ring_fan_out(ring.state, ring.map, (group.lane,), "e", b"x") == ([], [0])
+    return ring, members, group
+
+
+def _waiting(group: _routes.EventGroup) -> tuple[threading.Thread, list[bool]]:
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(group.wait_for_room()))
+    thread.start()
+    wait_until(lambda: group._waiting == 1, timeout=10)
+    return thread, result
+
+
+def test_a_trigger_waits_for_the_room_of_a_full_group_until_its_members_take_the_log() -> None:
+    ring, members, group = _full_group(block=30.0)
+    try:
+        thread, result = _waiting(group)
+        group.move(members[1])  # the second member takes the log (the entries are cut) ...
+        members[1].lane[0].clear()  # ... and acknowledges them
+        group.refresh()
+        thread.join(10)
+        assert result == [True] and not thread.is_alive()
+        assert group.log == [] and group.lane[1] == 2
+        assert not any(member.congested for member in members)
+    finally:
+        ring.close()
+
+
+def test_a_trigger_waiting_on_a_group_that_closes_goes_the_members_own_ways() -> None:
+    ring, members, group = _full_group(block=30.0)
+    try:
+        thread, result = _waiting(group)
+        group.close()  # (the routes changed)
+        thread.join(10)
+        assert result == [False] and not thread.is_alive()
+        assert not any(member.congested for member in members)  # nobody drops for it
+    finally:
+        ring.close()
+
+
+def test_a_wait_in_vain_makes_only_the_members_the_log_fills_drop_their_events() -> None:
+    ring, members, group = _full_group(block=0.05)
+    try:
+        assert group.wait_for_room() is False
+        assert [member.congested for member in members] == [False, True]
+        assert group.wait_for_room() is False  # a member drops: no trigger waits any more
+    finally:
+        ring.close()
 
 
 def _span(log: list, low: int, high: int) -> tuple[int, int]:
@@ -230,6 +309,37 @@ def test_a_stopped_member_spills_the_log_and_only_its_own_events_are_dropped(spa
         assert rows["group-stopped"].delivered == rows["group-stopped"].sent
         assert rows["group-stopped"].sent + rows["group-stopped"].dropped == n + 101
     assert [child.stop() for child in (*running, stopped)] == [0, 0, 0]
+
+
+def test_slow_members_make_the_trigger_wait_for_the_log_which_takes_every_event(
+        spawn, monkeypatch: pytest.MonkeyPatch) -> None:
+    spills: list[_routes.EventGroup] = []
+    spill = _routes.EventGroup.spill
+
+    def counted(group: _routes.EventGroup) -> None:
+        spills.append(group)
+        spill(group)
+
+    monkeypatch.setattr(_routes.EventGroup, "spill", counted)
+    names = [f"group-slow-{i}" for i in range(2)]
+    subs = [spawn(SUBSCRIBER, args=[name, "group_a"], DELAY="0.0005") for name in names]
+    n = 400
+    # (a queue of 50 a subscriber: the trigger waits for room again and again)
+    with localnet.Peer(name="group-pub", event_queue=50, event_block=10.0) as peer:
+        group_a(-1)
+        peer.flush(20)  # every channel open
+        group = _group_of(peer, "group_a")
+        assert group is not None
+        for i in range(n):
+            group_a(i)
+        peer.flush(30)
+        assert _group_of(peer, "group_a") is group and not group.sealed
+        for name in names:
+            assert _received(peer, name, "group_a") == list(range(-1, n))
+        rows = peer.stats().subscribers
+        assert [(rows[name].delivered, rows[name].dropped) for name in names] == [(n + 1, 0)] * 2
+    assert spills == []  # the members' queues never took the log: it waited, then took them
+    assert [child.stop() for child in subs] == [0, 0]
 
 
 def test_a_member_that_leaves_closes_its_group_and_the_others_get_a_new_one(spawn) -> None:
