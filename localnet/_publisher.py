@@ -31,16 +31,12 @@ from ._courier import Courier
 from ._current import RUNNING
 from ._dispatch import is_home, pump_while
 from ._events import Outbox
+from ._fastpath import make_trigger, table_entry
 from ._lanes import c_fan_out as _c_fan_out
 from ._lanes import c_ring_fan_out
 from ._routes import EventGroup, Route, fan_out, finish_fan_out, put_all, regroup
 from ._stats import add_into
 from .errors import SerializationError, Timeout, WouldDeadlock, translate_os_error
-
-try:  # a trigger's common case in C (optional, see localnet/_trigger.c)
-    from ._trigger import Trigger
-except ImportError:  # built without a C compiler
-    Trigger = None  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     from ._peer import Peer
@@ -77,16 +73,10 @@ class Publisher:
         # Outboxes that take the same events share one lane (localnet._routes).
         self._groups: dict[frozenset[Outbox], EventGroup] = {}
         self._closed = False
-        # What the peer's publish() is: with the C extensions, a trigger that takes
-        # the common case (an item of plain values for routes it knows) without a
-        # Python call and comes here for the rest; its table is filled by
-        # _table_add and replaced whenever the routes or the remote change.
-        self._trigger: Any = None
-        if Trigger is not None and _encode_item is not None and _c_fan_out is not None \
-                and c_ring_fan_out is not None:
-            self._trigger = Trigger(peer, RUNNING, self.publish, self._finish, _encode_item,
-                                    _c_fan_out, c_ring_fan_out, self._item_max)
-        self.trigger = self._trigger if self._trigger is not None else self.publish
+        # What the peer's publish() is: the C trigger (localnet._fastpath), which
+        # comes here for all but the common case, or else publish() itself.
+        self._trigger = make_trigger(peer, self.publish, self._finish, self._item_max)
+        self.trigger: Any = self._trigger if self._trigger is not None else self.publish
 
     @property
     def remote(self) -> Any:
@@ -320,12 +310,9 @@ class Publisher:
         if event in table or self._routes.get(event) is not targets \
                 or self._peer.state is not RUNNING:
             return
-        if not targets:
-            table[event] = ()
-        elif targets.ring is None:
-            table[event] = (targets, targets.lanes)
-        elif targets.joined:
-            table[event] = (targets, targets.lanes, targets.ring.state, targets.ring.map)
+        entry = table_entry(targets)
+        if entry is not None:
+            table[event] = entry
 
     def _fan_out(self, targets: Route, event: str, item: bytes) -> None:
         """Queue an item for every outbox of ``targets`` (see ``_events.fan_out``)."""

@@ -14,7 +14,7 @@ from helpers import wait_until
 from test_events import SUBSCRIBER, received
 
 import localnet
-from localnet import _api, _publisher, _serial
+from localnet import _api, _fastpath, _serial
 
 try:
     from localnet import _speedups, _trigger
@@ -31,7 +31,7 @@ def test_the_trigger_is_built_where_a_compiler_is() -> None:
     # setup.py builds it optionally: a silent build failure would only show as lost speed
     if not HAVE_COMPILER:
         pytest.skip("no C compiler here; localnet runs in pure Python")
-    assert _trigger is not None and _publisher.Trigger is not None
+    assert _trigger is not None and _fastpath.Trigger is not None
 
 
 class Calls:
@@ -127,7 +127,7 @@ def test_a_peer_publishes_through_the_trigger_and_fills_its_table() -> None:
         peer.publish("nobody", (1,), {})  # the state, looked at first
 
 
-@pytest.mark.skipif(_publisher.Trigger is None, reason="localnet._trigger is not built")
+@pytest.mark.skipif(_fastpath.Trigger is None, reason="localnet._trigger is not built")
 def test_a_new_subscriber_gets_the_events_after_the_table_knew_the_old_routes(spawn) -> None:
     spawn(SUBSCRIBER, args=["a", "{}"])
     with localnet.Peer(name="pub") as peer:
@@ -147,7 +147,7 @@ def test_a_new_subscriber_gets_the_events_after_the_table_knew_the_old_routes(sp
         assert received("b") == [("pub", i) for i in range(3, 6)]
 
 
-@pytest.mark.skipif(_publisher.Trigger is None, reason="localnet._trigger is not built")
+@pytest.mark.skipif(_fastpath.Trigger is None, reason="localnet._trigger is not built")
 def test_a_stopped_subscriber_costs_the_trigger_a_bounded_wait_then_drops(spawn) -> None:
     sub = spawn(SUBSCRIBER, args=["slow", "{}"])
     with localnet.Peer(name="pub", event_queue=5, event_block=0.05) as peer:
