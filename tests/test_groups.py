@@ -236,6 +236,15 @@ def _group_of(peer: localnet.Peer, event: str) -> _routes.EventGroup | None:
     return None if route is None else route.group
 
 
+def _open_group(peer: localnet.Peer) -> _routes.EventGroup:
+    """Trigger group_a(-1) and wait until it is handled (every channel open): the group."""
+    group_a(-1)
+    peer.flush(20)
+    group = _group_of(peer, "group_a")
+    assert group is not None
+    return group
+
+
 def _received(peer: localnet.Peer, name: str, event: str) -> list[int]:
     return [i for got_event, i in peer.peer(name).received() if got_event == event]
 
@@ -276,10 +285,7 @@ def test_a_stopped_member_spills_the_log_and_only_its_own_events_are_dropped(spa
     n = 3_000
     # (the running ones wait for room; the stopped one makes the trigger wait once)
     with localnet.Peer(name="group-pub", event_queue=500, event_block=1.0) as peer:
-        group_a(-1)
-        peer.flush(20)  # every channel open
-        group = _group_of(peer, "group_a")
-        assert group is not None
+        group = _open_group(peer)
         stopped.signal(signal.SIGSTOP)
         try:
             for i in range(n):
@@ -326,10 +332,7 @@ def test_slow_members_make_the_trigger_wait_for_the_log_which_takes_every_event(
     n = 400
     # (a queue of 50 a subscriber: the trigger waits for room again and again)
     with localnet.Peer(name="group-pub", event_queue=50, event_block=10.0) as peer:
-        group_a(-1)
-        peer.flush(20)  # every channel open
-        group = _group_of(peer, "group_a")
-        assert group is not None
+        group = _open_group(peer)
         for i in range(n):
             group_a(i)
         peer.flush(30)
