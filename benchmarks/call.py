@@ -3,6 +3,9 @@
 - ``call``: one client thread makes ``calls`` echo calls after a warm-up. Measured: the
   median and 99th percentile of each call's round trip (µs, ``perf_counter_ns`` around the
   call) and calls/s over the timed loop. ``× floor`` is p50 ÷ the socket floor's p50.
+  ``CPU µs/call`` is what the server and the client processes spent, all their threads,
+  over the timed loop, divided by its calls (the client's from ``process_time``, the
+  server's from its ``/proc`` counters, which tick every 10 ms: about ±0.5 µs here).
 - ``call4``: four threads of one client process call at once, ``calls / 4`` each after a
   common barrier. Measured: total calls/s (all calls ÷ wall time from the first thread's
   start to the last thread's end) and the per-call p50/p99 across threads.
@@ -337,22 +340,43 @@ def _timed_loop(make: CallerFactory, warmup: int, calls: int, start: threading.B
     return begin, clock(), latencies
 
 
+class _CpuClock:
+    """CPU seconds of this process and of the server, read when the timed calls begin
+    (the barrier's action) and when they are all done."""
+
+    def __init__(self, server_pid: int) -> None:
+        import psutil
+
+        self._server = psutil.Process(server_pid)
+        self.start = self.end = 0.0
+
+    def now(self) -> float:
+        times = self._server.cpu_times()
+        return time.process_time() + times.user + times.system
+
+    def begin(self) -> None:
+        self.start = self.now()
+
+
 def client(system: str, params: Params) -> None:
     """Run the timed calls (``threads`` threads) and report p50/p99/calls per second."""
     threads: int = params["threads"]
     per_thread = params["calls"] // threads
     deadline = time.monotonic() + params["timeout"]
+    cpu = _CpuClock(params["server_pid"])
     with CLIENTS[system](params) as make:
-        barrier = threading.Barrier(threads, timeout=params["timeout"])
+        barrier = threading.Barrier(threads, action=cpu.begin, timeout=params["timeout"])
         if threads == 1:
             outcomes = [_timed_loop(make, params["warmup"], per_thread, barrier)]
         else:
             outcomes = _run_threads(make, params["warmup"], per_thread, barrier, deadline)
+        cpu.end = cpu.now()
     begin = min(o[0] for o in outcomes)
     end = max(o[1] for o in outcomes)
     latencies = [lat for o in outcomes for lat in o[2]]
     result = latency_summary(latencies)
     result["calls_per_s"] = len(latencies) / ((end - begin) / 1e9)
+    result["cpu_us"] = (cpu.end - cpu.start) / len(latencies) * 1e6
     report(result=result)
 
 
@@ -422,6 +446,7 @@ def _measure(cfg: Config, threads: int) -> Measure:
             "warmup": warmup,
             "timeout": timeout,
             "cpus": client_cpus,
+            "server_pid": server_proc.pid,
         }
         client_proc = ws.spawn("call", "client", system, params, name="client")
         result: dict[str, float] = client_proc.expect("result", timeout=timeout + 30)["result"]
@@ -448,12 +473,14 @@ def run_call(cfg: Config) -> Table:
             Column("p50_us", "p50 µs", spread=True),
             Column("p99_us", "p99 µs"),
             Column("calls_per_s", "calls/s", 0),
+            Column("cpu_us", "CPU µs/call"),
         ],
         details=[f"{calls:,} calls after {warmup:,} warm-up, median of {cfg.rounds} round(s)"
                  + _pinned(cfg)],
         notes=[
             "× floor = p50 ÷ socket p50; socket = raw AF_UNIX, 4-byte length prefix, "
             "buffered reader; the others pickle (pyro5: serpent)",
+            "CPU µs/call = the server's and the client's CPU time over the timed calls ÷ calls",
         ],
         floor=FLOOR,
         ratio=Ratio("p50_us"),
@@ -471,6 +498,7 @@ def run_call4(cfg: Config) -> Table:
             Column("calls_per_s", "calls/s", 0, spread=True),
             Column("p50_us", "p50 µs"),
             Column("p99_us", "p99 µs"),
+            Column("cpu_us", "CPU µs/call"),
         ],
         details=[
             f"{calls:,} calls in all ({calls // 4:,} per thread) after {warmup:,} warm-up "

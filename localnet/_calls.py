@@ -261,7 +261,8 @@ class Caller:
                 if address is None:
                     address = learn(pool, self._lookup(name, deadline), peer.max_frame)
                 try:
-                    channel = CallChannel(address, name, hello, peer.max_frame, deadline)
+                    channel = CallChannel(address, name, hello, peer.max_frame, deadline,
+                                          peer.spin)
                     break
                 except ConnectionLost:
                     if attempt:

@@ -7,10 +7,11 @@
  * then the body; a TIMED_CALL's body starts with its deadline (f64 seconds
  * of CLOCK_MONOTONIC, which is what time.monotonic() reads).
  *
- *   roundtrip(fd, ident, payload, deadline, max_frame) -> tuple
+ *   roundtrip(fd, ident, payload, deadline, max_frame, spin=0.0) -> tuple
  *       Send one CALL (a TIMED_CALL when ``deadline`` is a float) and read
  *       the one frame that answers it: the caller's whole round trip in
- *       one call, with the GIL released while the socket blocks.
+ *       one call, with the GIL released while the socket blocks, and
+ *       polled for ``spin`` seconds before it sleeps (recv_some).
  *   recv_frame(fd, buffer, max_frame) -> tuple
  *       One receive into ``buffer`` (a bytearray): a whole small frame, or
  *       the raw bytes for the Python reader to go on with.
@@ -25,6 +26,8 @@
  *   serve_calls(sock, buffer, max_frame, conn, server, watchdog, host)
  *       The callee's side: a call connection's reading loop while the calls
  *       that arrive are plain (_fastserve.c).
+ *   calls_state() -> (in_calls, spinning, serving)
+ *       The counts that decide whether a receive polls before it sleeps.
  *
  * The helpers these share are in _frames.c (declared in _frames.h).
  *
@@ -56,13 +59,14 @@
 
 /* Read one frame that answers a call: see the module comment. */
 static PyObject *
-read_reply(int fd, double deadline, Py_ssize_t max_frame)
+read_reply(int fd, double deadline, double spin, Py_ssize_t max_frame)
 {
     char head[STACK_READ];
     Fds got = {.n = 0, .overflow = 0};
     Py_ssize_t have = 0;
     while (have < HEADER_SIZE) {
-        Py_ssize_t n = recv_some(fd, head + have, sizeof head - have, deadline, &got);
+        Py_ssize_t n = recv_some(fd, head + have, sizeof head - have, deadline,
+                                 have ? 0.0 : spin, &got);
         if (n == -100)
             goto error;
         if (n == RECV_TIMEOUT) {
@@ -112,7 +116,7 @@ read_reply(int fd, double deadline, Py_ssize_t max_frame)
     Py_ssize_t at = have - HEADER_SIZE;
     while (at < (Py_ssize_t)length) {
         /* the body is ours alone until returned: no other thread sees it */
-        Py_ssize_t n = recv_some(fd, dst + at, length - at, deadline, &got);
+        Py_ssize_t n = recv_some(fd, dst + at, length - at, deadline, 0.0, &got);
         if (n == -100) {
             Py_DECREF(body);
             goto error;
@@ -145,15 +149,28 @@ error:
 }
 
 PyDoc_STRVAR(roundtrip_doc,
-"roundtrip(fd, ident, payload, deadline, max_frame) -> tuple\n\n"
+"roundtrip(fd, ident, payload, deadline, max_frame, spin=0.0) -> tuple\n\n"
 "Send a CALL (a TIMED_CALL when deadline is a float) with id ``ident`` and\n"
-"read the frame that answers it; see the module's source for the tuple.");
+"read the frame that answers it, polling for it ``spin`` seconds before\n"
+"sleeping; see the module's source for the tuple.");
+
+static PyObject *
+send_and_read(PyObject *const *args, Py_ssize_t nargs);
 
 static PyObject *
 roundtrip(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    calls_enter();
+    PyObject *answer = send_and_read(args, nargs);
+    calls_leave();
+    return answer;
+}
+
+static PyObject *
+send_and_read(PyObject *const *args, Py_ssize_t nargs)
+{
     int fd;
-    if (arity("roundtrip", nargs, 5) < 0 || as_int(args[0], &fd) < 0)
+    if ((nargs != 6 && arity("roundtrip", nargs, 5) < 0) || as_int(args[0], &fd) < 0)
         return NULL;
     unsigned long long ident = PyLong_AsUnsignedLongLong(args[1]);
     if (ident == (unsigned long long)-1 && PyErr_Occurred())
@@ -169,6 +186,9 @@ roundtrip(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t max_frame = PyLong_AsSsize_t(args[4]);
     if (max_frame == -1 && PyErr_Occurred())
         return NULL;
+    double spin = nargs == 6 ? PyFloat_AsDouble(args[5]) : 0.0;
+    if (spin == -1.0 && PyErr_Occurred())
+        return NULL;
     Py_ssize_t sent;
     int err = 0;
     int rc = send_body(fd, deadline >= 0 ? KIND_TIMED_CALL : KIND_CALL, ident, args[2],
@@ -183,7 +203,7 @@ roundtrip(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         return status(SEND_FAILED, exc, PyLong_FromSsize_t(sent), NULL);
     }
-    return read_reply(fd, deadline, max_frame);
+    return read_reply(fd, deadline, spin, max_frame);
 }
 
 PyDoc_STRVAR(recv_frame_doc,
@@ -207,7 +227,7 @@ recv_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
         return NULL;
     Fds got = {.n = 0, .overflow = 0};
-    Py_ssize_t n = recv_some(fd, buf.buf, buf.len, -1.0, &got);
+    Py_ssize_t n = recv_some(fd, buf.buf, buf.len, -1.0, 0.0, &got);
     if (n == -100) {
         PyBuffer_Release(&buf);
         close_fds(&got);
@@ -322,7 +342,22 @@ recv_now(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return data;
 }
 
+PyDoc_STRVAR(calls_state_doc,
+"calls_state() -> (in_calls, spinning, serving)\n\n"
+"The threads of this process in a call (as its caller in roundtrip, or its\n"
+"callee running it in serve_calls), polling a socket, and serving a call\n"
+"connection in serve_calls: what decides whether a receive polls first.");
+
+static PyObject *
+calls_state(PyObject *module, PyObject *unused)
+{
+    int calls, spinning, serving_now;
+    calls_counts(&calls, &spinning, &serving_now);
+    return Py_BuildValue("(iii)", calls, spinning, serving_now);
+}
+
 static PyMethodDef methods[] = {
+    {"calls_state", calls_state, METH_NOARGS, calls_state_doc},
     {"send_now", (PyCFunction)(void (*)(void))send_now, METH_FASTCALL, send_now_doc},
     {"recv_now", (PyCFunction)(void (*)(void))recv_now, METH_FASTCALL, recv_now_doc},
     {"roundtrip", (PyCFunction)(void (*)(void))roundtrip, METH_FASTCALL, roundtrip_doc},
@@ -353,6 +388,11 @@ PyInit__fastcall(void)
             || PyModule_AddIntConstant(m, "SEND_FAILED", SEND_FAILED) < 0
             || PyModule_AddIntConstant(m, "SMALL_REPLY", SMALL_REPLY) < 0
             || serve_init(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (calls_init() < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "localnet._fastcall: pthread_atfork failed");
         Py_DECREF(m);
         return NULL;
     }

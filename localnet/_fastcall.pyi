@@ -12,7 +12,7 @@ SMALL_REPLY: int
 
 def roundtrip(
     fd: int, ident: int, payload: bytes | bytearray | memoryview, deadline: float | None,
-    max_frame: int, /
+    max_frame: int, spin: float = 0.0, /
 ) -> tuple[Any, Any, Any, Any]: ...
 
 def recv_frame(fd: int, buffer: bytearray, max_frame: int, /) -> tuple[Any, Any, Any, Any]: ...
@@ -30,3 +30,5 @@ def serve_calls(
     sock: Any, buffer: bytearray, max_frame: int, conn: Any, server: Any, watchdog: Any,
     host: Any, /
 ) -> tuple[Any, Any, Any, Any]: ...
+
+def calls_state() -> tuple[int, int, int]: ...

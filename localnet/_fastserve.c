@@ -56,7 +56,7 @@
 static PyObject *s_generation, *s_busy_since, *s_closed, *s_lock, *s_send_lock, *s_stopping,
     *s_closing, *s_call_finished, *s_busy, *s_awake, *s_watch, *s_acquire, *s_release,
     *s_run_call, *s_finish, *s_failed, *s_plain_calls, *s_dispatcher, *s_max_frame, *s_fileno,
-    *zero, *one;
+    *s_spin, *zero, *one;
 
 int
 serve_init(PyObject *module)
@@ -82,6 +82,7 @@ serve_init(PyObject *module)
     INTERN(s_dispatcher, "dispatcher");
     INTERN(s_max_frame, "max_frame");
     INTERN(s_fileno, "fileno");
+    INTERN(s_spin, "spin");
 #undef INTERN
     if ((zero = PyFloat_FromDouble(0.0)) == NULL || (one = PyLong_FromLong(1)) == NULL)
         return -1;
@@ -160,6 +161,7 @@ typedef struct {
     PyObject *catalog, *dispatched, *load, *encode, *encode_max, *counts, *slots;
     PyObject *plain;
     Py_ssize_t max_frame;  /* host.max_frame: a reply's bound */
+    double spin;  /* host.spin: seconds to poll for the next call before sleeping */
 } Serving;
 
 static void
@@ -196,6 +198,13 @@ serving_init(Serving *s, PyObject *const *args)
     s->server = args[4];
     s->watchdog = args[5];
     s->host = args[6];
+    PyObject *spin = PyObject_GetAttr(s->host, s_spin);
+    if (spin == NULL)
+        return -1;
+    s->spin = PyFloat_AsDouble(spin);
+    Py_DECREF(spin);
+    if (s->spin == -1.0 && PyErr_Occurred())
+        return -1;
     s->busy = PyObject_GetAttr(s->watchdog, s_busy);
     if (s->busy == NULL)
         return -1;
@@ -481,21 +490,28 @@ serve_calls(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer buf = {0};
     if (serving_init(&s, args) < 0 || PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
         goto done;
+    serving(1);
     for (;;) {
         int fd = socket_fd(s.sock);
         if (fd < 0)
             break;
         Fds got = {.n = 0, .overflow = 0};
-        Py_ssize_t n = recv_some(fd, buf.buf, buf.len, -1.0, &got);
+        /* one caller: its next call may come at once; several: they would
+         * take each other's CPU while they poll */
+        Py_ssize_t n = recv_some(fd, buf.buf, buf.len, -1.0, serving(0) == 1 ? s.spin : 0.0,
+                                 &got);
         if (n == -100) {
             close_fds(&got);
             break;
         }
         int stop;
+        calls_enter();
         result = step(&s, buf.buf, n, &got, max_frame, &stop);
+        calls_leave();
         if (stop)
             break;
     }
+    serving(-1);
 done:
     if (buf.obj != NULL)
         PyBuffer_Release(&buf);

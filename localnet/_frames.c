@@ -6,6 +6,8 @@
 #include <limits.h>
 #include <math.h>
 #include <poll.h>
+#include <pthread.h>
+#include <sched.h>
 #include <string.h>
 #include <time.h>
 
@@ -162,16 +164,145 @@ send_all(int fd, struct iovec *iov, int iovcnt, double deadline, Py_ssize_t *sen
     return 0;
 }
 
-/* One receive into buf[0:cap]; descriptors go to ``got``.  Returns the
+/* Threads of this process spinning in recv_some now (at most MAX_SPINNERS),
+ * those in a call, as its caller or its callee (calls_enter), and those
+ * serving a call connection (serving); this thread's own part in calls. */
+static int spinners, in_calls, servers;
+static _Thread_local int own_calls;
+/* This thread's spins: after one in vain it skips the next ``backoff``
+ * (doubling up to MAX_BACKOFF), so a thread whose answers come late seldom
+ * polls for them; one answered in time starts over. */
+static _Thread_local unsigned skip, backoff;
+#define MAX_BACKOFF 64
+
+int
+serving(int change)
+{
+    return __atomic_add_fetch(&servers, change, __ATOMIC_RELAXED);
+}
+
+void
+calls_enter(void)
+{
+    own_calls++;
+    __atomic_add_fetch(&in_calls, 1, __ATOMIC_RELAXED);
+}
+
+void
+calls_leave(void)
+{
+    own_calls--;
+    __atomic_sub_fetch(&in_calls, 1, __ATOMIC_RELAXED);
+}
+
+/* A child forked while other threads were in calls has only the forking
+ * thread: their parts are not its. */
+static void
+forked(void)
+{
+    in_calls = own_calls;
+    spinners = servers = 0;
+}
+
+void
+calls_counts(int *calls, int *spinning, int *serving_now)
+{
+    *calls = __atomic_load_n(&in_calls, __ATOMIC_RELAXED);
+    *spinning = __atomic_load_n(&spinners, __ATOMIC_RELAXED);
+    *serving_now = __atomic_load_n(&servers, __ATOMIC_RELAXED);
+}
+
+int
+calls_init(void)
+{
+    return pthread_atfork(NULL, NULL, forked) == 0 ? 0 : -1;
+}
+
+/* No other thread of this process is in a call: a thread that polls while
+ * others have work would take their CPU. */
+static int
+alone(void)
+{
+    return __atomic_load_n(&in_calls, __ATOMIC_RELAXED) <= own_calls;
+}
+
+/* The spin of recv_some: non-blocking receives, the CPU offered to anyone
+ * else runnable between them (sched_yield), until data comes, ``until``
+ * (CLOCK_MONOTONIC seconds) passes or another thread of the process begins
+ * a call.  Returns what recvmsg last returned, with its errno in *err; -1
+ * with EAGAIN when nothing came.  Called without the GIL. */
+static ssize_t
+spin_recv(int fd, struct msghdr *msg, double until, int *err)
+{
+    ssize_t n;
+    do {
+        n = recvmsg(fd, msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        *err = errno;
+        if (n >= 0 || (*err != EAGAIN && *err != EWOULDBLOCK))
+            return n;
+        sched_yield();
+    } while (monotonic() < until && alone());
+    return n;
+}
+
+/* One receive into buf[0:cap]; descriptors go to ``got``.  With ``spin`` > 0
+ * (seconds) it first polls the socket for that long (no longer than the
+ * deadline) before it blocks, unless another thread of the process is in a
+ * call or MAX_SPINNERS threads poll already: an answer that comes meanwhile is taken by a running
+ * thread, with no wake-up of a sleeping one (the README's Performance).  Returns the
  * bytes read (0 at the end of the stream), RECV_TIMEOUT, or -100 with a
  * Python exception. */
 Py_ssize_t
-recv_some(int fd, char *buf, Py_ssize_t cap, double deadline, Fds *got)
+recv_some(int fd, char *buf, Py_ssize_t cap, double deadline, double spin, Fds *got)
 {
     union {
         char space[CMSG_SPACE(sizeof(int) * MAX_FDS)];
         struct cmsghdr align;
     } control;
+    if (spin <= 0 || !alone())
+        spin = 0;
+    else if (skip > 0) {
+        skip--;
+        spin = 0;
+    }
+    else if (__atomic_add_fetch(&spinners, 1, __ATOMIC_RELAXED) > MAX_SPINNERS) {
+        __atomic_sub_fetch(&spinners, 1, __ATOMIC_RELAXED);
+        spin = 0;
+    }
+    if (spin > 0) {
+        struct iovec iov = {buf, (size_t)cap};
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.space;
+        msg.msg_controllen = sizeof control.space;
+        ssize_t n;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        double until = monotonic() + spin;
+        n = spin_recv(fd, &msg, deadline >= 0 && deadline < until ? deadline : until, &err);
+        Py_END_ALLOW_THREADS
+        __atomic_sub_fetch(&spinners, 1, __ATOMIC_RELAXED);
+        if (n >= 0) {
+            backoff = 0;
+            take_fds(&msg, got);
+            return n;
+        }
+        if (err == EAGAIN || err == EWOULDBLOCK) {
+            backoff = backoff ? (backoff < MAX_BACKOFF ? 2 * backoff : MAX_BACKOFF) : 1;
+            skip = backoff;
+        }
+        else if (err != EINTR) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -100;
+        }
+        /* a signal that came while this thread ran would not interrupt the
+         * blocking receive below: its handlers run now */
+        if (PyErr_CheckSignals() < 0)
+            return -100;
+    }
     for (;;) {
         if (deadline >= 0) {
             int ready = wait_for(fd, POLLIN, deadline);

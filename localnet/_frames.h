@@ -23,6 +23,8 @@
  * to the Python reader, which grows its buffer as the bytes arrive. */
 #define SMALL_REPLY (256 * 1024)
 #define STACK_READ 4096
+/* threads of one process that may spin in recv_some at once */
+#define MAX_SPINNERS 1
 
 #define SEND_TIMEOUT (-1)
 #define END_OF_STREAM (-2)
@@ -72,8 +74,22 @@ int wait_for(int fd, short events, double deadline);
  * set), or -100. */
 int send_all(int fd, struct iovec *iov, int iovcnt, double deadline, Py_ssize_t *sent,
              int *error);
-/* One receive: the bytes read (0 at the end of the stream), RECV_TIMEOUT, or -100. */
-Py_ssize_t recv_some(int fd, char *buf, Py_ssize_t cap, double deadline, Fds *got);
+/* A thread of this process begins or ends its part in a call (the caller's
+ * round trip, the callee's run of one call): recv_some does not poll while
+ * another thread is in one. */
+void calls_enter(void);
+void calls_leave(void);
+/* Add ``change`` (1 or -1) to the threads serving a call connection in C
+ * (serve_calls), and return their number. */
+int serving(int change);
+/* The threads of this process in calls, spinning, and serving in C. */
+void calls_counts(int *calls, int *spinning, int *serving_now);
+/* Once, at import: a forked child starts with the forking thread's part only. */
+int calls_init(void);
+/* One receive, polling for ``spin`` seconds first (0: none) before it blocks:
+ * the bytes read (0 at the end of the stream), RECV_TIMEOUT, or -100. */
+Py_ssize_t recv_some(int fd, char *buf, Py_ssize_t cap, double deadline, double spin,
+                     Fds *got);
 /* The descriptors as a new list (emptying ``got``); NULL with an exception. */
 PyObject *fds_list(Fds *got);
 /* (code, a, b, c), stealing a, b, c (NULL: None). */

@@ -19,13 +19,12 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _current, _fork, _liveness, _paths, _shm, _transports
+from . import _current, _fork, _liveness, _paths, _settings, _transports
 from ._budget import DEFAULT_EVENT_BYTES
 from ._calls import Caller
 from ._catalog import CATALOG, Subscription
@@ -36,8 +35,8 @@ from ._publisher import Publisher
 from ._receive import EventContext, Receiver, current_event
 from ._remote import RemotePeer
 from ._server import Server
+from ._settings import default_name
 from ._stats import EventCounts, ReceivedCounts, Stats, snapshot
-from ._wire import DEFAULT_MAX_FRAME
 from .errors import (
     ConfigurationError,
     PeerClosed,
@@ -52,52 +51,6 @@ __all__ = ["EventContext", "EventCounts", "Peer", "ReceivedCounts", "State", "St
 logger = logging.getLogger("localnet.peer")
 
 _counter = itertools.count()
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-def _env_bool(name: str) -> bool | None:
-    raw = os.environ.get(name)
-    if raw is None:
-        return None
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigurationError(f"{name}={raw!r} is not a boolean; use 1/true/yes or 0/false/no")
-
-
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number") from None
-
-
-_debug_handler: logging.Handler | None = None
-
-
-def _debug_from_env() -> None:
-    """``LOCALNET_DEBUG``: debug logging of the ``localnet`` logger to stderr, once."""
-    global _debug_handler
-    if _debug_handler is None and _env_bool("LOCALNET_DEBUG"):
-        _debug_handler = logging.StreamHandler()
-        _debug_handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"))
-        root = logging.getLogger("localnet")
-        root.addHandler(_debug_handler)
-        root.setLevel(logging.DEBUG)
-
-
-def default_name() -> str:
-    """``<program>-<pid>``, the name of a peer nobody named."""
-    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-    program = os.path.splitext(program)[0] or "python"
-    return f"{program}-{os.getpid()}"
 
 
 class Peer:
@@ -123,6 +76,9 @@ class Peer:
     ``shm_threshold`` (buffers of this many bytes or more travel through
     shared memory; ``None`` sends everything inline; default from
     ``LOCALNET_SHM``: ``off``, ``on`` or a number of bytes, else 1 MiB),
+    ``spin`` (``LOCALNET_SPIN``: seconds a caller polls for its answer, and
+    a callee with one caller for the next call, before the thread sleeps,
+    default 50e-6; 0 never polls; with the C extensions only),
     ``dispatcher`` (a :mod:`localnet.dispatch` dispatcher: served calls and
     handlers run on the application's thread it stands for, not on
     localnet's threads; a connection's or subscription's own wins),
@@ -138,42 +94,34 @@ class Peer:
     :class:`RegistryUnavailable`.
     """
 
+    # Set by localnet/_settings.py from the keywords and the environment.
+    name: str
+    group: str | None
+    hub: bool
+    directory: str | os.PathLike[str]
+    _directory_arg: str | os.PathLike[str] | None  # the keyword; start() resolves it
+    max_frame: int
+    event_queue: int
+    event_bytes: int
+    event_block: float
+    linger: float
+    max_workers: int
+    max_calls: int
+    shm_threshold: int | None
+    spin: float
+
     def __init__(self, name: str | None = None, group: str | None = None,
                  hub: bool | None = None, *, directory: str | os.PathLike[str] | None = None,
                  max_frame: int | None = None, event_queue: int = 10_000,
                  event_bytes: int = DEFAULT_EVENT_BYTES,
                  event_block: float = 1.0, linger: float = 2.0, max_workers: int = 64,
                  max_calls: int = 64, shm_threshold: int | None | str = "env",
-                 dispatcher: Dispatcher | None = None, nats: str | None = "env") -> None:
-        _debug_from_env()
-        self.name: str = name if name is not None else _fork.env_name() or default_name()
-        if not isinstance(self.name, str) or not self.name or len(self.name) > 255 \
-                or any(c in self.name for c in "\0\n\r"):
-            raise ConfigurationError(f"invalid peer name {self.name!r}: use 1-255 printable "
-                                     "characters")
-        self.group: str | None = group if group is not None else \
-            os.environ.get("LOCALNET_GROUP") or None
-        env_hub = _env_bool("LOCALNET_HUB")
-        self.hub: bool = bool(hub) if hub is not None else bool(env_hub)
-        self._directory_arg = directory
-        self.directory = _paths.default_runtime_dir() if directory is None else directory
-        self.max_frame = int(max_frame if max_frame is not None else
-                             _env_number("LOCALNET_MAX_FRAME", DEFAULT_MAX_FRAME))
-        if self.max_frame < 1024:
-            raise ConfigurationError("max_frame must be at least 1024 bytes")
-        if type(event_bytes) is not int or event_bytes < 1:
-            raise ConfigurationError(f"event_bytes={event_bytes!r}: use a positive number of bytes")
-        if event_queue < 1 or event_block < 0 or linger < 0 or max_workers < 1 or max_calls < 1:
-            raise ConfigurationError("event_queue, max_workers and max_calls must be positive; "
-                                     "event_block and linger must not be negative")
-        self.shm_threshold: int | None = _shm.threshold_from_env() \
-            if shm_threshold == "env" else _check_threshold(shm_threshold)
-        self.event_queue = event_queue
-        self.event_bytes = event_bytes
-        self.event_block = event_block
-        self.linger = linger
-        self.max_workers = max_workers
-        self.max_calls = max_calls
+                 spin: float | None = None, dispatcher: Dispatcher | None = None,
+                 nats: str | None = "env") -> None:
+        _settings.apply(self, name=name, group=group, hub=hub, directory=directory,
+                        max_frame=max_frame, event_queue=event_queue, event_bytes=event_bytes,
+                        event_block=event_block, linger=linger, max_workers=max_workers,
+                        max_calls=max_calls, shm_threshold=shm_threshold, spin=spin)
         self.pid = os.getpid()
         self.state = State.NEW
         self.address = ""
@@ -187,7 +135,8 @@ class Peer:
         # bound here, so a trigger or a call costs no extra Python call.
         self._caller = Caller(self)
         self._publisher = Publisher(self)
-        self._receiver = Receiver(self.name, self.max_frame, max_workers, self.shm_threshold)
+        self._receiver = Receiver(self.name, self.max_frame, max_workers, self.shm_threshold,
+                                  self.spin)
         if dispatcher is not None:
             self._receiver.dispatcher = checked(dispatcher)
         # The ways it reaches the others: this host's first, then any other.
@@ -388,10 +337,3 @@ class Peer:
         return snapshot(self._caller.made, served, errors, self._publisher.delivery(),
                         self._receiver.received, self._local.recoveries)
 
-
-def _check_threshold(value: object) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigurationError("shm_threshold is a positive number of bytes, or None")
-    return value if _shm.AVAILABLE else None

@@ -87,8 +87,9 @@ class Receiver:
     """Runs what other peers send to one peer: calls and events."""
 
     def __init__(self, name: str, max_frame: int, max_workers: int,
-                 shm_threshold: int | None) -> None:
+                 shm_threshold: int | None, spin: float = 0.0) -> None:
         self.name = name
+        self.spin = spin  # seconds the C loop polls for a connection's next call
         self.max_frame = max_frame
         self.max_workers = max_workers
         self.shm_threshold = shm_threshold

@@ -96,8 +96,10 @@ class CallChannel:
     """
 
     def __init__(self, address: str, target: str, hello: dict[str, Any],
-                 max_frame: int = DEFAULT_MAX_FRAME, deadline: float | None = None) -> None:
-        """Connect and say HELLO, by ``deadline`` when given.
+                 max_frame: int = DEFAULT_MAX_FRAME, deadline: float | None = None,
+                 spin: float = 0.0) -> None:
+        """Connect and say HELLO, by ``deadline`` when given.  A call polls for
+        its answer ``spin`` seconds before it sleeps (with the C extensions).
 
         Raises ConnectionLost, or Timeout when the deadline passed first (a
         stopped peer whose queue of connections is full, say).
@@ -125,6 +127,7 @@ class CallChannel:
         self.address = address
         self._sock = sock
         self._reader = FrameReader(sock, max_frame)
+        self._spin = spin
         self._next = 1  # the next request id
         self._busy = False  # a call is using the socket: only that call closes it
         self._closed = False
@@ -166,7 +169,7 @@ class CallChannel:
         try:
             if _roundtrip is not None and not fds:
                 answer = _roundtrip(self._sock.fileno(), ident, payload, deadline,
-                                    self._reader.max_frame)
+                                    self._reader.max_frame, self._spin)
                 if answer[0] < 0:
                     answer = self._finish(answer, deadline)
             else:

@@ -104,8 +104,10 @@ class Host(Protocol):
     def run_call(self, body: bytes | bytearray, fds: list[int]) -> tuple[int, bytes | Payload]:
         ...
 
-    # The C loop (_fastserve.c) runs plain calls itself with these.
+    # The C loop (_fastserve.c) runs plain calls itself with these, and polls
+    # a lone caller's connection this many seconds before it sleeps.
     plain_calls: tuple[Any, ...] | None
+    spin: float
 
     def finish(self, result: Any, connection: str, plain: bytes | None = None,
                inline: bool = False) -> tuple[int, bytes | Payload]:

@@ -79,7 +79,8 @@ def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
     directory = Path(tempfile.mkdtemp(prefix="ln-", dir="/tmp"))
     monkeypatch.setenv("LOCALNET_DIR", str(directory))
-    for name in ("LOCALNET_NAME", "LOCALNET_GROUP", "LOCALNET_HUB", "LOCALNET_DEBUG"):
+    for name in ("LOCALNET_NAME", "LOCALNET_GROUP", "LOCALNET_HUB", "LOCALNET_DEBUG",
+                 "LOCALNET_SPIN"):
         monkeypatch.delenv(name, raising=False)
     shm_before = _shm_entries()
     children_before = {p.pid for p in psutil.Process().children(recursive=True)}

@@ -74,9 +74,11 @@ class Conn:
 
 class Host:
     """A host whose calls all go through the run_call the test chooses
-    (``plain_calls`` None: the C loop runs none itself)."""
+    (``plain_calls`` None: the C loop runs none itself; ``spin`` 0: it
+    sleeps at once on a call connection that has nothing)."""
 
     plain_calls = None
+    spin = 0.0
 
     def __init__(self, run_call: Any) -> None:
         self.run_call = run_call
