@@ -81,13 +81,18 @@ def main(argv: list[str]) -> None:
         print(f"{threads} threads x {calls} calls of {ms:g} ms: {wall:.2f} s "
               f"(ideal {calls * ms / 1000:.2f} s)")
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+        end_server(server)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def end_server(server: subprocess.Popen[str]) -> None:
+    """End a server process by its pid: SIGTERM, then SIGKILL after 10 s."""
+    server.terminate()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(10)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import tempfile
 import textwrap
 import time
 
+from benchmarks.slow_calls import end_server
+
 SERVER = textwrap.dedent("""
     import sys, time
     import localnet
@@ -83,16 +85,11 @@ def main(argv: list[str]) -> None:
         print(f"{'handler µs':>10}  {'way':<14} {'wall µs/call':>12} {'client CPU µs':>14} "
               f"{'server CPU µs':>14}")
         for (us, way), rows in samples.items():
-            wall, client, server_cpu = (statistics.median(col) for col in zip(*rows))
+            wall, client, server_cpu = (statistics.median(col) for col in zip(*rows, strict=True))
             print(f"{us:>10g}  {way:<14} {wall:>12.1f} {client:>14.1f} {server_cpu:>14.1f}")
     finally:
         for server in servers:
-            server.terminate()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(10)
+            end_server(server)
         shutil.rmtree(directory, ignore_errors=True)
 
 

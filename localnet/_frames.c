@@ -226,6 +226,25 @@ alone(void)
     return __atomic_load_n(&in_calls, __ATOMIC_RELAXED) <= own_calls;
 }
 
+/* Room for the descriptors of one message. */
+typedef union {
+    char space[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+    struct cmsghdr align;
+} Control;
+
+/* The header of one receive into buf[0:cap], its descriptors into ``control``. */
+static void
+message(struct msghdr *msg, struct iovec *iov, char *buf, Py_ssize_t cap, Control *control)
+{
+    iov->iov_base = buf;
+    iov->iov_len = (size_t)cap;
+    memset(msg, 0, sizeof *msg);
+    msg->msg_iov = iov;
+    msg->msg_iovlen = 1;
+    msg->msg_control = control->space;
+    msg->msg_controllen = sizeof control->space;
+}
+
 /* The spin of recv_some: non-blocking receives, the CPU offered to anyone
  * else runnable between them (sched_yield), until data comes, ``until``
  * (CLOCK_MONOTONIC seconds) passes or another thread of the process begins
@@ -245,64 +264,66 @@ spin_recv(int fd, struct msghdr *msg, double until, int *err)
     return n;
 }
 
+/* recv_some's polling, when this thread may: the bytes read, NOTHING_YET
+ * (nothing came, or it did not poll), or -100 with a Python exception. */
+#define NOTHING_YET (-1)
+static Py_ssize_t
+poll_first(int fd, char *buf, Py_ssize_t cap, double deadline, double spin, Fds *got)
+{
+    if (spin <= 0 || !alone())
+        return NOTHING_YET;
+    if (skip > 0) {
+        skip--;
+        return NOTHING_YET;
+    }
+    if (__atomic_add_fetch(&spinners, 1, __ATOMIC_RELAXED) > MAX_SPINNERS) {
+        __atomic_sub_fetch(&spinners, 1, __ATOMIC_RELAXED);
+        return NOTHING_YET;
+    }
+    Control control;
+    struct iovec iov;
+    struct msghdr msg;
+    message(&msg, &iov, buf, cap, &control);
+    ssize_t n;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    double until = monotonic() + spin;
+    n = spin_recv(fd, &msg, deadline >= 0 && deadline < until ? deadline : until, &err);
+    Py_END_ALLOW_THREADS
+    __atomic_sub_fetch(&spinners, 1, __ATOMIC_RELAXED);
+    if (n >= 0) {
+        backoff = 0;
+        take_fds(&msg, got);
+        return n;
+    }
+    if (err == EAGAIN || err == EWOULDBLOCK) {
+        backoff = backoff ? (backoff < MAX_BACKOFF ? 2 * backoff : MAX_BACKOFF) : 1;
+        skip = backoff;
+    }
+    else if (err != EINTR) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -100;
+    }
+    /* a signal that came while this thread ran would not interrupt the
+     * blocking receive that follows: its handlers run now */
+    return PyErr_CheckSignals() < 0 ? -100 : NOTHING_YET;
+}
+
 /* One receive into buf[0:cap]; descriptors go to ``got``.  With ``spin`` > 0
  * (seconds) it first polls the socket for that long (no longer than the
  * deadline) before it blocks, unless another thread of the process is in a
- * call or MAX_SPINNERS threads poll already: an answer that comes meanwhile is taken by a running
- * thread, with no wake-up of a sleeping one (the README's Performance).  Returns the
- * bytes read (0 at the end of the stream), RECV_TIMEOUT, or -100 with a
- * Python exception. */
+ * call or MAX_SPINNERS threads poll already: an answer that comes meanwhile
+ * is taken by a running thread, with no wake-up of a sleeping one (the
+ * README's Performance).  Returns the bytes read (0 at the end of the
+ * stream), RECV_TIMEOUT, or -100 with a Python exception. */
 Py_ssize_t
 recv_some(int fd, char *buf, Py_ssize_t cap, double deadline, double spin, Fds *got)
 {
-    union {
-        char space[CMSG_SPACE(sizeof(int) * MAX_FDS)];
-        struct cmsghdr align;
-    } control;
-    if (spin <= 0 || !alone())
-        spin = 0;
-    else if (skip > 0) {
-        skip--;
-        spin = 0;
-    }
-    else if (__atomic_add_fetch(&spinners, 1, __ATOMIC_RELAXED) > MAX_SPINNERS) {
-        __atomic_sub_fetch(&spinners, 1, __ATOMIC_RELAXED);
-        spin = 0;
-    }
-    if (spin > 0) {
-        struct iovec iov = {buf, (size_t)cap};
-        struct msghdr msg;
-        memset(&msg, 0, sizeof msg);
-        msg.msg_iov = &iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.space;
-        msg.msg_controllen = sizeof control.space;
-        ssize_t n;
-        int err;
-        Py_BEGIN_ALLOW_THREADS
-        double until = monotonic() + spin;
-        n = spin_recv(fd, &msg, deadline >= 0 && deadline < until ? deadline : until, &err);
-        Py_END_ALLOW_THREADS
-        __atomic_sub_fetch(&spinners, 1, __ATOMIC_RELAXED);
-        if (n >= 0) {
-            backoff = 0;
-            take_fds(&msg, got);
-            return n;
-        }
-        if (err == EAGAIN || err == EWOULDBLOCK) {
-            backoff = backoff ? (backoff < MAX_BACKOFF ? 2 * backoff : MAX_BACKOFF) : 1;
-            skip = backoff;
-        }
-        else if (err != EINTR) {
-            errno = err;
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -100;
-        }
-        /* a signal that came while this thread ran would not interrupt the
-         * blocking receive below: its handlers run now */
-        if (PyErr_CheckSignals() < 0)
-            return -100;
-    }
+    Py_ssize_t polled = poll_first(fd, buf, cap, deadline, spin, got);
+    if (polled != NOTHING_YET)
+        return polled;
+    Control control;
     for (;;) {
         if (deadline >= 0) {
             int ready = wait_for(fd, POLLIN, deadline);
@@ -311,13 +332,9 @@ recv_some(int fd, char *buf, Py_ssize_t cap, double deadline, double spin, Fds *
             if (ready == 0)
                 return RECV_TIMEOUT;
         }
-        struct iovec iov = {buf, (size_t)cap};
+        struct iovec iov;
         struct msghdr msg;
-        memset(&msg, 0, sizeof msg);
-        msg.msg_iov = &iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.space;
-        msg.msg_controllen = sizeof control.space;
+        message(&msg, &iov, buf, cap, &control);
         ssize_t n;
         int err;
         Py_BEGIN_ALLOW_THREADS

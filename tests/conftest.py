@@ -12,6 +12,7 @@ from __future__ import annotations
 import compileall
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -125,3 +126,12 @@ def spawn(runtime_dir: Path) -> Iterator[Spawner]:
     yield spawner
     for child in reversed(spawner.children):
         child.stop()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(ours, theirs): a connected pair of Unix stream sockets."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    yield ours, theirs
+    ours.close()
+    theirs.close()

@@ -11,7 +11,6 @@ import struct
 import sysconfig
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,15 +33,6 @@ CALL, REPLY, ERROR, TIMED_CALL = (int(Kind.CALL), int(Kind.REPLY), int(Kind.ERRO
 
 def frame(kind: int, ident: int, body: bytes = b"", nfds: int = 0) -> bytes:
     return pack_header(kind, ident, len(body), nfds) + body
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    """(ours, theirs): a connected pair of Unix stream sockets."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    yield ours, theirs
-    ours.close()
-    theirs.close()
 
 
 def open_fds() -> set[int]:

@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,14 +31,6 @@ REPLY = int(Kind.REPLY)
 
 def reply(ident: int, body: bytes) -> bytes:
     return pack_header(REPLY, ident, len(body), 0) + body
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    yield ours, theirs
-    ours.close()
-    theirs.close()
 
 
 def in_thread(work: Callable[[], Any]) -> Any:
