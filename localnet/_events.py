@@ -17,11 +17,12 @@ waiting, until it has drained to half of both limits.
 A stopped or slow subscriber therefore delays a trigger by at most
 ``block`` seconds once, and never blocks the other subscribers.
 
-Counts, per event and per subscriber: ``sent`` (accepted into the outbox),
-``delivered`` (acknowledged after the subscriber's handlers ran),
-``dropped`` (refused because the outbox was full) and ``failed`` (sent but
-never acknowledged: the subscriber died or left first; or acknowledged as
-failed: the subscriber could not rebuild it, or a handler raised).
+Counts, per event and per subscriber (:mod:`localnet._tally`): ``sent``
+(accepted into the outbox), ``delivered`` (acknowledged after the
+subscriber's handlers ran), ``dropped`` (refused because the outbox was
+full) and ``failed`` (sent but never acknowledged: the subscriber died or
+left first; or acknowledged as failed: the subscriber could not rebuild it,
+or a handler raised).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from . import _liveness
@@ -41,6 +41,7 @@ from ._budget import Budget, size_of
 from ._ring import EventRing
 from ._serial import ITEM_MAX, Payload
 from ._signals import spawn_thread
+from ._tally import Tally, event_of
 from ._wire import Kind, ProtocolError, encode_control, send_frame, unpack_ack
 
 if TYPE_CHECKING:
@@ -126,11 +127,7 @@ class Outbox:
         self._congested = False
         self.closed = False
         self.retiring = False
-        self._delivered: Counter[str] = Counter()
-        self._events: set[str] = set()  # the events ever routed here (see carry)
-        self._only: str | None = None  # ... when that is one event
-        self._dropped: dict[str, int] = {}
-        self._failed: Counter[str] = Counter()
+        self._tally = Tally()  # the counts per event
         self._sock: socket.socket | None = None
         self._delay = delay  # before connecting: the subscriber was unreachable a moment ago
         # The publisher's event ring (localnet._ring), once it has one: entries
@@ -189,7 +186,7 @@ class Outbox:
             if self.closed or (not budget.fits(self._queue, size, self._virtual)
                                and not self._wait_for_room(size)):
                 if not (self.closed and self.retiring):  # (else: no longer its event)
-                    self._dropped[event] = self._dropped.get(event, 0) + 1
+                    self._tally.drop(event)
                 if type(frame) is not bytes:
                     frame.settle()  # type: ignore[union-attr]
                 return False
@@ -224,8 +221,7 @@ class Outbox:
         events delivered with one addition instead of one count per event.
         """
         with self._lock:
-            self._events |= events
-            self._only = next(iter(self._events)) if len(self._events) == 1 else None
+            self._tally.carry(events)
 
     def ring_hold(self) -> int | None:
         """The ring position of the oldest ring entry queued here (None: there is none)."""
@@ -417,7 +413,8 @@ class Outbox:
                 raise ProtocolError(f"the subscriber acknowledged event {seq}, "
                                     f"which was never sent")
             failed = unpack_ack(body, self._base, seq) if body else None
-            simple = not failed and self._only is not None and not self._budget.held \
+            tally = self._tally
+            simple = not failed and tally.only is not None and not self._budget.held \
                 and not self._payloads  # the common case: nothing to look at in them
             v = min(max(n, 0), virtual)  # (the oldest events: the virtual ones first)
             q = n - v
@@ -436,19 +433,15 @@ class Outbox:
             if n > 0 and simple:
                 if q:
                     del queue[:q]
-                self._delivered[self._only] += n  # type: ignore[index]
+                tally.acknowledged(done, n, None, seq - n + 1)
                 self._base = seq
                 self._written -= q
             elif n > 0:
                 part = queue[:q]
                 del queue[:q]
                 done += part
-                if failed:  # some of them could not be handled
-                    self._count_failed(done, failed)
-                elif self._only is not None:
-                    self._delivered[self._only] += n
-                else:
-                    self._delivered.update(map(_event_of, done))  # counted in C
+                # (failed: the ranges of those that could not be handled)
+                tally.acknowledged(done, n, failed, self._base + 1)
                 self._base = seq
                 self._written -= q
                 if self._budget.held:  # (0 while only uncounted items are queued)
@@ -467,17 +460,6 @@ class Outbox:
         for payload in settle:
             payload.settle()
         return settled
-
-    def _count_failed(self, done: list[tuple[str, bytes | Payload]],
-                      ranges: list[tuple[int, int]]) -> None:
-        """Count acknowledged events ``done`` (from ``_base + 1``) delivered,
-        but those in ``ranges`` failed; called with the lock held."""
-        base, start = self._base + 1, 0
-        for low, high in ranges:
-            self._delivered.update(map(_event_of, done[start:low - base]))
-            self._failed.update(map(_event_of, done[low - base:high - base + 1]))
-            start = high - base + 1
-        self._delivered.update(map(_event_of, done[start:]))
 
     def retire(self) -> None:
         """Close once the events queued so far are acknowledged.
@@ -502,7 +484,7 @@ class Outbox:
         """Count the virtual events failed, and let the log go of them (closing)."""
         group, n = self._vgroup, self._virtual
         if group is not None and n:
-            self._failed.update(map(_event_of, group.entries(self, n)))
+            self._tally.lost(group.entries(self, n))
             group.release(self, n, 0)
         self._virtual, self._vgroup = 0, None
 
@@ -532,7 +514,7 @@ class Outbox:
             self.lane[1] = 0
             entries = self._queue[:]
             del self._queue[:]  # (never replaced: fan_out may hold it)
-            self._failed.update(map(_event_of, entries))
+            self._tally.lost(entries)
             self._give_up_virtual()
             payloads = _payloads_in(entries)
             self._payloads = 0
@@ -552,21 +534,12 @@ class Outbox:
     def totals(self) -> dict[str, tuple[int, int, int, int]]:
         """Per event: (sent, delivered, dropped, failed)."""
         with self._lock:
-            pending = Counter(map(_event_of, self._queue))
+            pending = Counter(map(event_of, self._queue))
             if self._virtual and self._vgroup is not None:
-                pending.update(map(_event_of, self._vgroup.entries(self, self._virtual)))
+                pending.update(map(event_of, self._vgroup.entries(self, self._virtual)))
             if self.group is not None:
-                pending.update(map(_event_of, self.group.untaken(self)))
-            failed = self._failed
-            if self.closed:  # appended by a trigger that raced with close()
-                failed, pending = failed + pending, Counter()
-            events = set(pending) | set(self._delivered) | set(failed) | set(self._dropped)
-            result = {}
-            for event in events:
-                delivered, lost = self._delivered[event], failed[event]
-                result[event] = (delivered + lost + pending[event], delivered,
-                                 self._dropped.get(event, 0), lost)
-            return result
+                pending.update(map(event_of, self.group.untaken(self)))
+            return self._tally.totals(pending, self.closed)
 
     # -- fork (see localnet._fork) ---------------------------------------------
     def _after_fork_in_child(self) -> None:
@@ -581,7 +554,6 @@ class Outbox:
 ITEM, WHOLE, PAYLOAD = range(3)
 #: What ``Outbox.take`` says of events sent straight from a group's log: chunks.
 CHUNKS = "chunks"
-_event_of = itemgetter(0)
 
 
 def is_log_run(entries: list[Any]) -> bool:
