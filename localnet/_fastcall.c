@@ -170,7 +170,11 @@ static PyObject *
 send_and_read(PyObject *const *args, Py_ssize_t nargs)
 {
     int fd;
-    if ((nargs != 6 && arity("roundtrip", nargs, 5) < 0) || as_int(args[0], &fd) < 0)
+    if (nargs != 5 && nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "roundtrip() takes 5 or 6 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (as_int(args[0], &fd) < 0)
         return NULL;
     unsigned long long ident = PyLong_AsUnsignedLongLong(args[1]);
     if (ident == (unsigned long long)-1 && PyErr_Occurred())

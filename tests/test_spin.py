@@ -294,3 +294,12 @@ def test_calls_between_processes_with_and_without_polling(spawn, spin: str) -> N
             assert peer.call("server", "state", (), {})[2] >= 1
     server.send("")
     assert server.wait_exit() == 0
+
+
+@needs_fastcall
+def test_roundtrip_with_a_wrong_number_of_arguments_says_how_many(pair) -> None:
+    ours, _ = pair
+    with pytest.raises(TypeError, match=r"takes 5 or 6 arguments \(7 given\)"):
+        _fastcall.roundtrip(ours.fileno(), 1, b"x", None, MAX, 0.0, 0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="must be real number"):
+        _fastcall.roundtrip(ours.fileno(), 1, b"x", None, MAX, "50e-6")  # type: ignore[arg-type]
